@@ -1,0 +1,68 @@
+"""The backend's options, validated once: ``torch.compile(m, backend="gla", options={...})``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+FAMILIES = ("attention", "gated_attention", "glu", "gate", "linear_attention", "custom")
+
+_CHOICES = {
+    "verify": ("once", "always", "off"),
+    "inner": ("inductor", "aot_eager", "eager"),
+    "mode": ("exact", "linearize"),
+    "kernels": ("auto", "triton", "reference"),
+}
+
+
+class ConfigError(ValueError):
+    """An unknown option or value; the message lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    patterns: pattern families that may rewrite (``"all"`` or a subset of FAMILIES; ``"custom"`` is
+              the user registry).
+    verify:   ``"once"`` checks each distinct match signature at its first compile, ``"always"`` at
+              every compile, ``"off"`` never (not recommended).
+    inner:    what compiles the rest of the graph.
+    mode:     ``"exact"`` rewrites only what computes the same function; ``"linearize"`` (planned)
+              will convert softmax attention into gated linear attention.
+    kernels:  ``"auto"`` (Triton on GPUs, fused PyTorch/reference elsewhere), ``"triton"`` (force
+              the Triton kernels; the interpreter on a CPU), ``"reference"`` (pure PyTorch).
+    """
+
+    patterns: tuple[str, ...] = FAMILIES
+    verify: str = "once"
+    inner: str = "inductor"
+    mode: str = "exact"
+    kernels: str = "auto"
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> "Config":
+        options = dict(options or {})
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ConfigError(f"unknown gla option(s) {unknown}; valid options: {sorted(valid)}")
+        for key, choices in _CHOICES.items():
+            if key in options and options[key] not in choices:
+                raise ConfigError(f"gla option {key}={options[key]!r} is invalid; choose one of {list(choices)}")
+        if "patterns" in options:
+            options["patterns"] = _families(options["patterns"])
+        return cls(**options)
+
+
+def _families(value: Any) -> tuple[str, ...]:
+    if value == "all":
+        return FAMILIES
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        families = tuple(value)
+    except TypeError:
+        raise ConfigError(f"gla option patterns={value!r}: give 'all' or a list of {list(FAMILIES)}") from None
+    bad = [f for f in families if f not in FAMILIES]
+    if bad:
+        raise ConfigError(f"gla option patterns: unknown families {bad}; valid: {list(FAMILIES)}")
+    return families

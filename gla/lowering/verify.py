@@ -1,0 +1,230 @@
+"""Prove a rewrite on numbers: the original subgraph in float64 against the replacement.
+
+Both run on the same fresh random inputs (never zeros; boolean masks mostly True), drawn from a
+private generator so the user's RNG stream is untouched. The replacement passes when its relative
+RMS error against the float64 original is within the dtype's threshold, or no worse than twice
+the original's own error in its own dtype. Gradients are compared the same way when the graph
+needs them. A failure keeps the original subgraph and becomes a near miss with the figures.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from ..rewrite import Match, insert_call, ops
+from ..rewrite.graph import hint_int, value_of
+from ..testing import rel_rms_error
+from .select import Decline, Selected
+
+THRESHOLDS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+TF32_THRESHOLD = 2e-3
+MAX_ELEMENTS = 1 << 25  # largest tensor the float64 check may create before shapes are shrunk
+
+_verified: dict[Any, dict[str, Any]] = {}  # signature -> figures, for verify="once"
+
+
+def threshold(dtypes: set[torch.dtype]) -> float:
+    t = max((THRESHOLDS.get(d, 1e-2) for d in dtypes), default=1e-5)
+    if t <= THRESHOLDS[torch.float32] and torch.float32 in dtypes and torch.get_float32_matmul_precision() != "highest":
+        t = TF32_THRESHOLD
+    return t
+
+
+def _region(match: Match, selected: Selected) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The nodes to evaluate (graph order) and the leaves they read, covering both sides' inputs."""
+    region = set(match.nodes) | set(selected.extra_nodes)
+    repl_inputs = [v for v in selected.kwargs.values() if isinstance(v, fx.Node)]
+    leaves_of = lambda nodes: {a for n in nodes for a in n.all_input_nodes if a not in nodes}
+    leaves = leaves_of(region)
+    # replacement inputs upstream of the original's leaves (k before repeat_heads): evaluate the path
+    targets = {x for x in repl_inputs if x not in leaves and x not in region}
+    if targets:
+        prefix: set[fx.Node] = set()
+
+        def reaches(n: fx.Node, depth: int) -> bool:
+            if n in targets:
+                return True
+            if depth == 0 or n.op == "placeholder":
+                return False
+            hit = False
+            for a in n.all_input_nodes:
+                if reaches(a, depth - 1):
+                    hit = True
+            if hit:
+                prefix.add(n)
+            return hit
+
+        for leaf in list(leaves):
+            reaches(leaf, 8)
+        region |= prefix
+        leaves = leaves_of(region) | targets
+    order = {n: i for i, n in enumerate(match.root.graph.nodes)}
+    return sorted(region, key=order.__getitem__), sorted(leaves, key=order.__getitem__)
+
+
+def _build(gm: fx.GraphModule, region: list[fx.Node], leaves: list[fx.Node], root: fx.Node,
+           selected: Selected | None, float64: bool) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, leaf in enumerate(leaves):
+        env[leaf] = g.placeholder(f"in{i}")
+        env[leaf].meta.update({k: v for k, v in leaf.meta.items() if k in ("example_value", "val")})
+    for n in region:
+        if float64 and n.op == "call_function" and n.target is ops.cast and isinstance(n.args[1], torch.dtype) \
+                and n.args[1].is_floating_point:
+            env[n] = env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
+            continue
+        env[n] = g.node_copy(n, lambda a: env[a])
+    if selected is None:
+        g.output(env[root])
+    else:
+        kwargs = {k: (env[v] if isinstance(v, fx.Node) else v) for k, v in selected.kwargs.items()}
+        marker = g.output(None)
+        out = insert_call(g, marker, selected.fn, kwargs)
+        g.erase_node(marker)
+        g.output(out)
+        g.eliminate_dead_code()
+    return fx.GraphModule(gm, g)
+
+
+def _concrete(v: Any) -> Any:
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return hint_int(v) if isinstance(v, torch.SymInt) else v.node.hint
+    return v
+
+
+def _random_input(meta: Any, gen: torch.Generator, sizes: dict[int, int]) -> Any:
+    if not isinstance(meta, torch.Tensor):
+        return _concrete(meta)
+    shape = [sizes.get(hint_int(s), hint_int(s)) for s in meta.shape]
+    dev = meta.device
+    if meta.dtype == torch.bool:
+        return torch.rand(shape, generator=gen).to(dev) > 0.2
+    if meta.dtype.is_floating_point:
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=dev, dtype=meta.dtype)
+    if meta.dtype.is_complex:
+        raise ValueError("complex inputs are not verified")
+    return torch.randint(0, 2, shape, generator=gen).to(device=dev, dtype=meta.dtype)
+
+
+def _shrink_map(region: list[fx.Node], leaves: list[fx.Node]) -> dict[int, int]:
+    """Map large sizes to small ones when the region bakes no sizes into its arguments."""
+    biggest = 0
+    sizes: set[int] = set()
+    for n in region + leaves:
+        t = value_of(n)
+        if isinstance(t, torch.Tensor):
+            shape = [hint_int(s) for s in t.shape]
+            biggest = max(biggest, math.prod(shape))
+            sizes |= {s for s in shape if s > 64}
+    if biggest <= MAX_ELEMENTS:
+        return {}
+    literal_ints = set()
+    for n in region:
+        for a in torch.utils._pytree.tree_leaves((n.args, n.kwargs)):
+            if isinstance(a, int):
+                literal_ints.add(a)
+    if sizes & literal_ints:
+        return {}
+    small = [61, 67, 71, 73, 79, 83, 89, 97, 101, 103]
+    return {s: small[i % len(small)] for i, s in enumerate(sorted(sizes))}
+
+
+def signature(match: Match, selected: Selected, leaves: list[fx.Node]) -> tuple:
+    metas = []
+    for leaf in leaves:
+        t = value_of(leaf)
+        metas.append((tuple(hint_int(s) for s in t.shape), t.dtype, str(t.device), t.requires_grad)
+                     if isinstance(t, torch.Tensor) else type(t).__name__)
+    consts = tuple(sorted((k, repr(v)) for k, v in selected.kwargs.items() if not isinstance(v, fx.Node)))
+    return (match.pattern.name, match.alternative, selected.kernel, consts, tuple(metas))
+
+
+def verify(gm: fx.GraphModule, match: Match, selected: Selected, mode: str) -> dict[str, Any] | Decline:
+    """Figures for the report, or a Decline carrying them. ``mode`` is the ``verify`` option."""
+    if mode == "off":
+        return {"summary": "not verified (verify='off')"}
+    region, leaves = _region(match, selected)
+    key = signature(match, selected, leaves)
+    if mode == "once" and key in _verified:
+        return dict(_verified[key], summary=_verified[key]["summary"] + " (cached)")
+    with unset_fake_temporarily(), torch.random.fork_rng(devices=[]):
+        try:
+            figures = _compare(gm, match, selected, region, leaves)
+        except Exception as e:  # a replacement that cannot run on these inputs is not proven
+            return Decline(f"verification could not run the replacement: {type(e).__name__}: {str(e)[:200]}")
+    if isinstance(figures, Decline):
+        return figures
+    _verified[key] = figures
+    return figures
+
+
+def _compare(gm, match, selected, region, leaves) -> dict[str, Any] | Decline:
+    gen = torch.Generator().manual_seed(len(_verified) + 1234)
+    sizes = _shrink_map(region, leaves)
+    metas = [value_of(leaf) for leaf in leaves]
+    inputs = [_random_input(m, gen, sizes) for m in metas]
+    need_grad = [isinstance(m, torch.Tensor) and m.requires_grad and m.dtype.is_floating_point for m in metas]
+    want_grad = any(need_grad) and torch.is_grad_enabled()
+
+    original = _build(gm, region, leaves, match.root, None, float64=False)
+    reference = _build(gm, region, leaves, match.root, None, float64=True)
+    replacement = _build(gm, region, leaves, match.root, selected, float64=False)
+
+    def run(module, cast64: bool):
+        args = []
+        for x, g in zip(inputs, need_grad):
+            if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
+                x = x.detach().to(torch.float64) if cast64 else x.detach().clone()
+                x.requires_grad_(g and want_grad)
+            args.append(x)
+        with torch.enable_grad() if want_grad else torch.no_grad():
+            out = module(*args)
+        return out, args
+
+    ref, ref_args = run(reference, True)
+    orig, orig_args = run(original, False)
+    new, new_args = run(replacement, False)
+    dtypes = {x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.dtype.is_floating_point} | {orig.dtype}
+    tol = threshold(dtypes)
+    err_new, err_orig = rel_rms_error(new, ref), rel_rms_error(orig, ref)
+    figures: dict[str, Any] = {"rel_rms": err_new, "rel_rms_original": err_orig, "threshold": tol}
+    if sizes:
+        figures["shrunk"] = sizes
+
+    def ok(err, base):
+        return math.isfinite(err) and (err <= tol or err <= 2 * base + 1e-12)
+
+    if not torch.isfinite(new).all() and torch.isfinite(orig).all():
+        return Decline(f"replacement produced NaN/Inf where the original did not ({_fmt(figures)})")
+    if not ok(err_new, err_orig):
+        return Decline(f"replacement differs from the original: rel RMS {err_new:.2e} > {tol:.0e} "
+                       f"(original's own error {err_orig:.2e})")
+    if want_grad:
+        cot = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(ref.device)
+        idx = [i for i, g in enumerate(need_grad) if g]
+        grads = lambda out, args: torch.autograd.grad(out, [args[i] for i in idx], cot.to(out.dtype), allow_unused=True)
+        g_ref, g_orig, g_new = grads(ref, ref_args), grads(orig, orig_args), grads(new, new_args)
+        worst = 0.0
+        for i, gr, go, gn in zip(idx, g_ref, g_orig, g_new):
+            if gr is None:
+                continue
+            if gn is None:
+                return Decline(f"replacement has no gradient for input {i}")
+            e_new, e_orig = rel_rms_error(gn, gr), rel_rms_error(go, gr) if go is not None else 0.0
+            worst = max(worst, e_new)
+            if not ok(e_new, e_orig):
+                return Decline(f"replacement gradient differs: rel RMS {e_new:.2e} > {tol:.0e} for input {i} "
+                               f"(original's own error {e_orig:.2e})")
+        figures["grad_rel_rms"] = worst
+    summary = f"fwd {err_new:.1e}" + (f", bwd {figures['grad_rel_rms']:.1e}" if want_grad else "") + f" ≤ {tol:.0e}"
+    figures["summary"] = summary
+    return figures
+
+
+def _fmt(figures: dict) -> str:
+    return ", ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())

@@ -1,0 +1,112 @@
+"""One direction: canonical graph → matches → legality → lowering → verification → replacement."""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import torch
+import torch.fx as fx
+
+from .config import Config
+from .lowering.select import Decline, select
+from .lowering.verify import verify
+from .patterns.registry import registered_patterns
+from .report import NearMiss, Report, Rewrite, source_location
+from .rewrite import (Match, Miss, ReplacementError, canonicalize, convexity_reason, index_graph, match_at,
+                      outside_users_reason, overlap_reason, replace_match, root_key)
+from .rewrite.graph import tensor_meta
+
+log = logging.getLogger("gla")
+
+NEAR_MISS_DEPTH = 2  # a partial match that got this many pattern nodes deep is worth reporting
+_warned: set[str] = set()
+
+
+def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
+    """Rewrite ``gm`` in place; return what was done and what was declined."""
+    t0 = time.perf_counter()
+    report = Report(graphs=1)
+    report.canonicalized = canonicalize(gm)
+    graph = gm.graph
+    index = index_graph(graph)
+    claimed: dict[fx.Node, str] = {}
+    misses: dict[fx.Node, NearMiss] = {}
+
+    def miss(root: fx.Node, kind: str, pattern: str, reason: str, depth: int = 99):
+        prev = misses.get(root)
+        if prev is None or depth > prev._depth:
+            nm = NearMiss(kind, pattern, source_location(root), reason)
+            nm._depth = depth
+            misses[root] = nm
+
+    for pattern in registered_patterns(config.patterns):
+        for alt in range(len(pattern.search)):
+            for root in index.get(root_key(pattern, alt), ()):
+                if getattr(root, "_erased", False) or root in claimed:
+                    continue
+                m = match_at(pattern, alt, root)
+                if isinstance(m, Miss):
+                    if m.depth >= NEAR_MISS_DEPTH:
+                        at = f" at `{m.at.name}`" if isinstance(m.at, fx.Node) else ""
+                        miss(root, pattern.kind, pattern.name,
+                             f"expected {m.expected}{at}, found {m.found}", m.depth)
+                    continue
+                if pattern.decline:
+                    miss(root, pattern.kind, pattern.name, pattern.decline)
+                    continue
+                reason = overlap_reason(m, claimed) or outside_users_reason(m)
+                reason = reason or next((r for g in pattern.guards if (r := g(m))), None)
+                if reason:
+                    miss(root, pattern.kind, pattern.name, reason)
+                    continue
+                selected = select(m, config)
+                if isinstance(selected, Decline):
+                    miss(root, pattern.kind, pattern.name, selected.reason)
+                    continue
+                m.extra_nodes = list(selected.extra_nodes)
+                reason = convexity_reason(m, graph)
+                if reason:
+                    miss(root, pattern.kind, pattern.name, reason)
+                    continue
+                figures = verify(gm, m, selected, config.verify)
+                if isinstance(figures, Decline):
+                    _warn_once(pattern.name, figures.reason)
+                    miss(root, pattern.kind, pattern.name, figures.reason)
+                    continue
+                where = source_location(root)
+                shapes, dtypes = _signature(m)
+                try:
+                    new = replace_match(graph, m, selected.fn, selected.kwargs)
+                except ReplacementError as e:
+                    miss(root, pattern.kind, pattern.name, str(e))
+                    continue
+                for n in m.nodes:
+                    claimed[n] = pattern.name
+                claimed[new] = pattern.name
+                misses.pop(root, None)
+                report.rewrites.append(Rewrite(pattern.kind, pattern.name, where, shapes, dtypes,
+                                               selected.kernel, figures))
+    report.near_misses = [m for root, m in misses.items() if root not in claimed]
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _signature(m: Match) -> tuple[dict, dict]:
+    shapes, dtypes = {}, {}
+    for name, v in m.captures.items():
+        t = tensor_meta(v)
+        if t is not None:
+            shapes[name] = tuple(int(s) if isinstance(s, int) else str(s) for s in t.shape)
+            dtypes[name] = str(t.dtype).replace("torch.", "")
+    return shapes, dtypes
+
+
+def _warn_once(pattern: str, reason: str) -> None:
+    key = f"{pattern}: {reason}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"gla kept the original subgraph for {pattern}: {reason}", stacklevel=2)

@@ -1,0 +1,417 @@
+"""Dynamo FX graph → canonical FX graph: the same function, written with fewer spellings.
+
+Canonicalization is a list of rules (data): each names the spelling it removes and maps a node to
+its canonical replacement — a ``(target, args, kwargs)`` call, ``IDENTITY`` (the node is a no-op:
+use its input), or ``None`` (the rule does not apply). Patterns are canonicalized by the same rules,
+so a pattern written one way matches a model written another.
+
+Canonical spellings:
+  matmul        ``torch.matmul``  (``@``, ``bmm``, ``.matmul``, two-operand batched ``einsum``)
+  transpose     ``torch.transpose(x, a, b)`` with negative dims; single-swap permutes become transposes
+  permute       ``torch.permute(x, dims)`` with non-negative dims
+  softmax       ``torch.softmax(x, dim<0)``; a ``dtype=`` argument becomes a ``cast`` before it
+  cast          ``gla.rewrite.ops.cast(x, dtype)``; casts to the input's own dtype vanish
+  scale         ``x * c``  (``x / c``, ``torch.mul``, ``torch.div``, ``.mul``)
+  add           ``x + y``  (``torch.add``, ``.add``)
+  where         ``torch.where(mask, value, x)``  (``masked_fill``)
+  activations   ``torch.sigmoid``, ``F.silu(x)`` (also ``x * sigmoid(x)``), ``F.gelu(x, approximate=…)``,
+                ``torch.relu``, ``torch.tanh``
+  linear        ``F.linear(x, w, b)``
+  GQA           ``gla.rewrite.ops.repeat_heads(x, n, dim)`` (``repeat_kv`` expand+reshape, ``repeat_interleave``)
+  no-ops        ``contiguous``, ``clone``, dropout with p=0 or in eval: removed
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from . import ops
+from .graph import fake_mode_of, propagate, rank, tensor_meta
+
+IDENTITY = object()  # "this node computes its first input unchanged"
+
+Call = tuple  # (target, args, kwargs)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One canonicalization: ``rewrite(node)`` → a canonical Call, IDENTITY, or None (not mine)."""
+
+    name: str
+    rewrite: Callable[[fx.Node], Any]
+
+
+def _is_call(node: Any, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _method(node: fx.Node, *names: str) -> bool:
+    return node.op == "call_method" and node.target in names
+
+
+def _neg_dim(d: int, r: int | None) -> int | None:
+    if r is None:
+        return d if d < 0 else None
+    return d - r if d >= 0 else d
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+# --- the rules -------------------------------------------------------------------------------
+
+
+def _matmul(node):
+    if _is_call(node, operator.matmul, torch.matmul, torch.bmm) and not node.kwargs:
+        return None if node.target is torch.matmul else (torch.matmul, node.args[:2], {})
+    if _method(node, "matmul", "bmm") and not node.kwargs:
+        return (torch.matmul, node.args[:2], {})
+    return None
+
+
+def _einsum(node):
+    if not _is_call(node, torch.einsum, torch.functional.einsum):
+        return None
+    args = node.args
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        args = (args[0], *args[1])
+    if len(args) != 3 or not isinstance(args[0], str):
+        return None
+    eq = args[0].replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    specs = lhs.split(",")
+    if len(specs) != 2:
+        return None
+    a, b = specs
+    batch = [c for c in out if c in a and c in b]
+    nb = len(batch)
+    if "".join(batch) != a[:nb] or "".join(batch) != b[:nb] or "".join(batch) != out[:nb]:
+        return None
+    ra, rb, ro = a[nb:], b[nb:], out[nb:]
+    if len(ra) != 2 or len(rb) != 2 or len(ro) != 2 or len(set(a)) != len(a) or len(set(b)) != len(b):
+        return None
+    contracted = [c for c in ra if c in rb and c not in ro]
+    if len(contracted) != 1:
+        return None
+    c = contracted[0]
+    m = ra.replace(c, "")
+    n = rb.replace(c, "")
+    if {m, n} != set(ro) or m == n:
+        return None
+    return ("einsum", (args[1], ra == m + c, args[2], rb == c + n, ro == n + m), {})
+
+
+def _transpose(node):
+    if _is_call(node, torch.transpose) or _method(node, "transpose"):
+        x, a, b = node.args[0], _arg(node, 1, "dim0"), _arg(node, 2, "dim1")
+        r = rank(x)
+        a, b = _neg_dim(a, r), _neg_dim(b, r)
+        if a is None or b is None:
+            return None
+        a, b = min(a, b), max(a, b)
+        if a == b:
+            return IDENTITY
+        new = (torch.transpose, (x, a, b), {})
+        if node.op == "call_function" and tuple(node.args[1:]) == (a, b) and not node.kwargs:
+            return None
+        return new
+    if _method(node, "t") and rank(node.args[0]) == 2:
+        return (torch.transpose, (node.args[0], -2, -1), {})
+    if _is_call(node, torch.permute) or _method(node, "permute"):
+        x = node.args[0]
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if not dims and "dims" in node.kwargs:
+            dims = node.kwargs["dims"]
+        r = rank(x)
+        if r is None or not all(isinstance(d, int) for d in dims):
+            return None
+        dims = tuple(d % r for d in dims)
+        moved = [i for i, d in enumerate(dims) if d != i]
+        if not moved:
+            return IDENTITY
+        if len(moved) == 2:
+            return (torch.transpose, (x, moved[0] - r, moved[1] - r), {})
+        if node.op == "call_function" and node.args[1:] == (dims,):
+            return None
+        return (torch.permute, (x, dims), {})
+    return None
+
+
+def _softmax(node):
+    if _is_call(node, F.softmax, torch.softmax, torch.Tensor.softmax) or _method(node, "softmax"):
+        x = node.args[0]
+        dim = _arg(node, 1, "dim")
+        dtype = node.kwargs.get("dtype", node.args[2] if node.target is torch.softmax and len(node.args) > 2 else None)
+        if node.target is F.softmax and len(node.args) > 3:
+            dtype = node.args[3]
+        if not isinstance(dim, int):
+            return None
+        d = _neg_dim(dim, rank(x))
+        if d is None:
+            return None
+        if dtype is not None:
+            return ("softmax_cast", (x, d, dtype), {})
+        if node.target is torch.softmax and node.args == (x, d) and not node.kwargs:
+            return None
+        return (torch.softmax, (x, d), {})
+    return None
+
+
+_CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
+
+
+def _cast(node):
+    if node.op == "call_method" and node.target in _CAST_METHODS and len(node.args) == 1 and not node.kwargs:
+        dtype = _CAST_METHODS[node.target]
+    elif _method(node, "to", "type"):
+        x = node.args[0]
+        dtypes = [a for a in node.args[1:] if isinstance(a, torch.dtype)]
+        dtype = node.kwargs.get("dtype", dtypes[0] if dtypes else None)
+        others = [a for a in node.args[1:] if not isinstance(a, torch.dtype)]
+        device = node.kwargs.get("device", others[0] if others else None)
+        extra = set(node.kwargs) - {"dtype", "device", "non_blocking", "copy"}
+        if extra or node.kwargs.get("copy"):
+            return None
+        t = tensor_meta(x)
+        if device is not None and (t is None or torch.device(device) != t.device):
+            return None
+        if dtype is None:
+            return IDENTITY if device is not None else None
+    elif _method(node, "type_as"):
+        other = tensor_meta(node.args[1])
+        if other is None:
+            return None
+        dtype = other.dtype
+    elif _is_call(node, ops.cast):
+        dtype = node.args[1]
+    else:
+        return None
+    t = tensor_meta(node.args[0])
+    if t is not None and t.dtype == dtype:
+        return IDENTITY
+    if _is_call(node, ops.cast):
+        return None
+    return (ops.cast, (node.args[0], dtype), {})
+
+
+def _no_op(node):
+    if _method(node, "contiguous") or _is_call(node, torch.clone) or _method(node, "clone"):
+        return IDENTITY
+    if _is_call(node, F.dropout, torch.dropout, torch.nn.functional.dropout):
+        p = _arg(node, 1, "p", 0.5)
+        training = _arg(node, 2, "training" if node.target is not torch.dropout else "train", True)
+        if p == 0 or training is False:
+            return IDENTITY
+    return None
+
+
+def _scalar(x: Any) -> bool:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return True
+    if isinstance(x, fx.Node):
+        v = x.meta.get("example_value")
+        return isinstance(v, (torch.SymInt, torch.SymFloat, int, float))
+    return False
+
+
+def _arith(node):
+    if (_is_call(node, torch.mul) or _method(node, "mul")) and len(node.args) == 2 and not node.kwargs:
+        return (operator.mul, node.args, {})
+    if (_is_call(node, torch.add) or _method(node, "add")) and len(node.args) == 2 and not node.kwargs:
+        return (operator.add, node.args, {})
+    div = (_is_call(node, operator.truediv, torch.div) or _method(node, "div")) and len(node.args) == 2 and not node.kwargs
+    if div and _scalar(node.args[1]):
+        c = node.args[1]
+        if isinstance(c, (int, float)):
+            return (operator.mul, (node.args[0], 1.0 / c), {})
+        return ("reciprocal_mul", (node.args[0], c), {})
+    return None
+
+
+def _activation(node):
+    if _is_call(node, torch.sigmoid, F.sigmoid, torch.Tensor.sigmoid) or _method(node, "sigmoid"):
+        return None if _is_call(node, torch.sigmoid) else (torch.sigmoid, node.args[:1], {})
+    if _is_call(node, F.silu):
+        return None if not node.kwargs and len(node.args) == 1 else (F.silu, node.args[:1], {})
+    if _method(node, "silu"):
+        return (F.silu, node.args[:1], {})
+    if _is_call(node, F.relu, torch.relu) or _method(node, "relu"):
+        return None if _is_call(node, torch.relu) and len(node.args) == 1 else (torch.relu, node.args[:1], {})
+    if _is_call(node, torch.tanh, F.tanh) or _method(node, "tanh"):
+        return None if _is_call(node, torch.tanh) else (torch.tanh, node.args[:1], {})
+    if _is_call(node, F.gelu):
+        approx = _arg(node, 1, "approximate", "none")
+        if node.args[1:] == () and node.kwargs == {"approximate": approx}:
+            return None
+        return (F.gelu, node.args[:1], {"approximate": approx})
+    if _is_call(node, operator.mul):  # x * sigmoid(x) is silu
+        a, b = node.args
+        for x, s in ((a, b), (b, a)):
+            if _is_call(s, torch.sigmoid) and s.args[0] is x:
+                return (F.silu, (x,), {})
+    return None
+
+
+def _linear(node):
+    if _is_call(node, torch._C._nn.linear, F.linear):
+        x, w = node.args[0], _arg(node, 1, "weight")
+        b = _arg(node, 2, "bias")
+        if node.target is F.linear and node.args == (x, w, b) and not node.kwargs:
+            return None
+        return (F.linear, (x, w, b), {})
+    return None
+
+
+def _masked_fill(node):
+    if _is_call(node, torch.masked_fill) or _method(node, "masked_fill"):
+        x, mask, value = node.args[0], _arg(node, 1, "mask"), _arg(node, 2, "value")
+        return (torch.where, (mask, value, x), {})
+    return None
+
+
+def _pure_unsqueeze(node: fx.Node) -> bool:
+    if _method(node, "unsqueeze", "view", "reshape") or _is_call(node, torch.unsqueeze, torch.reshape):
+        return True
+    if _is_call(node, operator.getitem) and isinstance(node.args[1], tuple):
+        idx = node.args[1]
+        ok = all(i is None or i is Ellipsis or i == slice(None) for i in idx)
+        return ok and sum(i is None for i in idx) == 1
+    return False
+
+
+def _repeat_heads(node):
+    """``x[:, :, None].expand(B, H, n, T, D).reshape(B, H*n, T, D)`` and ``repeat_interleave``."""
+    if _is_call(node, torch.repeat_interleave) or _method(node, "repeat_interleave"):
+        x, n, dim = node.args[0], _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+        if isinstance(n, int) and isinstance(dim, int) and not node.kwargs.get("output_size"):
+            return (ops.repeat_heads, (x, n, dim % rank(x) if rank(x) else dim), {})
+        return None
+    if not (_method(node, "reshape", "view", "flatten") or _is_call(node, torch.reshape, torch.flatten)):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and (_method(expand, "expand") or _is_call(expand, torch.Tensor.expand))):
+        return None
+    unsq = expand.args[0]
+    if not isinstance(unsq, fx.Node) or len(unsq.users) != 1 or len(expand.users) != 1:
+        return None
+    if not _pure_unsqueeze(unsq):
+        return None
+    x = unsq.args[0] if isinstance(unsq.args[0], fx.Node) else None
+    tx, tu, te, to = (tensor_meta(n) for n in (x, unsq, expand, node))
+    if None in (tx, tu, te, to) or tu.dim() != tx.dim() + 1 or te.dim() != tu.dim() or to.dim() != tx.dim():
+        return None
+    # find the inserted unit axis d+1 that follows heads axis d
+    for d in range(tx.dim()):
+        xs, us = list(tx.shape), list(tu.shape)
+        if us[:d + 1] + us[d + 2:] != xs or not statically_known_true(us[d + 1] == 1):
+            continue
+        es = list(te.shape)
+        n = es[d + 1]
+        if not isinstance(n, int) or n < 1:
+            return None
+        same = all(statically_known_true(es[i] == us[i]) for i in range(len(es)) if i != d + 1)
+        os_ = list(to.shape)
+        merged = statically_known_true(os_[d] == xs[d] * n)
+        rest = all(statically_known_true(a == b) for a, b in zip(os_[:d] + os_[d + 1:], xs[:d] + xs[d + 1:]))
+        if same and merged and rest:
+            return (ops.repeat_heads, (x, n, d), {})
+        return None
+    return None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("no-op clone/contiguous/dropout(p=0|eval)", _no_op),
+    Rule("dtype casts", _cast),
+    Rule("matmul spellings", _matmul),
+    Rule("einsum as matmul", _einsum),
+    Rule("transpose/permute", _transpose),
+    Rule("softmax spellings", _softmax),
+    Rule("mul/add/div-by-scalar", _arith),
+    Rule("activation spellings", _activation),
+    Rule("linear spellings", _linear),
+    Rule("masked_fill as where", _masked_fill),
+    Rule("repeat_kv as repeat_heads", _repeat_heads),
+)
+
+
+def canonicalize(gm: fx.GraphModule, rules: tuple[Rule, ...] = RULES, max_passes: int = 4) -> dict[str, int]:
+    """Rewrite ``gm`` in place into canonical form. Returns how often each rule fired."""
+    graph = gm.graph
+    fake_mode = fake_mode_of(graph)
+    fired: dict[str, int] = {}
+    for _ in range(max_passes):
+        changed = False
+        for node in list(graph.nodes):
+            if node.op not in ("call_function", "call_method") or not node.graph is graph:
+                continue
+            for rule in rules:
+                result = rule.rewrite(node)
+                if result is None:
+                    continue
+                _apply(graph, node, result, fake_mode)
+                fired[rule.name] = fired.get(rule.name, 0) + 1
+                changed = True
+                break
+        if not changed:
+            break
+    graph.lint()
+    gm.recompile()
+    return fired
+
+
+def _emit(graph: fx.Graph, target, args, kwargs, fake_mode, meta_from: fx.Node) -> fx.Node:
+    new = graph.call_function(target, tuple(args), dict(kwargs))
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in meta_from.meta:
+            new.meta[key] = meta_from.meta[key]
+    try:
+        propagate(new, fake_mode)
+    except Exception:  # meta is best-effort; matching treats a missing meta as unknown
+        pass
+    return new
+
+
+def _apply(graph: fx.Graph, node: fx.Node, result, fake_mode) -> None:
+    if result is IDENTITY:
+        src = node.args[0]
+        node.replace_all_uses_with(src)
+        graph.erase_node(node)
+        return
+    target, args, kwargs = result
+    with graph.inserting_before(node):
+        if target == "softmax_cast":
+            x, d, dtype = args
+            t = tensor_meta(x)
+            if t is None or t.dtype != dtype:
+                x = _emit(graph, ops.cast, (x, dtype), {}, fake_mode, node)
+            new = _emit(graph, torch.softmax, (x, d), {}, fake_mode, node)
+        elif target == "reciprocal_mul":
+            x, c = args
+            inv = _emit(graph, operator.truediv, (1.0, c), {}, fake_mode, node)
+            new = _emit(graph, operator.mul, (x, inv), {}, fake_mode, node)
+        elif target == "einsum":
+            a, a_ok, b, b_ok, out_swapped = args
+            if not a_ok:
+                a = _emit(graph, torch.transpose, (a, -2, -1), {}, fake_mode, node)
+            if not b_ok:
+                b = _emit(graph, torch.transpose, (b, -2, -1), {}, fake_mode, node)
+            new = _emit(graph, torch.matmul, (a, b), {}, fake_mode, node)
+            if out_swapped:
+                new = _emit(graph, torch.transpose, (new, -2, -1), {}, fake_mode, node)
+        else:
+            new = _emit(graph, target, args, kwargs, fake_mode, node)
+    if "example_value" not in new.meta and "example_value" in node.meta:
+        new.meta["example_value"] = node.meta["example_value"]
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)

@@ -1,0 +1,69 @@
+"""Small, attention-agnostic facts about FX nodes: their example values, and meta for new nodes."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map
+
+
+def hint_int(s: Any) -> int:
+    """A size as the int seen at compile time (the hint of a symbolic size)."""
+    if isinstance(s, int):
+        return s
+    node = s.node
+    hint = getattr(node, "hint", None)
+    if hint is not None:
+        return int(hint)
+    return int(node.shape_env.size_hint(node.expr))
+
+
+def value_of(arg: Any) -> Any:
+    """The example value behind an FX argument (a FakeTensor, SymInt…), or the literal itself."""
+    if isinstance(arg, fx.Node):
+        return arg.meta.get("example_value", arg.meta.get("val"))
+    return arg
+
+
+def tensor_meta(arg: Any) -> torch.Tensor | None:
+    v = value_of(arg)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def rank(arg: Any) -> int | None:
+    t = tensor_meta(arg)
+    return None if t is None else t.dim()
+
+
+def concrete_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """Shape with symbolic sizes replaced by their hints (the sizes seen at compile time)."""
+    return tuple(hint_int(s) for s in t.shape)
+
+
+def fake_mode_of(graph: fx.Graph):
+    for node in graph.nodes:
+        t = tensor_meta(node)
+        if t is not None and hasattr(t, "fake_mode"):
+            return t.fake_mode
+    return None
+
+
+def propagate(node: fx.Node, fake_mode) -> None:
+    """Compute ``example_value`` for a node we inserted, from its inputs' example values."""
+    if fake_mode is None:
+        return
+    args = tree_map(value_of, node.args)
+    kwargs = tree_map(value_of, node.kwargs)
+    with fake_mode:
+        if node.op == "call_function":
+            out = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            return
+    node.meta["example_value"] = out
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point

@@ -1,0 +1,72 @@
+"""Splice a replacement into the graph in place of a match."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+from torch.utils._pytree import tree_map
+
+from .graph import fake_mode_of, propagate, tensor_meta
+from .match import Match
+
+
+class ReplacementError(ValueError):
+    pass
+
+
+def leaf(fn: Callable) -> Callable:
+    """Mark ``fn`` to be inserted as one graph node (``call_function fn``) instead of traced through."""
+    fn._gla_leaf = True
+    return fn
+
+
+def insert_call(graph: fx.Graph, before: fx.Node, fn: Callable, kwargs: dict[str, Any]) -> fx.Node:
+    """Trace ``fn(**kwargs)`` into ``graph`` just before ``before``; nodes in kwargs become proxies."""
+    tracer = GraphAppendingTracer(graph)
+    wrap = lambda a: Proxy(a, tracer) if isinstance(a, fx.Node) else a
+    with graph.inserting_before(before):
+        first_new = before.prev
+        if getattr(fn, "_gla_leaf", False):
+            out = Proxy(graph.call_function(fn, (), dict(kwargs)), tracer)
+        else:
+            out = fn(**tree_map(wrap, kwargs))
+    if not isinstance(out, Proxy):
+        raise ReplacementError(f"replacement {getattr(fn, '__name__', fn)} returned {type(out).__name__}, not a tensor")
+    fake_mode = fake_mode_of(graph)
+    node = first_new.next
+    while node is not before:
+        if "example_value" not in node.meta:
+            try:
+                propagate(node, fake_mode)
+            except Exception:  # meta is best-effort; the shape check below then has nothing to compare
+                pass
+        node = node.next
+    return out.node
+
+
+def replace_match(graph: fx.Graph, match: Match, fn: Callable, kwargs: dict[str, Any]) -> fx.Node:
+    """Insert the replacement, check its output agrees with the root's shape and dtype, rewire, clean up."""
+    new = insert_call(graph, match.root, fn, kwargs)
+    want, got = tensor_meta(match.root), tensor_meta(new)
+    if want is not None and got is not None and (want.shape != got.shape or want.dtype != got.dtype):
+        _erase_unused_after(graph, new)
+        raise ReplacementError(
+            f"replacement returns {tuple(got.shape)} {got.dtype}, the pattern computes {tuple(want.shape)} {want.dtype}")
+    match.root.replace_all_uses_with(new)
+    for node in reversed(match.nodes):
+        if not node.users and node.graph is graph:
+            graph.erase_node(node)
+    return new
+
+
+def _erase_unused_after(graph: fx.Graph, node: fx.Node) -> None:
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.users or n.op in ("placeholder", "output"):
+            continue
+        inputs = [a for a in n.all_input_nodes]
+        graph.erase_node(n)
+        stack.extend(inputs)
