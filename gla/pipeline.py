@@ -32,6 +32,7 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
     index = index_graph(graph)
     claimed: dict[fx.Node, str] = {}
     misses: dict[fx.Node, NearMiss] = {}
+    rewrite_of: dict[fx.Node, Rewrite] = {}
 
     def miss(root: fx.Node, kind: str, pattern: str, reason: str, depth: int = 99):
         prev = misses.get(root)
@@ -61,6 +62,8 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
                     miss(root, pattern.kind, pattern.name, reason)
                     continue
                 selected = select(m, config)
+                if selected is None:  # the lowering says "not mine": no near miss
+                    continue
                 if isinstance(selected, Decline):
                     miss(root, pattern.kind, pattern.name, selected.reason)
                     continue
@@ -85,8 +88,13 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
                     claimed[n] = pattern.name
                 claimed[new] = pattern.name
                 misses.pop(root, None)
-                report.rewrites.append(Rewrite(pattern.kind, pattern.name, where, shapes, dtypes,
-                                               selected.kernel, figures))
+                record = Rewrite(pattern.kind, pattern.name, where, shapes, dtypes, selected.kernel, figures)
+                for absorbed in getattr(selected, "absorbs", ()):  # a gated attention counts once
+                    if absorbed in rewrite_of:
+                        record.location = rewrite_of[absorbed].location
+                        report.rewrites.remove(rewrite_of.pop(absorbed))
+                rewrite_of[new] = record
+                report.rewrites.append(record)
     report.near_misses = [m for root, m in misses.items() if root not in claimed]
     graph.eliminate_dead_code()
     graph.lint()

@@ -107,8 +107,10 @@ class Report:
 
 def _table(rows: list[tuple]) -> str:
     rows = [tuple(str(c) for c in r) for r in rows]
-    widths = [min(60, max(len(r[i]) for r in rows)) for i in range(len(rows[0]))]
-    fmt = lambda r: "  ".join(c[:60].ljust(w) for c, w in zip(r, widths)).rstrip()
+    # every column but the last is capped; the last (the reason, the figures) is never cut
+    n = len(rows[0])
+    widths = [min(48, max(len(r[i]) for r in rows)) for i in range(n)]
+    fmt = lambda r: "  ".join((c[:48] if i < n - 1 else c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     return "\n".join([fmt(rows[0]), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows[1:]])
 
 

@@ -79,6 +79,8 @@ def _build(gm: fx.GraphModule, region: list[fx.Node], leaves: list[fx.Node], roo
             env[n] = env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
             continue
         env[n] = g.node_copy(n, lambda a: env[a])
+        if float64 and getattr(n.target, "_gla_leaf", False) and "impl" in n.kwargs:
+            env[n].kwargs = {**env[n].kwargs, "impl": "reference"}  # our own earlier rewrite, in float64
     if selected is None:
         g.output(env[root])
     else:

@@ -18,6 +18,8 @@ Canonical spellings:
                 ``torch.relu``, ``torch.tanh``
   linear        ``F.linear(x, w, b)``
   GQA           ``gla.rewrite.ops.repeat_heads(x, n, dim)`` (``repeat_kv`` expand+reshape, ``repeat_interleave``)
+  SDPA          ``F.scaled_dot_product_attention(q, k, v, mask, p, causal, scale=, enable_gqa=)``
+  chunk         ``torch.chunk(x, n, dim<0)`` (``.chunk``, an even ``split``)
   no-ops        ``contiguous``, ``clone``, dropout with p=0 or in eval: removed
 """
 from __future__ import annotations
@@ -263,6 +265,16 @@ def _activation(node):
     return None
 
 
+def _glu(node):
+    if _is_call(node, F.glu):
+        x, dim = node.args[0], _arg(node, 1, "dim", -1)
+        d = _neg_dim(dim, rank(x)) if isinstance(dim, int) else None
+        if d is None or (node.args == (x, d) and not node.kwargs):
+            return None
+        return (F.glu, (x, d), {})
+    return None
+
+
 def _linear(node):
     if _is_call(node, torch._C._nn.linear, F.linear):
         x, w = node.args[0], _arg(node, 1, "weight")
@@ -330,6 +342,50 @@ def _repeat_heads(node):
     return None
 
 
+_SDPA_DEFAULTS = (("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False), ("scale", None),
+                  ("enable_gqa", False))
+
+
+def _sdpa(node):
+    """``F.scaled_dot_product_attention`` with every argument positional and defaults filled in."""
+    if not _is_call(node, F.scaled_dot_product_attention):
+        return None
+    args = list(node.args[:3])
+    for i, (name, default) in enumerate(_SDPA_DEFAULTS[:3]):
+        args.append(_arg(node, 3 + i, name, default))
+    kwargs = {name: node.kwargs.get(name, default) for name, default in _SDPA_DEFAULTS[3:]}
+    if set(node.kwargs) - {n for n, _ in _SDPA_DEFAULTS}:
+        return None
+    if tuple(args) == tuple(node.args) and kwargs == node.kwargs:
+        return None
+    return (F.scaled_dot_product_attention, tuple(args), kwargs)
+
+
+def _chunk(node):
+    """``x.chunk(2, -1)``, ``torch.chunk``, and an even ``split`` become ``torch.chunk(x, n, dim<0)``."""
+    if _is_call(node, torch.chunk) or _method(node, "chunk"):
+        x, n, dim = node.args[0], _arg(node, 1, "chunks"), _arg(node, 2, "dim", 0)
+    elif _is_call(node, torch.split) or _method(node, "split"):
+        x, size, dim = node.args[0], _arg(node, 1, "split_size_or_sections" if node.op == "call_function" else "split_size"), _arg(node, 2, "dim", 0)
+        t = tensor_meta(x)
+        if t is None or not isinstance(size, int) or not isinstance(dim, int):
+            return None
+        total = t.shape[dim]
+        if not isinstance(total, int) or total % size:
+            return None
+        n = total // size
+    else:
+        return None
+    if not isinstance(n, int) or not isinstance(dim, int):
+        return None
+    d = _neg_dim(dim, rank(x))
+    if d is None:
+        return None
+    if _is_call(node, torch.chunk) and node.args == (x, n, d) and not node.kwargs:
+        return None
+    return (torch.chunk, (x, n, d), {})
+
+
 RULES: tuple[Rule, ...] = (
     Rule("no-op clone/contiguous/dropout(p=0|eval)", _no_op),
     Rule("dtype casts", _cast),
@@ -340,8 +396,11 @@ RULES: tuple[Rule, ...] = (
     Rule("mul/add/div-by-scalar", _arith),
     Rule("activation spellings", _activation),
     Rule("linear spellings", _linear),
+    Rule("F.glu dim", _glu),
     Rule("masked_fill as where", _masked_fill),
     Rule("repeat_kv as repeat_heads", _repeat_heads),
+    Rule("scaled_dot_product_attention arguments", _sdpa),
+    Rule("chunk/split halves", _chunk),
 )
 
 

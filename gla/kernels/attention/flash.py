@@ -1,0 +1,708 @@
+"""Gated-softmax flash attention in Triton: forward and backward kernels, then their launchers.
+
+FlashAttention-2 structure, read top to bottom like Triton's ``06-fused-attention`` tutorial:
+
+* forward: one program per (query block, batch·query head). Online softmax in base 2 (``log2(e)``
+  is folded into the scale), fp32 accumulation, key blocks outside the causal/window band are
+  skipped and blocks entirely inside it run without masks. The sigmoid gate is applied in the
+  epilogue, so the output is written once. Saves the log-sum-exp (base 2) per row.
+* backward: a preprocess kernel (``delta = rowsum(dO·O)``, the gated ``dO``, and ``dgate``), a
+  dK/dV kernel (one program per key block and kv head; it loops over the query heads of its GQA
+  group, so no atomics and no repeated K/V), and a dQ kernel (one program per query block).
+
+Semantics (see ``naive.attention_reference``): GQA head ``h`` reads kv head ``h // group``;
+bottom-right aligned causal / left window; additive ``bias`` broadcast with zero strides; bool
+``key_mask [B, Tk]``; a query row with no visible key outputs 0 and gets zero gradients (its lse
+is stored as +inf so that every recomputed probability is exactly 0).
+
+Every tensor is addressed through its strides; nothing is made contiguous.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Finite biases below this are clamped before scaling by log2(e), so finfo(float32).min stays
+# finite (a row masked only by finfo.min is a softmax, not an empty row); -inf stays -inf.
+_BIAS_FLOOR = tl.constexpr(-1.0e38)
+
+# Tests set this to True: every buffer the launchers allocate is filled with NaN first, so an
+# element the kernels forget to write shows up as a non-finite error.
+POISON = os.environ.get("GLA_POISON", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _key_range(start_m, TQ, TK, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key blocks seen by query rows [start_m, start_m + BLOCK_M): lo ≤ lo_full ≤ hi_full ≤ hi.
+
+    [lo, lo_full) and [hi_full, hi) need the position mask; [lo_full, hi_full) is entirely
+    visible to every row of the block and inside [0, TK) (multiples of BLOCK_N)."""
+    off = TK - TQ
+    last_m = tl.minimum(start_m + BLOCK_M, TQ) - 1
+    hi = start_m * 0 + TK
+    hi_full = (hi // BLOCK_N) * BLOCK_N
+    lo = start_m * 0
+    lo_full = lo
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, tl.maximum(last_m + off + 1, 0))
+        hi_full = tl.minimum(hi_full, (tl.maximum(start_m + off + 1, 0) // BLOCK_N) * BLOCK_N)
+    if HAS_WINDOW:
+        lo = (tl.maximum(start_m + off - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+        lo_full = ((tl.maximum(last_m + off - WINDOW + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    lo = tl.minimum(lo, hi)
+    lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
+    hi_full = tl.maximum(tl.minimum(hi_full, hi), lo_full)
+    return lo, lo_full, hi_full, hi
+
+
+@triton.jit
+def _query_range(start_n, TQ, TK, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Query blocks that see keys [start_n, start_n + BLOCK_N): lo ≤ lo_full ≤ hi_full ≤ hi.
+
+    [lo_full, hi_full) rows see every key of the block by position (rows ≥ TQ are harmless:
+    their lse loads as +inf, so their probabilities are 0)."""
+    off = TK - TQ
+    last_n = tl.minimum(start_n + BLOCK_N, TK) - 1
+    lo = start_n * 0
+    lo_full = lo
+    hi = lo + TQ
+    hi_full = hi
+    if IS_CAUSAL:
+        lo = (tl.maximum(start_n - off, 0) // BLOCK_M) * BLOCK_M
+        lo_full = ((tl.maximum(last_n - off, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, tl.maximum(last_n + WINDOW - off, 0))
+        hi_full = (tl.maximum(start_n + WINDOW - off, 0) // BLOCK_M) * BLOCK_M
+    lo = tl.minimum(lo, hi)
+    lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
+    hi_full = tl.maximum(tl.minimum(hi_full, hi), lo_full)
+    return lo, lo_full, hi_full, hi
+
+
+@triton.jit
+def _scores(qk, offs_m, offs_n, qk_scale, TQ, TK, WINDOW, bias_base, stride_bm, stride_bn,
+            km_base, stride_kmn, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+            HAS_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr):
+    """Base-2 logits of a [M, N] tile: qk·scale·log2e (+ bias·log2e), -inf where not visible.
+
+    offs_m / offs_n may be given as [M, 1] / [1, N] or transposed ([1, M] / [N, 1]); every
+    expression below broadcasts, so the same code serves the transposed dK/dV tile."""
+    s = qk * qk_scale
+    if HAS_BIAS:
+        b = tl.load(bias_base + offs_m * stride_bm + offs_n * stride_bn,
+                    mask=(offs_m < TQ) & (offs_n < TK), other=0.0).to(tl.float32)
+        b = tl.where(b == float("-inf"), b, tl.maximum(b, _BIAS_FLOOR))
+        s = s + b * 1.4426950408889634
+    if HAS_KMASK:
+        km = tl.load(km_base + offs_n * stride_kmn, mask=offs_n < TK, other=0)
+        s = tl.where(km != 0, s, float("-inf"))
+    if MASKED:
+        vis = offs_n < TK
+        if IS_CAUSAL:
+            vis = vis & (offs_n <= offs_m + (TK - TQ))
+        if HAS_WINDOW:
+            vis = vis & ((offs_m + (TK - TQ)) - offs_n < WINDOW)
+        s = tl.where(vis, s, float("-inf"))
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                    bias_base, stride_bm, stride_bn, km_base, stride_kmn,
+                    offs_m, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW,
+                    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_n[:, None] < TK) & (offs_d[None, :] < D), other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED or HAS_BIAS or HAS_KMASK:
+            s = _scores(qk, offs_m[:, None], offs_n[None, :], qk_scale, TQ, TK, WINDOW,
+                        bias_base, stride_bm, stride_bn, km_base, stride_kmn,
+                        MASKED, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK)
+            m_ij = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing visible yet keeps m = -inf; subtract 0 instead (no NaN).
+            m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            s = s - m_safe[:, None]
+        else:  # every key visible: the tutorial's fused scale-and-subtract
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            s = qk * qk_scale - m_ij[:, None]
+            m_safe = m_ij
+        p = tl.math.exp2(s)
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < TK) & (offs_dv[None, :] < DV), other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, OUNG, LSE, sm_scale,
+              stride_qb, stride_qh, stride_qm, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_gb, stride_gh, stride_gm, stride_gd,
+              stride_bb, stride_bh, stride_bm, stride_bn,
+              stride_kmb, stride_kmn,
+              stride_ob, stride_oh, stride_om, stride_od,
+              H, GROUP, TQ, TK, WINDOW,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_GATE: tl.constexpr,
+              GATE_HEADWISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr,
+              PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:  # the longest rows first: better tail balance
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hk = off_h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qk_scale = tl.cast(sm_scale, tl.float32) * 1.4426950408889634
+
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
+    km_base = KMASK + off_b * stride_kmb
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < D), other=0.0)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    lo, lo_full, hi_full, hi = _key_range(start_m, TQ, TK, WINDOW, BLOCK_M, BLOCK_N,
+                                          IS_CAUSAL, HAS_WINDOW)
+    # left edge of the window band (masked), the fully visible middle, the causal diagonal.
+    if HAS_WINDOW:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
+            lo, lo_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
+            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
+        lo_full, hi_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
+        False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
+        hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
+        True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+
+    # epilogue: normalise, empty rows -> 0 with lse = +inf, gate, write once.
+    empty = l_i == 0.0
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    row_ok = offs_m < TQ
+    tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=row_ok)
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+    o_off = off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om \
+        + offs_dv[None, :] * stride_od
+    if HAS_GATE:
+        g_base = GATE + off_b * stride_gb + off_h * stride_gh
+        if GATE_HEADWISE:
+            g = tl.load(g_base + offs_m * stride_gm, mask=row_ok, other=0.0).to(tl.float32)
+            og = o * tl.sigmoid(g)[:, None]
+        else:
+            g = tl.load(g_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                        mask=o_mask, other=0.0).to(tl.float32)
+            og = o * tl.sigmoid(g)
+        tl.store(OUNG + o_off, o.to(OUNG.dtype.element_ty), mask=o_mask)
+        tl.store(OUT + o_off, og.to(OUT.dtype.element_ty), mask=o_mask)
+    else:
+        tl.store(OUT + o_off, o.to(OUT.dtype.element_ty), mask=o_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA,
+                         stride_ob, stride_oh, stride_om, stride_od,
+                         stride_dob, stride_doh, stride_dom, stride_dod,
+                         stride_gb, stride_gh, stride_gm, stride_gd,
+                         stride_eb, stride_eh, stride_em, stride_ed,
+                         stride_dgb, stride_dgh, stride_dgm, stride_dgd,
+                         H, TQ, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                         HAS_GATE: tl.constexpr, GATE_HEADWISE: tl.constexpr):
+    """delta = rowsum(dO_att · O) where O is the ungated output and dO_att = dout·σ(g) is the
+    attention's dO; dgate = dout·O·σ(g)(1−σ(g)) (summed over Dv for a headwise gate)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < TQ
+    msk = row_ok[:, None] & (offs_dv[None, :] < DV)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                + offs_dv[None, :] * stride_od, mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DOUT + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=msk, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        g_base = GATE + off_b * stride_gb + off_h * stride_gh
+        dg_base = DGATE + off_b * stride_dgb + off_h * stride_dgh
+        if GATE_HEADWISE:
+            g = tl.load(g_base + offs_m * stride_gm, mask=row_ok, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(g)
+            dg = tl.sum(do * o, 1) * sig * (1.0 - sig)
+            tl.store(dg_base + offs_m * stride_dgm, dg.to(DGATE.dtype.element_ty), mask=row_ok)
+            do = do * sig[:, None]
+        else:
+            g = tl.load(g_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                        mask=msk, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(g)
+            dg = do * o * sig * (1.0 - sig)
+            tl.store(dg_base + offs_m[:, None] * stride_dgm + offs_dv[None, :] * stride_dgd,
+                     dg.to(DGATE.dtype.element_ty), mask=msk)
+            do = do * sig
+        tl.store(DO_EFF + off_b * stride_eb + off_h * stride_eh + offs_m[:, None] * stride_em
+                 + offs_dv[None, :] * stride_ed, do.to(DO_EFF.dtype.element_ty), mask=msk)
+    delta = tl.sum(do * o, 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                         stride_qm, stride_qd, stride_dom, stride_dod,
+                         bias_base, stride_bm, stride_bn, km_base, stride_kmn,
+                         offs_n, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW,
+                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                         MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    # Transposed tiles: rows are keys (offs_n), columns are queries (offs_m).
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < TQ
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        if MASKED or HAS_BIAS or HAS_KMASK:
+            sT = _scores(qkT, offs_m[None, :], offs_n[:, None], qk_scale, TQ, TK, WINDOW,
+                         bias_base, stride_bm, stride_bn, km_base, stride_kmn,
+                         MASKED, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK)
+            pT = tl.math.exp2(sT - lse[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_bb, stride_bh, stride_bm, stride_bn,
+                   stride_kmb, stride_kmn,
+                   stride_dob, stride_doh, stride_dom, stride_dod,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   H, HK, GROUP, TQ, TK, WINDOW,
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // HK).to(tl.int64)
+    off_hk = (pid_bh % HK).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    col_ok = offs_n < TK
+
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=col_ok[:, None] & (offs_d[None, :] < D),
+                other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn
+                + offs_dv[None, :] * stride_vd, mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+                other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    km_base = KMASK + off_b * stride_kmb
+
+    lo, lo_full, hi_full, hi = _query_range(start_n, TQ, TK, WINDOW, BLOCK_M, BLOCK_N,
+                                            IS_CAUSAL, HAS_WINDOW)
+    for g in range(GROUP):  # every query head of this kv head: dK/dV need no atomics
+        off_h = off_hk * GROUP + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
+        row_base = (off_b * H + off_h) * TQ
+        lse_base = LSE + row_base
+        delta_base = DELTA + row_base
+        # causal diagonal (masked), the fully visible middle, the window's far edge (masked).
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+            stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
+            offs_n, offs_d, offs_dv, lo, lo_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
+            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+            stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
+            offs_n, offs_d, offs_dv, lo_full, hi_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
+            False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+        if HAS_WINDOW:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+                stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
+                offs_n, offs_d, offs_dv, hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
+                True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DKEY + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DKEY.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DVAL + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_dv[None, :] * stride_dvd, dv.to(DVAL.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd,
+                       stride_vn, stride_vd, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
+                       offs_m, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW,
+                       D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < TK
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED or HAS_BIAS or HAS_KMASK:
+            s = _scores(qk, offs_m[:, None], offs_n[None, :], qk_scale, TQ, TK, WINDOW,
+                        bias_base, stride_bm, stride_bn, km_base, stride_kmn,
+                        MASKED, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK)
+            p = tl.math.exp2(s - lse[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DQ, sm_scale,
+                 stride_qb, stride_qh, stride_qm, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_bb, stride_bh, stride_bm, stride_bn,
+                 stride_kmb, stride_kmn,
+                 stride_dob, stride_doh, stride_dom, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 H, GROUP, TQ, TK, WINDOW,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hk = off_h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    row_ok = offs_m < TQ
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < D),
+                other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    row_base = pid_bh.to(tl.int64) * TQ
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
+    km_base = KMASK + off_b * stride_kmb
+    lo, lo_full, hi_full, hi = _key_range(start_m, TQ, TK, WINDOW, BLOCK_M, BLOCK_N,
+                                          IS_CAUSAL, HAS_WINDOW)
+    if HAS_WINDOW:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
+            lo, lo_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
+            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
+        lo_full, hi_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
+        False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
+        hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
+        True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+INTERPRETED = type(_attn_fwd).__name__ == "InterpretedFunction"
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int,
+                      interpret: bool = INTERPRETED) -> dict[str, dict[str, int]]:
+    """Block sizes / warps / stages of the four kernels: the one heuristic table, no autotune.
+
+    Keys: ``fwd`` and ``dq`` (BLOCK_M query rows per program, BLOCK_N keys per step), ``dkdv``
+    (BLOCK_N keys per program, BLOCK_M query rows per step), ``pre`` (BLOCK_M rows).
+    """
+    bd = max(_pow2(d), _pow2(dv))
+    if interpret:  # small tiles: the interpreter's cost is per op, and tests hit every edge
+        c = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        return {"fwd": dict(c), "dq": dict(c), "dkdv": dict(c), "pre": dict(c, BLOCK_M=16)}
+    if bd <= 64:
+        fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        dkdv = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=4)
+        dq = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4)
+    elif bd <= 128:
+        fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
+        dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    else:
+        fwd = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+        dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    if dtype == torch.float32:  # twice the bytes per element: halve the key tiles
+        fwd = dict(fwd, BLOCK_N=max(16, fwd["BLOCK_N"] // 2), num_stages=2)
+        dkdv = dict(dkdv, BLOCK_N=max(16, dkdv["BLOCK_N"] // 2), num_stages=2)
+        dq = dict(dq, BLOCK_N=max(16, dq["BLOCK_N"] // 2), num_stages=2)
+    if tq <= 64:  # decode / short queries: do not pay for 128 empty rows
+        bm = _pow2(tq)
+        fwd = dict(fwd, BLOCK_M=min(fwd["BLOCK_M"], bm), num_warps=4)
+        dq = dict(dq, BLOCK_M=min(dq["BLOCK_M"], bm), num_warps=4)
+    pre = dict(BLOCK_M=max(16, min(128, 8192 // triton.next_power_of_2(dv))), num_warps=4,
+               num_stages=1)
+    return {"fwd": fwd, "dq": dq, "dkdv": dkdv, "pre": pre}
+
+
+def _precision(dtype: torch.dtype) -> str | None:
+    """tl.dot input precision: fp32 inputs use tf32 unless torch asks for "highest" matmuls."""
+    if dtype != torch.float32:
+        return None
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _empty(*shape, dtype, device):
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    if POISON:
+        t.fill_(float("nan"))
+    return t
+
+
+def _empty_like(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    t = torch.empty_like(x, dtype=dtype)
+    if POISON:
+        t.fill_(float("nan"))
+    return t
+
+
+def _empty_bthd(b, h, t, d, dtype, device) -> torch.Tensor:
+    """[B, H, T, D] view of a [B, T, H, D] buffer: the layout every ``gla::attention`` output has
+    (``out.transpose(1, 2).reshape(B, T, H * D)`` is then free)."""
+    return _empty(b, t, h, d, dtype=dtype, device=device).transpose(1, 2)
+
+
+def _extras(q, gate, bias, key_mask, tq, tk):
+    """Expanded views (zero strides for broadcast dims) and their strides, or dummies."""
+    B, H = q.shape[0], q.shape[1]
+    if gate is not None:
+        headwise = gate.shape[-1] == 1
+        g = gate.expand(B, H, tq, gate.shape[-1])
+        g_strides = g.stride()
+    else:
+        headwise, g, g_strides = False, q, (0, 0, 0, 0)
+    if bias is not None:
+        b = bias.expand(B, H, tq, tk)
+        b_strides = b.stride()
+    else:
+        b, b_strides = q, (0, 0, 0, 0)
+    if key_mask is not None:
+        km = key_mask.expand(B, tk)
+        if km.dtype == torch.bool:
+            km = km.view(torch.uint8)
+        km_strides = km.stride()
+    else:
+        km, km_strides = q, (0, 0)
+    return g, g_strides, headwise, b, b_strides, km, km_strides
+
+
+def _interp_upcast(*ts):
+    """The interpreter's bf16 arithmetic is wrong: run bf16 in fp32 there (inputs are exact)."""
+    return [None if t is None else (t.float() if t.dtype == torch.bfloat16 else t) for t in ts]
+
+
+def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, causal=False,
+                      window=0, config=None):
+    """Launch the forward kernel. Returns ``(out, lse, o_ungated)``.
+
+    ``out`` and ``o_ungated`` are ``[B, Hq, Tq, Dv]`` views of ``[B, Tq, Hq, Dv]`` buffers in
+    ``q.dtype``; ``lse`` is fp32 ``[B, Hq, Tq]`` (base 2, +inf for rows with no visible key);
+    ``o_ungated`` is an empty tensor when there is no gate (then ``out`` is the ungated output).
+    """
+    B, H, TQ, D = q.shape
+    HK, TK, DV = k.shape[1], k.shape[2], v.shape[3]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    out_dtype = q.dtype
+    if INTERPRETED and q.dtype == torch.bfloat16:
+        q, k, v, gate, bias = _interp_upcast(q, k, v, gate, bias)
+    out = _empty_bthd(B, H, TQ, DV, out_dtype, q.device)
+    o_ung = _empty_bthd(B, H, TQ, DV, out_dtype, q.device) if gate is not None else \
+        q.new_empty(0, dtype=out_dtype)
+    lse = _empty(B, H, TQ, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("inf"))
+        return out, lse, o_ung
+    cfg = config or attention_configs(D, DV, q.dtype, causal, TQ)
+    c = cfg["fwd"]
+    g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
+    o_write = o_ung if gate is not None else out
+    # kernels write through strides; in the interpreter-bf16 case write fp32 then cast.
+    if out.dtype != q.dtype:
+        out_k, o_ung_k = torch.empty_like(out, dtype=q.dtype), torch.empty_like(o_write, dtype=q.dtype)
+    else:
+        out_k, o_ung_k = out, o_write
+    grid = (triton.cdiv(TQ, c["BLOCK_M"]), B * H)
+    _attn_fwd[grid](
+        q, k, v, g, b, km, out_k, o_ung_k, lse, scale,
+        *q.stride(), *k.stride(), *v.stride(), *gs, *bs, *kms, *out_k.stride(),
+        H, H // HK, TQ, TK, int(window),
+        D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+        IS_CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_GATE=gate is not None,
+        GATE_HEADWISE=headwise, HAS_BIAS=bias is not None, HAS_KMASK=key_mask is not None,
+        PRECISION=_precision(q.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
+    if out_k is not out:
+        out.copy_(out_k)
+        if gate is not None:
+            o_ung.copy_(o_ung_k)
+    return out, lse, o_ung
+
+
+def attention_backward(dout, q, k, v, out, lse, o_ung=None, gate=None, bias=None, key_mask=None,
+                       scale=None, causal=False, window=0, config=None):
+    """Launch preprocess, dK/dV and dQ kernels. Returns ``(dq, dk, dv, dgate)`` (dgate None
+    without a gate). ``out``, ``lse``, ``o_ung`` are what :func:`attention_forward` returned."""
+    B, H, TQ, D = q.shape
+    HK, TK, DV = k.shape[1], k.shape[2], v.shape[3]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    dq = _empty_like(q)
+    dk = _empty_like(k)
+    dv = _empty_like(v)
+    dgate = _empty_like(gate) if gate is not None else None
+    if dq.numel() == 0 and dk.numel() == 0 and dv.numel() == 0:
+        if dgate is not None:
+            dgate.zero_()
+        return dq, dk, dv, dgate
+    final = (dq, dk, dv, dgate)
+    if INTERPRETED and q.dtype == torch.bfloat16:
+        dout, q, k, v, out, o_ung, gate, bias = _interp_upcast(dout, q, k, v, out, o_ung, gate,
+                                                               bias)
+        dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+        dgate = _empty_like(gate) if gate is not None else None
+    cfg = config or attention_configs(D, DV, q.dtype, causal, TQ)
+    g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
+    o = o_ung if gate is not None else out
+    delta = _empty(B, H, TQ, dtype=torch.float32, device=q.device)
+    if gate is not None:
+        do_eff = _empty_bthd(B, H, TQ, DV, q.dtype, q.device)
+        dg = dgate.expand(B, H, TQ, gate.shape[-1])
+        dgs = dg.stride()
+    else:
+        do_eff, dg, dgs = dout, delta, (0, 0, 0, 0)
+    if TQ > 0:
+        c = cfg["pre"]
+        _attn_bwd_preprocess[(triton.cdiv(TQ, c["BLOCK_M"]), B * H)](
+            o, dout, g, do_eff, dg, delta, *o.stride(), *dout.stride(), *gs, *do_eff.stride(),
+            *dgs, H, TQ, DV=DV, BLOCK_DV=_pow2(DV), BLOCK_M=c["BLOCK_M"],
+            HAS_GATE=gate is not None, GATE_HEADWISE=headwise, num_warps=c["num_warps"],
+            num_stages=c["num_stages"])
+    common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), IS_CAUSAL=bool(causal),
+                  HAS_WINDOW=window > 0, HAS_BIAS=bias is not None,
+                  HAS_KMASK=key_mask is not None, PRECISION=_precision(q.dtype))
+    if TK > 0:
+        c = cfg["dkdv"]
+        _attn_bwd_dkdv[(triton.cdiv(TK, c["BLOCK_N"]), B * HK)](
+            q, k, v, b, km, do_eff, lse, delta, dk, dv, scale,
+            *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *dk.stride(),
+            *dv.stride(), H, HK, H // HK, TQ, TK, int(window),
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"],
+            num_stages=c["num_stages"], **common)
+    if TQ > 0:
+        c = cfg["dq"]
+        _attn_bwd_dq[(triton.cdiv(TQ, c["BLOCK_M"]), B * H)](
+            q, k, v, b, km, do_eff, lse, delta, dq, scale,
+            *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *dq.stride(),
+            H, H // HK, TQ, TK, int(window),
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"],
+            num_stages=c["num_stages"], **common)
+    if final[0] is not dq:  # interpreter bf16: computed in fp32
+        for dst, src in zip(final, (dq, dk, dv, dgate)):
+            if dst is not None:
+                dst.copy_(src)
+        return final
+    return dq, dk, dv, dgate

@@ -1,0 +1,332 @@
+"""``gla::attention`` and ``gla::attention_backward``: the torch.library ops and the public API.
+
+``gated_attention`` validates its arguments, resolves ``impl`` and calls ``gla::attention``,
+which returns ``(out, lse, o_ungated)``; autograd (registered with ``register_autograd``) saves
+what the backward needs and calls ``gla::attention_backward``, so a compiled graph keeps both
+ops opaque. ``impl`` picks the body of both ops:
+
+* ``"triton"``: the flash kernels of ``flash.py`` (on CPU tensors: Triton's interpreter);
+* ``"sdpa"``: ``F.scaled_dot_product_attention`` with the masks folded into ``attn_mask``,
+  the gate multiplied afterwards; its backward recomputes under torch autograd;
+* ``"reference"``: ``naive.attention_reference``; backward by recompute as well.
+
+Both ops allocate fresh outputs, never sync with the host, and so are CUDA-graph friendly.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import flash
+from .naive import attention_reference, visible_positions
+
+IMPLS = ("auto", "triton", "sdpa", "reference")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks (shapes / dtypes / devices only: they run on FakeTensors too)
+# ----------------------------------------------------------------------------------------------
+def _check_args(q, k, v, gate, bias, key_mask, window) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, H, T, D]; got {q.dim()}-D, {k.dim()}-D, "
+                         f"{v.dim()}-D")
+    B, Hq, Tq, D = q.shape
+    Bk, Hkv, Tk, Dk = k.shape
+    if Bk != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {v.shape[0]}")
+    if v.shape[1] != Hkv or v.shape[2] != Tk:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} disagree on heads/length")
+    if Dk != D:
+        raise ValueError(f"q head dim {D} != k head dim {Dk}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0 = no window); got {window}")
+    Dv = v.shape[3]
+    if gate is not None:
+        if not gate.is_floating_point():
+            raise ValueError(f"gate must be a floating tensor; got {gate.dtype}")
+        try:
+            shape = torch.broadcast_shapes(gate.shape, (B, Hq, Tq, Dv))
+        except RuntimeError:
+            shape = None
+        if shape != (B, Hq, Tq, Dv):
+            raise ValueError(f"gate {tuple(gate.shape)} does not broadcast to the output "
+                             f"{(B, Hq, Tq, Dv)}")
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise ValueError(f"bias must be a floating (additive) tensor; got {bias.dtype}. "
+                             "Pass boolean padding masks as key_mask.")
+        try:
+            shape = torch.broadcast_shapes(bias.shape, (B, Hq, Tq, Tk))
+        except RuntimeError:
+            shape = None
+        if shape != (B, Hq, Tq, Tk):
+            raise ValueError(f"bias {tuple(bias.shape)} does not broadcast to {(B, Hq, Tq, Tk)}")
+    if key_mask is not None:
+        if key_mask.dtype != torch.bool:
+            raise ValueError(f"key_mask must be bool (True = attend); got {key_mask.dtype}")
+        if key_mask.dim() != 2 or key_mask.shape[1] != Tk or key_mask.shape[0] not in (1, B):
+            raise ValueError(f"key_mask must be [B, Tk] = {(B, Tk)}; got {tuple(key_mask.shape)}")
+
+
+def triton_unsupported_reason(q, k, v, gate=None, bias=None, key_mask=None, causal=False,
+                              window=0) -> str | None:
+    """None if the Triton kernels handle this call, else a sentence saying why not.
+
+    Looks only at shapes, dtypes, devices and ``requires_grad`` (works on Fake/meta tensors).
+    Assumes the arguments are otherwise valid (``gated_attention`` checks that first).
+    """
+    dev = q.device
+    if dev.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "tensors on cpu: Triton needs CUDA (or TRITON_INTERPRET=1)"
+    elif dev.type != "cuda":
+        return f"tensors on {dev.type}: the Triton attention kernel needs CUDA"
+    others = [t for t in (k, v, gate, bias, key_mask) if t is not None]
+    if any(t.device != dev for t in others):
+        return "q, k, v, gate, bias, key_mask are not all on one device"
+    if q.dtype not in _TRITON_DTYPES:
+        return f"{str(q.dtype).replace('torch.', '')} unsupported by the Triton attention kernel"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return (f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); the Triton attention "
+                "kernel needs one dtype")
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D > _MAX_HEAD_DIM:
+        return f"head dim {D} > {_MAX_HEAD_DIM} unsupported by the Triton attention kernel"
+    if Dv > _MAX_HEAD_DIM:
+        return f"value head dim {Dv} > {_MAX_HEAD_DIM} unsupported by the Triton attention kernel"
+    if gate is not None:
+        B, Hq, Tq = q.shape[:3]
+        if tuple(gate.shape) not in ((B, Hq, Tq, Dv), (B, Hq, Tq, 1)):
+            return (f"gate shape {tuple(gate.shape)}: the Triton attention kernel takes an "
+                    f"elementwise [B, Hq, Tq, Dv] or headwise [B, Hq, Tq, 1] gate")
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        return "bias requires grad; the Triton kernel has no dbias"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The SDPA path
+# ----------------------------------------------------------------------------------------------
+def attention_sdpa(q, k, v, gate=None, bias=None, key_mask=None, scale=None, causal=False,
+                   window=0) -> torch.Tensor:
+    """The same semantics through ``F.scaled_dot_product_attention`` (differentiable).
+
+    Causal (Tq == Tk) alone uses ``is_causal``; otherwise positions, key_mask and bias are
+    folded into one bool or float ``attn_mask``. Rows with no visible key are given an
+    all-visible mask (no NaN anywhere, forward or backward) and then zeroed.
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    gqa = Hq != Hkv
+    if bias is None and key_mask is None and window <= 0 and (not causal or Tq == Tk):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                             enable_gqa=gqa)
+    else:
+        vis = visible_positions(Tq, Tk, causal, window, q.device)
+        if key_mask is not None:
+            km = key_mask[:, None, None, :]
+            vis = km if vis is None else vis & km
+        if bias is None:
+            row_ok = vis.any(dim=-1, keepdim=True)
+            mask = vis | ~row_ok
+        else:
+            # keep finite biases finite in q.dtype (finfo(fp32).min would round to -inf)
+            fb = torch.where(torch.isneginf(bias), bias,
+                             bias.clamp_min(torch.finfo(q.dtype).min)).to(q.dtype)
+            if vis is not None:
+                fb = torch.where(vis, fb, float("-inf"))
+            row_ok = (fb > float("-inf")).any(dim=-1, keepdim=True)
+            mask = torch.where(row_ok, fb, 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                             enable_gqa=gqa)
+        out = torch.where(row_ok, out, 0.0)
+    if gate is not None:
+        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = (out.to(ct) * torch.sigmoid(gate.to(ct))).to(q.dtype)
+    return out
+
+
+def _forward_fn(impl: str):
+    return {"sdpa": attention_sdpa, "reference": attention_reference}[impl]
+
+
+# ----------------------------------------------------------------------------------------------
+# The ops
+# ----------------------------------------------------------------------------------------------
+def _bthd_like(q: torch.Tensor, dv: int) -> torch.Tensor:
+    B, H, T, _ = q.shape
+    return q.new_empty(B, T, H, dv).transpose(1, 2)
+
+
+@torch.library.custom_op("gla::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], scale: float,
+                 causal: bool, window: int, impl: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(out, lse, o_ungated)``. ``out`` is ``[B, Hq, Tq, Dv]`` with ``[B, Tq, Hq, Dv]``
+    memory. For ``impl="triton"``: ``lse`` fp32 ``[B, Hq, Tq]`` and ``o_ungated`` (empty without
+    a gate); other impls return both empty (their backward recomputes)."""
+    if impl == "triton":
+        return flash.attention_forward(q, k, v, gate, bias, key_mask, scale, causal, window)
+    res = _forward_fn(impl)(q, k, v, gate=gate, bias=bias, key_mask=key_mask, scale=scale,
+                            causal=causal, window=window)
+    out = _bthd_like(q, v.shape[-1])
+    out.copy_(res)
+    return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0)
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, gate, bias, key_mask, scale, causal, window, impl):
+    B, H, T, _ = q.shape
+    out = _bthd_like(q, v.shape[-1])
+    if impl == "triton":
+        lse = q.new_empty(B, H, T, dtype=torch.float32)
+        o_ung = _bthd_like(q, v.shape[-1]) if gate is not None else q.new_empty(0)
+        return out, lse, o_ung
+    return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0)
+
+
+@contextlib.contextmanager
+def _autograd_reenabled():
+    """Grad mode plus the autograd dispatch keys, which the custom-op machinery excludes while
+    an op body runs: the recomputing backward differentiates its forward with torch autograd."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                torch._C.DispatchKey.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        with torch.enable_grad():
+            yield
+
+
+@torch.library.custom_op("gla::attention_backward", mutates_args=())
+def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          o: torch.Tensor, lse: torch.Tensor, gate: Optional[torch.Tensor],
+                          bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
+                          scale: float, causal: bool, window: int, impl: str,
+                          bias_requires_grad: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor]:
+    """Returns ``(dq, dk, dv, dgate, dbias)``; ``dgate`` is empty without a gate, ``dbias``
+    empty unless ``bias_requires_grad``. ``o`` is the ungated output (``o_ungated`` if gated,
+    else ``out``) for ``impl="triton"``; the recomputing impls ignore ``o`` and ``lse``."""
+    empty = q.new_empty(0)
+    if impl == "triton":
+        if bias_requires_grad:
+            raise RuntimeError("bias requires grad; the Triton kernel has no dbias")
+        dq, dk, dv, dgate = flash.attention_backward(
+            dout, q, k, v, o, lse, o if gate is not None else None, gate, bias, key_mask, scale,
+            causal, window)
+        return dq, dk, dv, dgate if dgate is not None else empty, empty
+    with _autograd_reenabled():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        g = gate.detach().requires_grad_() if gate is not None else None
+        b = bias.detach().requires_grad_(bias_requires_grad) if bias is not None else None
+        res = _forward_fn(impl)(*leaves, gate=g, bias=b, key_mask=key_mask, scale=scale,
+                                causal=causal, window=window)
+        wrt = leaves + ([g] if g is not None else []) + ([b] if bias_requires_grad else [])
+        grads = torch.autograd.grad(res, wrt, dout, allow_unused=True)
+    outs = []
+    for t, gr in zip(wrt, grads):
+        buf = torch.empty_like(t)
+        if gr is None:
+            buf.zero_()
+        else:
+            buf.copy_(gr)
+        outs.append(buf)
+    dq, dk, dv = outs[:3]
+    dgate = outs[3] if gate is not None else empty
+    dbias = outs[-1] if bias_requires_grad else empty
+    return dq, dk, dv, dgate, dbias
+
+
+@attention_backward_op.register_fake
+def _attention_backward_fake(dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window,
+                             impl, bias_requires_grad):
+    empty = q.new_empty(0)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(gate) if gate is not None else empty,
+            torch.empty_like(bias) if bias_requires_grad else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, gate, bias, key_mask, scale, causal, window, impl = inputs
+    out, lse, o_ung = output
+    o = (o_ung if gate is not None else out) if impl == "triton" else lse
+    ctx.save_for_backward(q, k, v, o, lse, gate, bias, key_mask)
+    ctx.args = (scale, causal, window, impl)
+    ctx.bias_requires_grad = bias is not None and ctx.needs_input_grad[4]
+    ctx.mark_non_differentiable(lse, o_ung)
+
+
+def _backward(ctx, dout, _dlse, _do_ung):
+    q, k, v, o, lse, gate, bias, key_mask = ctx.saved_tensors
+    scale, causal, window, impl = ctx.args
+    if dout is None:
+        dout = q.new_zeros(*q.shape[:3], v.shape[-1])
+    dq, dk, dv, dgate, dbias = torch.ops.gla.attention_backward(
+        dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window, impl,
+        ctx.bias_requires_grad)
+    return (dq, dk, dv, dgate if gate is not None else None,
+            dbias if ctx.bias_requires_grad else None, None, None, None, None, None)
+
+
+torch.library.register_autograd("gla::attention", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                    gate: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                    key_mask: torch.Tensor | None = None, scale: float | None = None,
+                    causal: bool = False, window: int = 0, impl: str = "auto") -> torch.Tensor:
+    """Gated softmax attention: ``softmax(scale·q kᵀ + bias, masked) v ⊙ sigmoid(gate)``.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k: ``[B, Hkv, Tk, D]``; v: ``[B, Hkv, Tk, Dv]``, ``Hq % Hkv == 0``
+            (GQA / MQA: query head ``h`` reads kv head ``h // (Hq // Hkv)``). Any strides, e.g.
+            ``x.transpose(1, 2)`` views of ``[B, T, H, D]`` tensors.
+        gate: pre-sigmoid gate logits, ``[B, Hq, Tq, Dv]`` (elementwise) or ``[B, Hq, Tq, 1]``
+            (headwise), applied to the attention output.
+        bias: additive float tensor broadcastable to ``[B, Hq, Tq, Tk]`` (may hold -inf).
+        key_mask: bool ``[B, Tk]``, True where the key may be attended (padding mask).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        causal: bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Tk - Tq``.
+        window: if > 0, query ``i`` sees key ``j`` only if ``(i + Tk - Tq) - j < window``.
+        impl: ``"triton"``, ``"sdpa"``, ``"reference"`` or ``"auto"`` (Triton on CUDA when
+            :func:`triton_unsupported_reason` is None, else SDPA).
+
+    Returns ``[B, Hq, Tq, Dv]`` in ``q.dtype`` (memory laid out as ``[B, Tq, Hq, Dv]``).
+    Differentiable in q, k, v, gate, and in bias on the sdpa/reference paths.
+
+    A query row with no visible key (all masked by causal/window/key_mask/-inf bias) outputs 0
+    and gets zero gradients (flash-attention convention).
+    """
+    _check_args(q, k, v, gate, bias, key_mask, window)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "auto":
+        ok = q.is_cuda and triton_unsupported_reason(q, k, v, gate, bias, key_mask, causal,
+                                                     window) is None
+        impl = "triton" if ok else "sdpa"
+    elif impl == "triton":
+        reason = triton_unsupported_reason(q, k, v, gate, bias, key_mask, causal, window)
+        if reason is not None:
+            raise ValueError(reason)
+    elif impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    out, _, _ = torch.ops.gla.attention(q, k, v, gate, bias, key_mask, float(scale),
+                                        bool(causal), int(window), impl)
+    return out

@@ -1,0 +1,221 @@
+"""Softmax attention → ``gla.kernels.attention.gated_attention``: layouts, GQA, masks, kernel choice."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..config import Config
+from ..rewrite import Match, leaf, ops
+from ..rewrite.graph import tensor_meta
+from .masks import NEG_LIMIT, keep_form, mask_form
+from .select import Decline, Selected
+
+MAX_HEAD_DIM = 256
+
+
+@leaf
+def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill=None, key_mask=None, gate=None, scale=1.0,
+                   causal=False, window=0, flat_heads=False, out_dtype=None, impl="auto"):
+    """The one graph node a matched attention becomes (traced through by AOT autograd into gla::attention).
+
+    q [B, Hq, Tq, D]; k [B, Hkv, Tk, D] (or kᵀ when ``kt``); v [B, Hkv, Tk, Dv]; ``flat_heads``:
+    the model works on [B·H, T, D] and a batch axis of 1 is added around the kernel.
+    """
+    from ..kernels.attention import gated_attention
+
+    if kt:
+        k = k.transpose(-2, -1)
+    if keep is not None:
+        bias = torch.where(keep, 0.0, fill).to(torch.float32)
+    if masked is not None:
+        bias = torch.where(masked, fill, 0.0).to(torch.float32)
+    if flat_heads:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        if bias is not None and bias.dim() == 3:
+            bias = bias.unsqueeze(0)
+        if gate is not None:
+            gate = gate.unsqueeze(0)
+    out = gated_attention(q, k, v, gate=gate, bias=bias, key_mask=key_mask, scale=scale, causal=causal,
+                          window=window, impl=impl)
+    if flat_heads:
+        out = out.squeeze(0)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def choose_impl(config: Config, q, k, v, **case) -> str | Decline:
+    """Which implementation runs: Triton where it can, PyTorch's fused SDPA otherwise, or the reference."""
+    from ..kernels.attention import triton_unsupported_reason
+
+    if config.kernels == "reference":
+        return "reference"
+    reason = triton_unsupported_reason(q, k, v, **case)
+    if config.kernels == "triton":
+        return Decline(reason) if reason else "triton"
+    if q.device.type == "cuda" and reason is None:
+        return "triton"
+    return "sdpa"
+
+
+def _is(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _ungroup(x: fx.Node) -> tuple[fx.Node, int]:
+    """``repeat_heads(x0, n, dim=1)`` → (x0, n): GQA without materializing the repeat."""
+    if _is(x, ops.repeat_heads) and x.args[2] == 1 and tensor_meta(x) is not None and tensor_meta(x).dim() == 4:
+        return x.args[0], x.args[1]
+    return x, 1
+
+
+def _scale_arg(value) -> float | fx.Node | Decline:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, fx.Node):
+        v = value.meta.get("example_value")
+        if isinstance(v, (torch.SymFloat, torch.SymInt, float, int)):
+            return value
+        if isinstance(v, torch.Tensor):
+            return Decline(f"the scale is a tensor of shape {tuple(v.shape)} (a learned temperature?); "
+                           "the kernel takes a number")
+    return Decline(f"cannot read the scale {value!r}")
+
+
+class AttentionLowering:
+    """Hand-written softmax attention (the ``softmax_attention`` pattern's captures)."""
+
+    @staticmethod
+    def signature(q, kt, v, scale=1.0, bias=None, mask=None, keep=None, fill=None):
+        """The captures this lowering takes (checked against each search alternative)."""
+
+    def select(self, match: Match, config: Config) -> Selected | Decline:
+        c = match.captures
+        q, kt, v = c["q"], c["kt"], c["v"]
+        tq, tkt, tv = (tensor_meta(x) for x in (q, kt, v))
+        if None in (tq, tkt, tv):
+            return Decline("q, k or v is not a tensor with known shape")
+        if tq.dim() not in (3, 4) or tkt.dim() != tq.dim() or tv.dim() != tq.dim():
+            return Decline(f"attention on rank-{tq.dim()} tensors; the kernel takes [B, H, T, D] or [B·H, T, D]")
+        if len({tq.dtype, tkt.dtype, tv.dtype}) != 1:
+            return Decline(f"q, k, v have mixed dtypes {tq.dtype}, {tkt.dtype}, {tv.dtype}")
+        if not tq.dtype.is_floating_point:
+            return Decline(f"attention in {tq.dtype}")
+        # K: take its real layout; a transpose(-2, -1) node is undone, anything else is transposed back.
+        kt_transposed = not (_is(kt, torch.transpose) and kt.args[1:] == (-2, -1))
+        k = kt if kt_transposed else kt.args[0]
+        groups_k = groups_v = 1
+        if not kt_transposed:
+            k, groups_k = _ungroup(k)
+        v, groups_v = _ungroup(v)
+        if groups_k != groups_v:
+            k = kt if kt_transposed else kt.args[0]
+            v = c["v"]
+            groups_k = groups_v = 1
+        scale = _scale_arg(c.get("scale", 1.0))
+        if isinstance(scale, Decline):
+            return scale
+        scores = list(tq.shape[:-1]) + [tkt.shape[-1]]
+        kwargs = dict(q=q, k=k, v=v, kt=kt_transposed, scale=scale, flat_heads=tq.dim() == 3,
+                      out_dtype=tensor_meta(match.root).dtype)
+        extra: list[fx.Node] = []
+        bias = c.get("bias")
+        causal, window = False, 0
+        if "mask" in c or "keep" in c:
+            fill = c["fill"]
+            if not (isinstance(fill, (int, float)) and fill <= NEG_LIMIT):
+                return Decline(f"masked scores are set to {fill!r}, not a mask value (≤ {NEG_LIMIT:g} or -inf)")
+            if "keep" in c:
+                form = keep_form(c["keep"], scores) if tq.dim() == 4 else None
+                if form:
+                    causal, window, extra = True, form.window, list(form.nodes)
+                else:
+                    kwargs.update(keep=c["keep"], fill=float(fill))
+            else:
+                kwargs.update(masked=c["mask"], fill=float(fill))
+        elif bias is not None:
+            tb = tensor_meta(bias)
+            if tb is None or not tb.dtype.is_floating_point:
+                return Decline("the additive mask is not a floating-point tensor")
+            if isinstance(bias, fx.Node):
+                form = mask_form(bias, scores) if tq.dim() == 4 else None
+                if form:
+                    causal, window, extra = True, form.window, list(form.nodes)
+                else:
+                    kwargs["bias"] = bias
+        kwargs.update(causal=causal, window=window)
+        k_meta, v_meta = tensor_meta(k), tensor_meta(v)
+        if tq.shape[-1] > MAX_HEAD_DIM:
+            return Decline(f"head dim {tq.shape[-1]} > {MAX_HEAD_DIM}")
+        case = dict(bias=tensor_meta(kwargs.get("bias")), causal=causal, window=window)
+        impl = choose_impl(config, tq, k_meta if not kt_transposed else tkt.transpose(-2, -1), v_meta, **case)
+        if isinstance(impl, Decline):
+            return impl
+        kwargs["impl"] = impl
+        form = "causal" + (f", window {window}" if window else "") if causal else \
+            ("bias" if "bias" in kwargs or "keep" in kwargs else "no mask")
+        gqa = f", GQA {groups_v}:1" if groups_v > 1 else ""
+        return Selected(attention_call, kwargs, f"gla::attention[{impl}] ({form}{gqa})", extra)
+
+
+class SDPALowering:
+    """``F.scaled_dot_product_attention``: the same kernel, with GQA, masks and causal taken as given."""
+
+    @staticmethod
+    def signature(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        """The captures this lowering takes."""
+
+    def select(self, match: Match, config: Config) -> Selected | Decline:
+        c = match.captures
+        if c["dropout_p"] != 0:
+            return Decline(f"dropout_p={c['dropout_p']} (training dropout) is not supported by the kernel")
+        if not isinstance(c["is_causal"], bool) or not isinstance(c["enable_gqa"], bool):
+            return Decline("is_causal / enable_gqa are not constants")
+        q, k, v = c["q"], c["k"], c["v"]
+        tq, tk, tv = (tensor_meta(x) for x in (q, k, v))
+        if None in (tq, tk, tv) or tq.dim() != 4 or tk.dim() != 4:
+            return Decline("SDPA on tensors that are not [B, H, T, D]")
+        if len({tq.dtype, tk.dtype, tv.dtype}) != 1:
+            return Decline("q, k, v have mixed dtypes")
+        if tq.shape[-3] != tk.shape[-3] and not c["enable_gqa"]:
+            return Decline("different head counts without enable_gqa")
+        k, gk = _ungroup(k)
+        v, gv = _ungroup(v)
+        if gk != gv:
+            k, v = c["k"], c["v"]
+        causal = c["is_causal"]
+        if causal and not statically_known_true(tq.shape[-2] == tk.shape[-2]):
+            return Decline("is_causal with Tq ≠ Tk (SDPA aligns it top-left; the kernel bottom-right)")
+        scale = c["scale"]
+        if scale is None:
+            scale = float(tq.shape[-1]) ** -0.5 if isinstance(tq.shape[-1], int) else None
+            if scale is None:
+                return Decline("symbolic head dim")
+        scale = _scale_arg(scale)
+        if isinstance(scale, Decline):
+            return scale
+        kwargs = dict(q=q, k=k, v=v, scale=scale, causal=causal, out_dtype=None)
+        mask = c["attn_mask"]
+        window, extra = 0, []
+        if mask is not None:
+            tm = tensor_meta(mask)
+            if tm is None:
+                return Decline("attn_mask is not a tensor")
+            scores = list(tq.shape[:-1]) + [tk.shape[-2]]
+            is_bool = tm.dtype == torch.bool
+            form = None if causal else (keep_form if is_bool else mask_form)(mask, scores)
+            if form:
+                kwargs.update(causal=True, window=form.window)
+                window, extra = form.window, list(form.nodes)
+            elif is_bool:
+                kwargs.update(keep=mask, fill=float("-inf"))
+            else:
+                kwargs["bias"] = mask
+        case = dict(bias=tensor_meta(kwargs.get("bias")), causal=kwargs["causal"], window=window)
+        impl = choose_impl(config, tq, tensor_meta(k), tensor_meta(v), **case)
+        if isinstance(impl, Decline):
+            return impl
+        kwargs["impl"] = impl
+        form_s = "causal" if kwargs["causal"] else ("bias" if "bias" in kwargs or "keep" in kwargs else "no mask")
+        return Selected(attention_call, kwargs, f"gla::attention[{impl}] ({form_s})", extra)

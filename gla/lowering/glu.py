@@ -1,0 +1,93 @@
+"""GLU and gates → ``gla.kernels.glu`` (act(a) ⊙ b fused, the activation recomputed in backward)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..rewrite import Match, leaf
+from ..rewrite.graph import tensor_meta
+from .select import Decline, Selected
+
+
+@leaf
+def glu_linears_call(x, w_gate, b_gate, w_up, b_up, *, act, impl):
+    """act(x W_gᵀ + b_g) ⊙ (x W_uᵀ + b_u): cuBLAS projections, one fused activation-multiply."""
+    from ..kernels.glu import glu
+
+    return glu(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), act, impl=impl)
+
+
+@leaf
+def glu_packed_call(gate_up, *, act, gate_first, impl):
+    """act(gate) ⊙ up read from one packed [..., 2F] tensor, without chunk copies."""
+    from ..kernels.glu import glu_packed
+
+    return glu_packed(gate_up, act, gate_first=gate_first, impl=impl)
+
+
+@leaf
+def gate_call(g, y, *, act, out_dtype, impl):
+    """act(g) ⊙ y for a gate g and another branch y (broadcast as the model does)."""
+    from ..kernels.glu import glu
+
+    g, y = torch.broadcast_tensors(g.to(out_dtype), y.to(out_dtype))
+    return glu(g.contiguous(), y.contiguous(), act, impl=impl)
+
+
+def choose_impl(config: Config, *tensors, act: str) -> str | Decline:
+    from ..kernels.glu import triton_unsupported_reason
+
+    if config.kernels == "reference":
+        return "reference"
+    reason = triton_unsupported_reason(*tensors, act=act)
+    if config.kernels == "triton":
+        return Decline(reason) if reason else "triton"
+    return "triton" if reason is None and tensors[0].device.type == "cuda" else "reference"
+
+
+class GLULowering:
+    """``act(x W₁ + b₁) ⊙ (x W₃ + b₃)`` with two projections, or one packed projection split in two."""
+
+    def __init__(self, act: str, packed: bool = False, gate_first: bool = True):
+        self.act, self.packed, self.gate_first = act, packed, gate_first
+
+    def select(self, match: Match, config: Config) -> Selected | Decline:
+        c = match.captures
+        root = tensor_meta(match.root)
+        if self.packed:
+            gu = tensor_meta(c["gate_up"])
+            impl = choose_impl(config, gu, act=self.act)
+            if isinstance(impl, Decline):
+                return impl
+            kwargs = dict(gate_up=c["gate_up"], act=self.act, gate_first=self.gate_first, impl=impl)
+            return Selected(glu_packed_call, kwargs, f"gla::glu_packed[{impl}] ({self.act})")
+        x = tensor_meta(c["x"])
+        if x is None or root is None or x.dtype != root.dtype:
+            return Decline("the GLU changes dtype between its input and output")
+        impl = choose_impl(config, x, tensor_meta(c["w_gate"]), act=self.act)
+        if isinstance(impl, Decline):
+            return impl
+        kwargs = dict(x=c["x"], w_gate=c["w_gate"], b_gate=c["b_gate"], w_up=c["w_up"], b_up=c["b_up"],
+                      act=self.act, impl=impl)
+        return Selected(glu_linears_call, kwargs, f"gla::glu[{impl}] ({self.act}, 2 cuBLAS projections)")
+
+
+class GateLowering:
+    """``act(g) ⊙ y``: sigmoid gates (gated residuals, squeeze-excitation) and silu gates (gated RMSNorm)."""
+
+    def __init__(self, act: str):
+        self.act = act
+
+    def select(self, match: Match, config: Config) -> Selected | Decline:
+        g, y = tensor_meta(match.captures["g"]), tensor_meta(match.captures["y"])
+        root = tensor_meta(match.root)
+        if g is None or y is None or root is None:
+            return Decline("the gate or the gated value is not a tensor")
+        if not root.dtype.is_floating_point:
+            return Decline(f"gate in {root.dtype}")
+        impl = choose_impl(config, g, y, act=self.act)
+        if isinstance(impl, Decline):
+            return impl
+        kwargs = dict(g=match.captures["g"], y=match.captures["y"], act=self.act, out_dtype=root.dtype, impl=impl)
+        return Selected(gate_call, kwargs, f"gla::glu[{impl}] ({self.act} gate)")
