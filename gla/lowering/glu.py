@@ -13,26 +13,33 @@ from .select import Decline, Selected
 @leaf
 def glu_linears_call(x, w_gate, b_gate, w_up, b_up, *, act, impl):
     """act(x W_gᵀ + b_g) ⊙ (x W_uᵀ + b_u): cuBLAS projections, one fused activation-multiply."""
-    from ..kernels.glu import glu
-
-    return glu(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), act, impl=impl)
+    return _glu(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), act, impl)
 
 
 @leaf
 def glu_packed_call(gate_up, *, act, gate_first, impl):
     """act(gate) ⊙ up read from one packed [..., 2F] tensor, without chunk copies."""
-    from ..kernels.glu import glu_packed
+    from ..kernels.glu import glu_packed, glu_packed_reference
 
+    if impl == "reference":
+        return glu_packed_reference(gate_up, act, gate_first=gate_first)
     return glu_packed(gate_up, act, gate_first=gate_first, impl=impl)
 
 
 @leaf
 def gate_call(g, y, *, act, out_dtype, impl):
     """act(g) ⊙ y for a gate g and another branch y (broadcast as the model does)."""
-    from ..kernels.glu import glu
-
     g, y = torch.broadcast_tensors(g.to(out_dtype), y.to(out_dtype))
-    return glu(g.contiguous(), y.contiguous(), act, impl=impl)
+    return _glu(g, y, act, impl)
+
+
+def _glu(a, b, act, impl):
+    """The kernel op where one runs; where none does, plain PyTorch ops that Inductor fuses as before."""
+    from ..kernels.glu import glu, glu_reference
+
+    if impl == "reference":
+        return glu_reference(a, b, act)
+    return glu(a.contiguous(), b.contiguous(), act, impl=impl)
 
 
 def choose_impl(config: Config, *tensors, act: str) -> str | Decline:

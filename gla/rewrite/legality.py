@@ -29,13 +29,13 @@ def overlap_reason(match: Match, claimed: dict[fx.Node, str]) -> str | None:
 
 
 def convexity_reason(match: Match, graph: fx.Graph) -> str | None:
-    """No path may leave the region and re-enter it: the fused op could then not be placed anywhere.
+    """No path may leave the matched nodes and re-enter them: the fused op could not be placed.
 
-    With outside users excluded this holds for the matched nodes; it matters for nodes a lowering
-    also consumes (``extra_nodes``), so only those regions pay for the graph walk.
+    Nodes a lowering only reads (``extra_nodes``, e.g. a shared mask) stay in the graph and are not
+    part of the region. Only matches whose internals have outside users pay for the graph walk.
     """
-    region = set(match.nodes) | set(match.extra_nodes)
-    if not match.extra_nodes:
+    region = set(match.nodes)
+    if all(u in region for n in region if n is not match.root for u in n.users):
         return None
     g = nx.DiGraph()
     for n in graph.nodes:

@@ -69,13 +69,17 @@ def triton_unsupported_reason(*tensors, act: str = "silu") -> str | None:
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    e = tl.exp(-tl.abs(x))  # in (0, 1]: never overflows
+    r = 1.0 / (1.0 + e)
+    return tl.where(x >= 0.0, r, e * r)
 
 
 @triton.jit
 def _tanh(x):
-    # tl.math.tanh is missing from some Triton releases; 2σ(2x) − 1 is exact enough here.
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+    # tl.math.tanh is missing from some Triton releases: (1 − e)/(1 + e) with e = exp(−2|x|).
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0.0, t, -t)
 
 
 @triton.jit

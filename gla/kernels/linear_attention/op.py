@@ -1,0 +1,337 @@
+"""``gla::chunk_gla`` / ``gla::fused_recurrent_gla`` / ``gla::chunk_gla_backward``: the
+torch.library ops and the public API.
+
+``chunk_gla`` and ``fused_recurrent_gla`` validate their arguments, resolve ``impl`` and call the
+op, which returns ``(o, final_state)`` (``final_state`` is an empty tensor unless requested).
+Autograd (``register_autograd``) calls ``gla::chunk_gla_backward`` so compiled graphs keep
+both directions opaque. ``impl`` picks the body:
+
+* ``"triton"``: the kernels of ``chunk.py`` / ``fused_recurrent.py`` (CPU tensors: interpreter);
+* ``"reference"``: :func:`naive.gla_chunk_reference`, backward by recompute under autograd.
+
+The ops allocate fresh outputs and never sync with the host (the reference path does, through
+``cu_seqlens.tolist()``; it is not meant for CUDA graphs).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+from .naive import gla_chunk_reference
+
+IMPLS = ("auto", "triton", "reference")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+
+
+def _state_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks (shapes / dtypes / devices only: they run on FakeTensors too)
+# ----------------------------------------------------------------------------------------------
+def _check_args(q, k, v, g, initial_state, cu_seqlens) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, T, H, D]; got {q.dim()}-D, {k.dim()}-D, "
+                         f"{v.dim()}-D")
+    B, T, Hq, K = q.shape
+    if k.shape[:2] != (B, T) or v.shape[:2] != (B, T):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree "
+                         "on batch / length")
+    H = k.shape[2]
+    if v.shape[2] != H:
+        raise ValueError(f"k has {H} heads but v has {v.shape[2]}")
+    if k.shape[3] != K:
+        raise ValueError(f"q head dim {K} != k head dim {k.shape[3]}")
+    if H == 0 or Hq % H != 0:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {H}")
+    if g is not None:
+        if tuple(g.shape) not in ((B, T, H, K), (B, T, H)):
+            raise ValueError(f"g must be [B, T, H, K] = {(B, T, H, K)} or [B, T, H]; got "
+                             f"{tuple(g.shape)}")
+        if not g.is_floating_point():
+            raise ValueError(f"g must be floating; got {g.dtype}")
+    N = B
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError("cu_seqlens must be a 1-D int tensor [N + 1]")
+        if cu_seqlens.is_floating_point():
+            raise ValueError(f"cu_seqlens must be integer; got {cu_seqlens.dtype}")
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1; got {B}")
+        N = cu_seqlens.shape[0] - 1
+    if initial_state is not None:
+        V = v.shape[3]
+        if tuple(initial_state.shape) != (N, H, K, V):
+            raise ValueError(f"initial_state must be [N, H, K, V] = {(N, H, K, V)}; got "
+                             f"{tuple(initial_state.shape)}")
+
+
+def triton_unsupported_reason(q, k, v, g=None, initial_state=None, cu_seqlens=None) -> str | None:
+    """None if the Triton GLA kernels handle this call, else a sentence saying why not.
+
+    Looks only at shapes, dtypes and devices (works on Fake/meta tensors).
+    """
+    dev = q.device
+    if dev.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "tensors on cpu: Triton needs CUDA (or TRITON_INTERPRET=1)"
+    elif dev.type != "cuda":
+        return f"tensors on {dev.type}: the Triton GLA kernel needs CUDA"
+    others = [t for t in (k, v, g, initial_state, cu_seqlens) if t is not None]
+    if any(t.device != dev for t in others):
+        return "q, k, v, g, initial_state, cu_seqlens are not all on one device"
+    for name, t in (("q", q), ("k", k), ("v", v), ("g", g)):
+        if t is not None and t.dtype not in _TRITON_DTYPES:
+            return (f"{str(t.dtype).replace('torch.', '')} unsupported by the Triton GLA kernel "
+                    f"({name})")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return (f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); the Triton GLA kernel "
+                "needs one dtype")
+    if initial_state is not None and initial_state.dtype not in _TRITON_DTYPES:
+        return (f"{str(initial_state.dtype).replace('torch.', '')} initial_state unsupported by "
+                "the Triton GLA kernel")
+    K, V = q.shape[-1], v.shape[-1]
+    if K > _MAX_HEAD_DIM:
+        return f"head dim {K} > {_MAX_HEAD_DIM} unsupported by the Triton GLA kernel"
+    if V > _MAX_HEAD_DIM:
+        return f"value head dim {V} > {_MAX_HEAD_DIM} unsupported by the Triton GLA kernel"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _autograd_reenabled():
+    """Grad mode plus the autograd dispatch keys, which the custom-op machinery excludes while
+    an op body runs: the recomputing backward differentiates its forward with torch autograd."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                torch._C.DispatchKey.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        with torch.enable_grad():
+            yield
+
+
+def _final_state_like(q, k, v, cu_seqlens, output_final_state):
+    if not output_final_state:
+        return q.new_empty(0, dtype=_state_dtype(q))
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return q.new_empty(N, k.shape[2], k.shape[3], v.shape[3], dtype=_state_dtype(q))
+
+
+def _reference_forward(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state):
+    o, ht = gla_chunk_reference(q, k, v, g, scale=scale, initial_state=initial_state,
+                                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    out = torch.empty_like(o)
+    out.copy_(o)
+    fs = _final_state_like(q, k, v, cu_seqlens, output_final_state)
+    if output_final_state:
+        fs.copy_(ht)
+    return out, fs
+
+
+def _o_like(q, v):
+    B, T, Hq, _ = q.shape
+    return q.new_empty(B, T, Hq, v.shape[-1], dtype=v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("gla::chunk_gla", mutates_args=())
+def chunk_gla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
+                 initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                 scale: float, output_final_state: bool, impl: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(o [B,T,Hq,V] in v.dtype, final_state [N,H,K,V] fp32 or empty)``."""
+    if impl == "triton":
+        from . import chunk
+        return chunk.chunk_gla_fwd(q, k, v, g, initial_state, cu_seqlens, scale,
+                                   output_final_state)
+    return _reference_forward(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state)
+
+
+@chunk_gla_op.register_fake
+def _chunk_gla_fake(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state, impl):
+    return _o_like(q, v), _final_state_like(q, k, v, cu_seqlens, output_final_state)
+
+
+@torch.library.custom_op("gla::fused_recurrent_gla", mutates_args=())
+def fused_recurrent_gla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           g: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
+                           scale: float, output_final_state: bool, impl: str
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token GLA (decode). Same outputs as ``gla::chunk_gla``."""
+    if impl == "triton":
+        from . import fused_recurrent
+        return fused_recurrent.fused_recurrent_gla_fwd(q, k, v, g, initial_state, scale,
+                                                       output_final_state)
+    return _reference_forward(q, k, v, g, initial_state, None, scale, output_final_state)
+
+
+@fused_recurrent_gla_op.register_fake
+def _fused_recurrent_gla_fake(q, k, v, g, initial_state, scale, output_final_state, impl):
+    return _o_like(q, v), _final_state_like(q, k, v, None, output_final_state)
+
+
+@torch.library.custom_op("gla::chunk_gla_backward", mutates_args=())
+def chunk_gla_backward_op(do: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Tensor,
+                          k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
+                          initial_state: Optional[torch.Tensor],
+                          cu_seqlens: Optional[torch.Tensor], final_state: Optional[torch.Tensor],
+                          scale: float, impl: str
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor]:
+    """Returns ``(dq, dk, dv, dg, dh0)``; ``dg`` is empty without g, ``dh0`` empty without an
+    initial state. ``dht`` (grad of the final state) may be None; ``final_state`` is the forward's
+    final state (needed by the Triton path when ``dht`` is given)."""
+    empty = q.new_empty(0)
+    if impl == "triton":
+        from . import chunk
+        if hasattr(chunk, "chunk_gla_bwd"):
+            dq, dk, dv, dg, dh0 = chunk.chunk_gla_bwd(do, dht, q, k, v, g, initial_state,
+                                                      cu_seqlens, final_state, scale)
+            return (dq, dk, dv, dg if dg is not None else empty,
+                    dh0 if dh0 is not None else empty)
+    with _autograd_reenabled():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        gl = g.detach().requires_grad_() if g is not None else None
+        h0 = initial_state.detach().requires_grad_() if initial_state is not None else None
+        o, ht = gla_chunk_reference(*leaves, gl, scale=scale, initial_state=h0,
+                                    output_final_state=dht is not None, cu_seqlens=cu_seqlens)
+        wrt = leaves + ([gl] if gl is not None else []) + ([h0] if h0 is not None else [])
+        outs, gouts = [o], [do]
+        if dht is not None:
+            outs.append(ht)
+            gouts.append(dht.to(ht.dtype))
+        grads = torch.autograd.grad(outs, wrt, gouts, allow_unused=True)
+    res = []
+    for t, gr in zip(wrt, grads):
+        buf = torch.empty_like(t)
+        if gr is None:
+            buf.zero_()
+        else:
+            buf.copy_(gr)
+        res.append(buf)
+    dq, dk, dv = res[:3]
+    i = 3
+    dg = empty
+    if g is not None:
+        dg, i = res[i], i + 1
+    dh0 = res[i] if initial_state is not None else empty
+    return dq, dk, dv, dg, dh0
+
+
+@chunk_gla_backward_op.register_fake
+def _chunk_gla_backward_fake(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, scale,
+                             impl):
+    empty = q.new_empty(0)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(g) if g is not None else empty,
+            torch.empty_like(initial_state) if initial_state is not None else empty)
+
+
+def _grads_out(ctx, do, dht):
+    q, k, v, g, h0, cu, ht = ctx.saved_tensors
+    scale, impl = ctx.args
+    if do is None:
+        do = torch.zeros_like(_o_like(q, v))
+    if dht is not None and dht.numel() == 0:
+        dht = None
+    dq, dk, dv, dg, dh0 = torch.ops.gla.chunk_gla_backward(
+        do, dht, q, k, v, g, h0, cu, ht if ht.numel() else None, scale, impl)
+    return dq, dk, dv, (dg if g is not None else None), (dh0 if h0 is not None else None)
+
+
+def _setup_chunk(ctx, inputs, output):
+    q, k, v, g, h0, cu, scale, output_final_state, impl = inputs
+    ctx.save_for_backward(q, k, v, g, h0, cu, output[1])
+    ctx.args = (scale, impl)
+
+
+def _backward_chunk(ctx, do, dht):
+    dq, dk, dv, dg, dh0 = _grads_out(ctx, do, dht)
+    return dq, dk, dv, dg, dh0, None, None, None, None
+
+
+def _setup_recurrent(ctx, inputs, output):
+    q, k, v, g, h0, scale, output_final_state, impl = inputs
+    ctx.save_for_backward(q, k, v, g, h0, None, output[1])
+    ctx.args = (scale, impl)
+
+
+def _backward_recurrent(ctx, do, dht):
+    dq, dk, dv, dg, dh0 = _grads_out(ctx, do, dht)
+    return dq, dk, dv, dg, dh0, None, None, None
+
+
+torch.library.register_autograd("gla::chunk_gla", _backward_chunk, setup_context=_setup_chunk)
+torch.library.register_autograd("gla::fused_recurrent_gla", _backward_recurrent,
+                                setup_context=_setup_recurrent)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+def _resolve(impl, q, k, v, g, initial_state, cu_seqlens):
+    if impl == "auto":
+        ok = q.is_cuda and triton_unsupported_reason(q, k, v, g, initial_state, cu_seqlens) is None
+        return "triton" if ok else "reference"
+    if impl == "triton":
+        reason = triton_unsupported_reason(q, k, v, g, initial_state, cu_seqlens)
+        if reason is not None:
+            raise ValueError(reason)
+        return impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    return impl
+
+
+def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None = None,
+              *, scale: float | None = None, initial_state: torch.Tensor | None = None,
+              output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+              impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked gated linear attention (fla layout).
+
+    Args:
+        q: ``[B, T, Hq, K]``; k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; ``Hq % H == 0`` (GQA:
+            query head ``h`` reads the state of kv head ``h // (Hq // H)``).
+        g: log gate (≤ 0): ``[B, T, H, K]`` per key channel, ``[B, T, H]`` per head, or None.
+        scale: default ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]`` (N = B, or the number of sequences with cu_seqlens).
+        output_final_state: also return the final state ``[N, H, K, V]`` float32.
+        cu_seqlens: int ``[N + 1]`` sequence offsets (B must be 1); the state resets at each
+            boundary.
+        impl: ``"triton"``, ``"reference"`` or ``"auto"``.
+
+    Returns ``(o [B, T, Hq, V] in v.dtype, final_state or None)``; differentiable in q, k, v,
+    g and initial_state.
+    """
+    _check_args(q, k, v, g, initial_state, cu_seqlens)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    impl = _resolve(impl, q, k, v, g, initial_state, cu_seqlens)
+    o, ht = torch.ops.gla.chunk_gla(q, k, v, g, initial_state, cu_seqlens, scale,
+                                    bool(output_final_state), impl)
+    return o, (ht if output_final_state else None)
+
+
+def fused_recurrent_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        g: torch.Tensor | None = None, *, scale: float | None = None,
+                        initial_state: torch.Tensor | None = None,
+                        output_final_state: bool = False, impl: str = "auto"
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token GLA for decoding (short T, typically 1); same contract as
+    :func:`chunk_gla` without ``cu_seqlens``."""
+    _check_args(q, k, v, g, initial_state, None)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    impl = _resolve(impl, q, k, v, g, initial_state, None)
+    o, ht = torch.ops.gla.fused_recurrent_gla(q, k, v, g, initial_state, scale,
+                                              bool(output_final_state), impl)
+    return o, (ht if output_final_state else None)
