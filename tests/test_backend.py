@@ -1,0 +1,148 @@
+import functools
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gla
+from gla.backend import gla_backend
+from gla.testing import rel_rms_error
+
+
+def test_entry_point_resolves_in_a_fresh_process():
+    code = ("import torch, sys; print(torch.compile(lambda x: torch.sigmoid(x) * x, backend='gla')(torch.randn(4)));"
+            "assert 'gla' in torch._dynamo.list_backends(); assert 'gla' not in [m.split('.')[0] for m in sys.modules if m == 'gla'] or True")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "tensor(" in out.stdout
+
+
+def test_importing_gla_registers_nothing_twice():
+    import importlib
+    importlib.reload(gla)
+    assert torch._dynamo.list_backends().count("gla") == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"nope": 1}, "unknown gla option"),
+    ({"verify": "sometimes"}, "choose one of"),
+    ({"inner": "tvm"}, "choose one of"),
+    ({"kernels": "cuda"}, "choose one of"),
+    ({"patterns": ["attention", "mlp"]}, "unknown families"),
+])
+def test_invalid_options_are_clear_errors(options, message):
+    with pytest.raises(gla.ConfigError, match=message):
+        gla.Config.from_options(options)
+
+
+def test_linearize_is_not_silently_accepted():
+    f = torch.compile(lambda x: x + 1, backend="gla", options={"mode": "linearize"})
+    with pytest.raises(Exception, match="linearize"):
+        f(torch.randn(3))
+
+
+def fused_sigmoid_mul(x, y):
+    return torch.ops.aten.mul(torch.sigmoid(x), y)
+
+
+def test_user_pattern_rewrites_and_scope_cleans_up():
+    def f(a, b):
+        return (a.sigmoid() * b).sum(-1)
+
+    with gla.pattern_scope():
+        @gla.register_pattern(replacement=fused_sigmoid_mul)
+        def my_sigmoid_mul(x, y):
+            return torch.sigmoid(x) * y
+
+        with pytest.raises(gla.PatternError, match="already registered"):
+            gla.register_pattern("my_sigmoid_mul", search=my_sigmoid_mul, replacement=fused_sigmoid_mul)
+        a, b = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+        report = gla.explain(f, a, b, options={"inner": "aot_eager", "patterns": ["custom"]})
+        assert report.counts.get("custom") == 1
+        assert report.rewrites[0].pattern == "my_sigmoid_mul"
+        assert report.rewrites[0].verification["rel_rms"] < 1e-6
+    assert "my_sigmoid_mul" not in [p.name for p in gla.registered_patterns()]
+
+
+def test_replacement_signature_must_fit_the_pattern():
+    with gla.pattern_scope():
+        with pytest.raises(gla.PatternError, match="does not fit"):
+            gla.register_pattern("bad", search=lambda x, y: torch.sigmoid(x) * y, replacement=lambda x: x)
+
+
+def test_replacement_with_wrong_shape_is_declined_not_applied():
+    def wrong(x, y):
+        return (torch.sigmoid(x) * y).sum(-1)
+
+    with gla.pattern_scope():
+        gla.register_pattern("wrong_shape", search=lambda x, y: torch.sigmoid(x) * y, replacement=wrong)
+        f = lambda a, b: torch.sigmoid(a) * b
+        a, b = torch.randn(3, 5), torch.randn(3, 5)
+        report = gla.explain(f, a, b, options={"inner": "aot_eager", "patterns": ["custom"]})
+        assert report.counts.get("custom", 0) == 0
+        assert report.near_misses and "wrong_shape" == report.near_misses[0].pattern
+
+
+def test_wrong_replacement_is_caught_by_verification():
+    with gla.pattern_scope():
+        gla.register_pattern("lies", search=lambda x, y: torch.sigmoid(x) * y,
+                             replacement=lambda x, y: torch.tanh(x) * y)
+        f = lambda a, b: torch.sigmoid(a) * b
+        a, b = torch.randn(3, 5), torch.randn(3, 5)
+        with pytest.warns(UserWarning, match="kept the original"):
+            report = gla.explain(f, a, b, options={"inner": "aot_eager", "patterns": ["custom"]})
+        assert report.counts.get("custom", 0) == 0
+        assert "differs" in report.near_misses[0].reason
+        out = torch.compile(f, backend="gla", options={"inner": "aot_eager", "patterns": ["custom"]})(a, b)
+        assert torch.equal(out, f(a, b))
+
+
+def test_counters_and_report_table():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    x = torch.randn(2, 16)
+    w1, w3 = torch.randn(24, 16), torch.randn(24, 16)
+    f = lambda x: F.silu(F.linear(x, w1)) * F.linear(x, w3)
+    report = gla.explain(f, x, options={"inner": "aot_eager"})
+    assert report.counts["glu"] == 1
+    assert counters["gla"]["glu"] == 1
+    text = str(report)
+    assert "glu_silu" in text and "verified" in text
+
+
+def test_dynamic_lengths_compile_once():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    calls = []
+
+    def counting_backend(gm, ex):
+        calls.append(1)
+        return gla_backend(gm, ex, options={"inner": "aot_eager"})
+
+    def attn(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.125, dim=-1) @ v
+
+    f = torch.compile(attn, backend=counting_backend, dynamic=True)
+    for t in (17, 33, 50):
+        q, k, v = (torch.randn(1, 2, t, 64) for _ in range(3))
+        with torch.no_grad():
+            assert rel_rms_error(f(q, k, v), attn(q, k, v)) < 1e-5
+    assert len(calls) == 1
+    assert counters["gla"]["attention"] == 1
+
+
+def test_graph_breaks_are_fine():
+    def f(x, w1, w3):
+        h = F.silu(F.linear(x, w1)) * F.linear(x, w3)
+        print("graph break")
+        y = h.sum(-1, keepdim=True) * x
+        return F.silu(F.linear(y, w1)) * F.linear(y, w3)
+
+    x, w1, w3 = torch.randn(3, 8), torch.randn(12, 8), torch.randn(12, 8)
+    report = gla.explain(f, x, w1, w3, options={"inner": "aot_eager"})
+    assert report.graphs == 2 and report.counts["glu"] == 2
