@@ -64,15 +64,11 @@ register_pattern("sdpa", search=sdpa, replacement=SDPALowering(), kind="attentio
 
 
 # Look-alikes: they begin like attention but are other functions. They never rewrite; they say why.
-def soft_capped(q, kt, v, scale, cap):
-    return torch.matmul(torch.softmax(torch.tanh(torch.matmul(q, kt) * scale) * cap, -1), v)
+def soft_capped(scores, v, cap):
+    return torch.matmul(torch.softmax(torch.tanh(scores) * cap, -1), v)
 
 
-def soft_capped_div(q, kt, v, inv_cap, cap):
-    return torch.matmul(torch.softmax(torch.tanh(torch.matmul(q, kt) * inv_cap) * cap, -1), v)
-
-
-register_pattern("soft_capped_attention", search=[soft_capped, soft_capped_div], kind="attention", priority=31,
+register_pattern("soft_capped_attention", search=soft_capped, kind="attention", priority=31,
                  decline="logit soft-capping (tanh on the scores) is not plain softmax attention; left as is")
 
 

@@ -424,6 +424,7 @@ def canonicalize(gm: fx.GraphModule, rules: tuple[Rule, ...] = RULES, max_passes
                 break
         if not changed:
             break
+    graph.eliminate_dead_code()  # spellings replaced above leave pure nodes behind (impure ones stay)
     graph.lint()
     gm.recompile()
     return fired

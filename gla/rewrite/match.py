@@ -145,9 +145,13 @@ def _match_node(p: fx.Node, t: Any, st: _State) -> bool:
         best = second if ok or (second.miss and (not first.miss or second.miss[0] >= first.miss[0])) else first
         st.env, st.nodes, st.depth, st.miss = best.env, best.nodes, best.depth, best.miss
         return ok
-    if not all(_match_arg(a, b, st) for a, b in zip(p.args, t.args)):
-        return False
-    return all(_match_arg(p.kwargs[k], t.kwargs[k], st) for k in p.kwargs)
+    pairs = list(zip(p.args, t.args)) + [(p.kwargs[k], t.kwargs[k]) for k in p.kwargs]
+    for a, b in pairs:
+        if not isinstance(a, (fx.Node, list, tuple)) and not _same_literal(a, b):
+            return st.fail(t, f"{describe_target(p)} with argument {a!r}", f"{b!r}")
+        if not _match_arg(a, b, st):
+            return False
+    return True
 
 
 def match_at(pattern: Pattern, alternative: int, root: fx.Node) -> Match | Miss:

@@ -513,17 +513,19 @@ def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int
     if interpret:  # small tiles: the interpreter's cost is per op, and tests hit every edge
         c = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
         return {"fwd": dict(c), "dq": dict(c), "dkdv": dict(c), "pre": dict(c, BLOCK_M=16)}
+    # Chosen so that nothing spills on sm_90 (ptxas resource usage, fp16, causal); retune with
+    # `python -m benchmarks.attention --sweep`.
     if bd <= 64:
-        fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-        dkdv = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=4)
-        dq = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4)
+        fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        dkdv = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)
+        dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     elif bd <= 128:
         fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-        dkdv = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
+        dkdv = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)  # 40 B of spill, causal
         dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
     else:
-        fwd = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-        dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+        fwd = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+        dkdv = dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2)
         dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if dtype == torch.float32:  # twice the bytes per element: halve the key tiles
         fwd = dict(fwd, BLOCK_N=max(16, fwd["BLOCK_N"] // 2), num_stages=2)

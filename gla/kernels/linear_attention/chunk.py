@@ -39,6 +39,16 @@ def _next_pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(int(x)))
 
 
+# None: the [BS, BS, K] broadcast on CPU (interpreter), column loops on CUDA. Tests set it.
+DIAG_3D_OVERRIDE = None
+
+
+def _diag_3d(device: torch.device) -> bool:
+    if DIAG_3D_OVERRIDE is not None:
+        return bool(DIAG_3D_OVERRIDE)
+    return device.type != "cuda"
+
+
 def _dot_cfg(dtype: torch.dtype, device: torch.device):
     """(dot operand dtype, input_precision)."""
     if dtype == torch.float32:
@@ -109,7 +119,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 BT: tl.constexpr, BS: tl.constexpr, HAS_G: tl.constexpr,
                 USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr):
+                DT: tl.constexpr, PREC: tl.constexpr, DIAG_3D: tl.constexpr):
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
     HQ = H * G
@@ -174,7 +184,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
                                  mask=mJ[:, None] & mk[None, :], other=0.0)
                     rr = cs + J * BS + BS - 1                                 # r = last row of J
                     br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k,
-                                 mask=mk & (rr < L), other=0.0)
+                                 mask=mk & ((o_k * 0 + rr) < L), other=0.0)
                     qa = qI * tl.exp(tl.minimum(bI - br[None, :], 0.0))      # b_i − b_r ≤ 0
                     ka = kJ * tl.exp(tl.minimum(br[None, :] - bJ, 0.0))      # b_r − b_j ≤ 0
                 else:
@@ -182,23 +192,29 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
                     ka = kJ
                 a = tl.dot(qa.to(DT), tl.trans(ka.to(DT)), input_precision=PREC)
                 acc += tl.dot(a.to(DT), vJ.to(DT), input_precision=PREC)
-            # diagonal sub-block, column by column: exp(b_i − b_j) for i ≥ j only
-            for j in range(BS):
-                rj = cs + I * BS + j
-                tj = bos + rj
-                kj = tl.load(k_ptr + tj * sk + i_h * K + o_k, mask=mk & (rj < L),
-                             other=0.0).to(tl.float32)
-                vj = tl.load(v_ptr + tj * sv + i_h * V + o_v, mask=mv & (rj < L),
-                             other=0.0).to(tl.float32)
+            # diagonal sub-block: exp(b_i − b_j) for i ≥ j only (masked), ≤ 1
+            if DIAG_3D or (not HAS_G):   # [BS, BS, BK] broadcast: few big ops (the interpreter's fast path)
                 if HAS_G:
-                    bj = tl.load(gc_ptr + tj * sk + i_h * K + o_k, mask=mk & (rj < L),
-                                 other=0.0)
+                    e3 = tl.exp(tl.minimum(bI[:, None, :] - bI[None, :, :], 0.0))
+                    ad = tl.sum(qI[:, None, :] * kI[None, :, :] * e3, axis=2)
+                else:
+                    ad = tl.dot(qI.to(DT), tl.trans(kI.to(DT)), input_precision=PREC)
+                ad = tl.where(o_s[:, None] >= o_s[None, :], ad, 0.0)
+                acc += tl.dot(ad.to(DT), vI.to(DT), input_precision=PREC)
+            else:         # column by column (registers stay [BS, BK] on the GPU)
+                for j in range(BS):
+                    rj = cs + I * BS + j
+                    tj = bos + rj
+                    mj = (o_k * 0 + rj) < L
+                    kj = tl.load(k_ptr + tj * sk + i_h * K + o_k, mask=mk & mj,
+                                 other=0.0).to(tl.float32)
+                    vj = tl.load(v_ptr + tj * sv + i_h * V + o_v, mask=mv & ((o_v * 0 + rj) < L),
+                                 other=0.0).to(tl.float32)
+                    bj = tl.load(gc_ptr + tj * sk + i_h * K + o_k, mask=mk & mj, other=0.0)
                     sc = tl.sum(qI * kj[None, :] * tl.exp(tl.minimum(bI - bj[None, :], 0.0)),
                                 axis=1)
-                else:
-                    sc = tl.sum(qI * kj[None, :], axis=1)
-                sc = tl.where(o_s >= j, sc, 0.0)
-                acc += sc[:, None] * vj[None, :]
+                    sc = tl.where(o_s >= j, sc, 0.0)
+                    acc += sc[:, None] * vj[None, :]
             tl.store(o_ptr + tI[:, None] * so + i_hq * V + o_v[None, :],
                      (acc * scale).to(o_ptr.dtype.element_ty), mask=mI[:, None] & mv[None, :])
             # state update: Σ_j (k_j ⊙ exp(b_last − b_j))ᵀ v_j
@@ -247,5 +263,341 @@ def chunk_gla_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_sta
         cu_seqlens if cu_seqlens is not None else q, scale, T, H, G,
         K=K, V=V, BK=BK, BV=BV, BT=BT, BS=BS, HAS_G=g is not None, USE_H0=h0 is not None,
         STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None, DT=DT, PREC=PREC,
-        num_warps=4)
+        DIAG_3D=_diag_3d(q.device), num_warps=4)
     return o, ht
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, T, H, G, NTOK,
+                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   BT: tl.constexpr, BS: tl.constexpr, HAS_G: tl.constexpr,
+                   USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
+                   PREC: tl.constexpr, DIAG_3D: tl.constexpr):
+    """dq (this V-block's share, fp32 ``[NV, B·T, Hq, K]``), walking the chunks forward and
+    recomputing the state S (same exponent bounds as the forward)::
+
+        dq_i = scale · [ (do_i Sᵀ) ⊙ exp(b_i) + Σ_{j ≤ i, same chunk} (do_i · v_j) k_j ⊙ exp(b_i − b_j) ]
+    """
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    HQ = H * G
+    i_n = i_nh // HQ
+    i_hq = i_nh % HQ
+    i_h = i_hq // G
+    bos, eos = _seq_bounds(cu_ptr, i_n, T, IS_VARLEN)
+    L = eos - bos
+    scale = tl.cast(scale, tl.float32)
+    NSUB: tl.constexpr = BT // BS
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_s = tl.arange(0, BS)
+    mk = o_k < K
+    mv = o_v < V
+    sk = H * K
+    sv = H * V
+    sdo = HQ * V
+    sdq = HQ * K
+    dq_ptr = dq_ptr + i_v * NTOK * sdq
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0_ptr + i_n * H * K * V + i_h * K * V + o_k[:, None] * V + o_v[None, :],
+                     mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    for cs in range(0, L, BT):
+        last = tl.minimum(cs + BT, L) - 1
+        if HAS_G:
+            bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
+        upd = tl.zeros([BK, BV], dtype=tl.float32)
+        for I in tl.static_range(NSUB):
+            rI = cs + I * BS + o_s
+            mI = rI < L
+            tI = bos + rI
+            mIk = mI[:, None] & mk[None, :]
+            mIv = mI[:, None] & mv[None, :]
+            doI = tl.load(do_ptr + tI[:, None] * sdo + i_hq * V + o_v[None, :], mask=mIv,
+                          other=0.0).to(tl.float32)
+            kI = tl.load(k_ptr + tI[:, None] * sk + i_h * K + o_k[None, :], mask=mIk,
+                         other=0.0).to(tl.float32)
+            vI = tl.load(v_ptr + tI[:, None] * sv + i_h * V + o_v[None, :], mask=mIv,
+                         other=0.0).to(tl.float32)
+            if HAS_G:
+                bI = tl.load(gc_ptr + tI[:, None] * sk + i_h * K + o_k[None, :], mask=mIk,
+                             other=0.0)
+            # inter: (do_i Sᵀ) ⊙ exp(b_i)
+            acc = tl.dot(doI.to(DT), tl.trans(S.to(DT)), input_precision=PREC)
+            if HAS_G:
+                acc = acc * tl.exp(tl.minimum(bI, 0.0))
+            for J in tl.static_range(I):
+                rJ = cs + J * BS + o_s
+                mJ = rJ < L
+                tJ = bos + rJ
+                kJ = tl.load(k_ptr + tJ[:, None] * sk + i_h * K + o_k[None, :],
+                             mask=mJ[:, None] & mk[None, :], other=0.0).to(tl.float32)
+                vJ = tl.load(v_ptr + tJ[:, None] * sv + i_h * V + o_v[None, :],
+                             mask=mJ[:, None] & mv[None, :], other=0.0).to(tl.float32)
+                da = tl.dot(doI.to(DT), tl.trans(vJ.to(DT)), input_precision=PREC)
+                if HAS_G:
+                    bJ = tl.load(gc_ptr + tJ[:, None] * sk + i_h * K + o_k[None, :],
+                                 mask=mJ[:, None] & mk[None, :], other=0.0)
+                    rr = cs + J * BS + BS - 1
+                    br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k,
+                                 mask=mk & ((o_k * 0 + rr) < L), other=0.0)
+                    ka = kJ * tl.exp(tl.minimum(br[None, :] - bJ, 0.0))      # b_r − b_j ≤ 0
+                    acc += tl.dot(da.to(DT), ka.to(DT), input_precision=PREC) * \
+                        tl.exp(tl.minimum(bI - br[None, :], 0.0))              # b_i − b_r ≤ 0
+                else:
+                    acc += tl.dot(da.to(DT), kJ.to(DT), input_precision=PREC)
+            # diagonal sub-block
+            if DIAG_3D or (not HAS_G):
+                dad = tl.dot(doI.to(DT), tl.trans(vI.to(DT)), input_precision=PREC)
+                dad = tl.where(o_s[:, None] >= o_s[None, :], dad, 0.0)
+                if HAS_G:
+                    e3 = tl.exp(tl.minimum(bI[:, None, :] - bI[None, :, :], 0.0))
+                    acc += tl.sum(dad[:, :, None] * kI[None, :, :] * e3, axis=1)
+                else:
+                    acc += tl.dot(dad.to(DT), kI.to(DT), input_precision=PREC)
+            else:
+                for j in range(BS):
+                    rj = cs + I * BS + j
+                    tj = bos + rj
+                    mj = (o_k * 0 + rj) < L
+                    kj = tl.load(k_ptr + tj * sk + i_h * K + o_k, mask=mk & mj,
+                                 other=0.0).to(tl.float32)
+                    vj = tl.load(v_ptr + tj * sv + i_h * V + o_v, mask=mv & ((o_v * 0 + rj) < L),
+                                 other=0.0).to(tl.float32)
+                    bj = tl.load(gc_ptr + tj * sk + i_h * K + o_k, mask=mk & mj, other=0.0)
+                    dac = tl.sum(doI * vj[None, :], axis=1)
+                    dac = tl.where(o_s >= j, dac, 0.0)
+                    acc += dac[:, None] * kj[None, :] * tl.exp(tl.minimum(bI - bj[None, :], 0.0))
+            tl.store(dq_ptr + tI[:, None] * sdq + i_hq * K + o_k[None, :],
+                     acc * scale, mask=mIk)
+            if HAS_G:
+                kt = kI * tl.exp(tl.minimum(bl[None, :] - bI, 0.0))
+            else:
+                kt = kI
+            upd += tl.dot(tl.trans(kt.to(DT)), vI.to(DT), input_precision=PREC)
+        if HAS_G:
+            S = S * tl.exp(tl.minimum(bl, 0.0))[:, None] + upd
+        else:
+            S = S + upd
+
+
+@triton.jit
+def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr, dh0_ptr,
+                    cu_ptr, scale, T, H, G, NTOK,
+                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    BT: tl.constexpr, BS: tl.constexpr, HAS_G: tl.constexpr,
+                    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
+                    DT: tl.constexpr, PREC: tl.constexpr, DIAG_3D: tl.constexpr):
+    """dk (this V-block's share, fp32), dv and d initial_state for one kv head, walking the
+    chunks in reverse with dS = ∂L/∂S_end-of-chunk (summed over the G query heads)::
+
+        dv_j = (k_j ⊙ exp(b_last − b_j)) dS + Σ_{i ≥ j} A_ij do_i
+        dk_j = (v_j dSᵀ) ⊙ exp(b_last − b_j) + Σ_{i ≥ j} dA_ij q_i ⊙ exp(b_i − b_j)
+        dS  ← exp(b_last) ⊙ dS + scale Σ_i (q_i ⊙ exp(b_i))ᵀ do_i
+
+    with A_ij = scale Σ_c q_ic k_jc exp(b_ic − b_jc), dA_ij = scale do_i · v_j (i ≥ j).
+    """
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    HQ = H * G
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, eos = _seq_bounds(cu_ptr, i_n, T, IS_VARLEN)
+    L = eos - bos
+    scale = tl.cast(scale, tl.float32)
+    NSUB: tl.constexpr = BT // BS
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_s = tl.arange(0, BS)
+    mk = o_k < K
+    mv = o_v < V
+    sq = HQ * K
+    sk = H * K
+    sv = H * V
+    sdo = HQ * V
+    dk_ptr = dk_ptr + i_v * NTOK * sk
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        dS += tl.load(dht_ptr + i_n * H * K * V + i_h * K * V + o_k[:, None] * V + o_v[None, :],
+                      mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    NC = tl.cdiv(L, BT)
+    for ii in range(0, NC):
+        cs = (NC - 1 - ii) * BT
+        last = tl.minimum(cs + BT, L) - 1
+        if HAS_G:
+            bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
+        dS_new = tl.zeros([BK, BV], dtype=tl.float32)
+        for J in tl.static_range(NSUB):
+            rJ = cs + J * BS + o_s
+            mJ = rJ < L
+            tJ = bos + rJ
+            mJk = mJ[:, None] & mk[None, :]
+            mJv = mJ[:, None] & mv[None, :]
+            kJ = tl.load(k_ptr + tJ[:, None] * sk + i_h * K + o_k[None, :], mask=mJk,
+                         other=0.0).to(tl.float32)
+            vJ = tl.load(v_ptr + tJ[:, None] * sv + i_h * V + o_v[None, :], mask=mJv,
+                         other=0.0).to(tl.float32)
+            if HAS_G:
+                bJ = tl.load(gc_ptr + tJ[:, None] * sk + i_h * K + o_k[None, :], mask=mJk,
+                             other=0.0)
+                eJ = tl.exp(tl.minimum(bl[None, :] - bJ, 0.0))           # b_last − b_j ≤ 0
+                kt = kJ * eJ
+            else:
+                kt = kJ
+            # inter-chunk terms through dS
+            dvJ = tl.dot(kt.to(DT), dS.to(DT), input_precision=PREC)
+            dkJ = tl.dot(vJ.to(DT), tl.trans(dS.to(DT)), input_precision=PREC)
+            if HAS_G:
+                dkJ = dkJ * eJ
+                rr = cs + J * BS + BS - 1
+                br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k,
+                             mask=mk & ((o_k * 0 + rr) < L), other=0.0)
+                ka = kJ * tl.exp(tl.minimum(br[None, :] - bJ, 0.0))          # b_r − b_j ≤ 0
+            else:
+                ka = kJ
+            dka = tl.zeros([BS, BK], dtype=tl.float32)   # Σ dA_ij q_i exp(b_i − b_r), i ∈ I > J
+            for gq in range(G):
+                i_hq = i_h * G + gq
+                # off-diagonal sub-blocks I > J
+                for I in tl.static_range(J + 1, NSUB):
+                    rI = cs + I * BS + o_s
+                    mI = rI < L
+                    tI = bos + rI
+                    qI = tl.load(q_ptr + tI[:, None] * sq + i_hq * K + o_k[None, :],
+                                 mask=mI[:, None] & mk[None, :], other=0.0).to(tl.float32)
+                    doI = tl.load(do_ptr + tI[:, None] * sdo + i_hq * V + o_v[None, :],
+                                  mask=mI[:, None] & mv[None, :], other=0.0).to(tl.float32)
+                    if HAS_G:
+                        bI = tl.load(gc_ptr + tI[:, None] * sk + i_h * K + o_k[None, :],
+                                     mask=mI[:, None] & mk[None, :], other=0.0)
+                        qa = qI * tl.exp(tl.minimum(bI - br[None, :], 0.0))  # b_i − b_r ≤ 0
+                    else:
+                        qa = qI
+                    a = tl.dot(qa.to(DT), tl.trans(ka.to(DT)), input_precision=PREC)  # [I, J]
+                    dvJ += tl.dot(tl.trans(a.to(DT)), doI.to(DT), input_precision=PREC) * scale
+                    da = tl.dot(doI.to(DT), tl.trans(vJ.to(DT)), input_precision=PREC)
+                    dka += tl.dot(tl.trans(da.to(DT)), qa.to(DT), input_precision=PREC)
+                # diagonal sub-block (I = J)
+                qJ = tl.load(q_ptr + tJ[:, None] * sq + i_hq * K + o_k[None, :], mask=mJk,
+                             other=0.0).to(tl.float32)
+                doJ = tl.load(do_ptr + tJ[:, None] * sdo + i_hq * V + o_v[None, :], mask=mJv,
+                              other=0.0).to(tl.float32)
+                if DIAG_3D or (not HAS_G):
+                    tri = o_s[:, None] >= o_s[None, :]
+                    dad = tl.dot(doJ.to(DT), tl.trans(vJ.to(DT)), input_precision=PREC)
+                    dad = tl.where(tri, dad, 0.0)                                # [i, j]
+                    if HAS_G:
+                        e3 = tl.exp(tl.minimum(bJ[:, None, :] - bJ[None, :, :], 0.0))
+                        ad = tl.sum(qJ[:, None, :] * kJ[None, :, :] * e3, axis=2)
+                        dkJ += tl.sum(dad[:, :, None] * qJ[:, None, :] * e3, axis=0) * scale
+                    else:
+                        ad = tl.dot(qJ.to(DT), tl.trans(kJ.to(DT)), input_precision=PREC)
+                        dkJ += tl.dot(tl.trans(dad.to(DT)), qJ.to(DT),
+                                      input_precision=PREC) * scale
+                    ad = tl.where(tri, ad, 0.0)
+                    dvJ += tl.dot(tl.trans(ad.to(DT)), doJ.to(DT), input_precision=PREC) * scale
+                else:
+                    for i in range(BS):
+                        ri = cs + J * BS + i
+                        ti = bos + ri
+                        mi = (o_k * 0 + ri) < L
+                        qi = tl.load(q_ptr + ti * sq + i_hq * K + o_k, mask=mk & mi,
+                                     other=0.0).to(tl.float32)
+                        doi = tl.load(do_ptr + ti * sdo + i_hq * V + o_v,
+                                      mask=mv & ((o_v * 0 + ri) < L), other=0.0).to(tl.float32)
+                        bi = tl.load(gc_ptr + ti * sk + i_h * K + o_k, mask=mk & mi, other=0.0)
+                        e = tl.exp(tl.minimum(bi[None, :] - bJ, 0.0))             # [j, K]
+                        qe = qi[None, :] * e
+                        ac = tl.where(o_s <= i, tl.sum(kJ * qe, axis=1), 0.0)
+                        dac = tl.where(o_s <= i, tl.sum(vJ * doi[None, :], axis=1), 0.0)
+                        dvJ += (ac * scale)[:, None] * doi[None, :]
+                        dkJ += (dac * scale)[:, None] * qe
+                # dS contribution of this query head's sub-block J
+                if HAS_G:
+                    qg = qJ * tl.exp(tl.minimum(bJ, 0.0))
+                else:
+                    qg = qJ
+                dS_new += tl.dot(tl.trans(qg.to(DT)), doJ.to(DT), input_precision=PREC) * scale
+            if HAS_G:
+                dkJ += dka * tl.exp(tl.minimum(br[None, :] - bJ, 0.0)) * scale
+            else:
+                dkJ += dka * scale
+            tl.store(dk_ptr + tJ[:, None] * sk + i_h * K + o_k[None, :], dkJ, mask=mJk)
+            tl.store(dv_ptr + tJ[:, None] * sv + i_h * V + o_v[None, :],
+                     dvJ.to(dv_ptr.dtype.element_ty), mask=mJv)
+        if HAS_G:
+            dS = dS * tl.exp(tl.minimum(bl, 0.0))[:, None] + dS_new
+        else:
+            dS = dS + dS_new
+    if STORE_DH0:
+        tl.store(dh0_ptr + i_n * H * K * V + i_h * K * V + o_k[:, None] * V + o_v[None, :],
+                 dS, mask=mk[:, None] & mv[None, :])
+
+
+def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, scale):
+    """Returns ``(dq, dk, dv, dg or None, dh0 or None)`` in the dtypes of their inputs.
+
+    dg from the identity (B = sequence-wide cumsum of g, q' = q ⊙ exp(B), k' = k ⊙ exp(−B)):
+    ∂L/∂B_t = q_t ⊙ dq_t − k_t ⊙ dk_t (+ Σ_v dht ⊙ ht at the sequence's last step), and
+    dg_t = Σ_{u ≥ t, same sequence} ∂L/∂B_u.
+    """
+    B, T, HQ, K = q.shape
+    H, V = k.shape[2], v.shape[3]
+    G = HQ // H
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    dev = q.device
+    gc = gate_cumsum(g, k, cu_seqlens, N) if g is not None else None
+    BK, BV = _blocks(K, V)
+    NV = triton.cdiv(V, BV)
+    DT, PREC = _dot_cfg(q.dtype, dev)
+    d3 = _diag_3d(dev)
+    NTOK = B * T
+    cu = cu_seqlens if cu_seqlens is not None else q
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    dq_part = torch.empty(NV, B, T, HQ, K, dtype=torch.float32, device=dev)
+    _bwd_dq_kernel[(NV, N * HQ)](
+        k, v, gc if gc is not None else q, do, dq_part, h0 if h0 is not None else q, cu, scale,
+        T, H, G, NTOK, K=K, V=V, BK=BK, BV=BV, BT=BT, BS=BS, HAS_G=g is not None,
+        USE_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None, DT=DT, PREC=PREC,
+        DIAG_3D=d3, num_warps=4)
+    dk_part = torch.empty(NV, B, T, H, K, dtype=torch.float32, device=dev)
+    dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
+    dh0 = (torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None
+           else dq_part)
+    dht_c = dht.contiguous() if dht is not None else None
+    _bwd_dkv_kernel[(NV, N * H)](
+        q, k, v, gc if gc is not None else q, do, dk_part, dv,
+        dht_c if dht_c is not None else q, dh0, cu, scale, T, H, G, NTOK,
+        K=K, V=V, BK=BK, BV=BV, BT=BT, BS=BS, HAS_G=g is not None, USE_DHT=dht_c is not None,
+        STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None, DT=DT, PREC=PREC,
+        DIAG_3D=d3, num_warps=4)
+    dq32 = dq_part.sum(0) if NV > 1 else dq_part[0]
+    dk32 = dk_part.sum(0) if NV > 1 else dk_part[0]
+    dg = None
+    if g is not None:
+        dB = (q.float() * dq32).view(B, T, H, G, K).sum(3) - k.float() * dk32      # [B,T,H,K]
+        if dht is not None and final_state is not None:
+            last = (dht.float() * final_state.float()).sum(-1)                     # [N,H,K]
+            if cu_seqlens is None:
+                dB[:, T - 1] += last
+            else:
+                dB[0].index_add_(0, (cu_seqlens[1:] - 1).long(), last)
+        if cu_seqlens is None:
+            dgf = dB.flip(1).cumsum(1).flip(1)
+        else:
+            R = dB[0].double().flip(0).cumsum(0).flip(0)                           # [T,H,K]
+            R = torch.cat([R, R.new_zeros(1, H, K)], 0)
+            pos = torch.arange(T, device=dev)
+            seq = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
+            seq = seq.clamp_max(N - 1)
+            eos = cu_seqlens[1:].long()[seq]
+            dgf = (R[:T] - R[eos]).float()[None]
+        if g.dim() == 3:
+            dgf = dgf.sum(-1)
+        dg = dgf.to(g.dtype)
+    dh = dh0.to(initial_state.dtype) if h0 is not None else None
+    return dq32.to(q.dtype), dk32.to(k.dtype), dv, dg, dh

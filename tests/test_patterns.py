@@ -1,0 +1,207 @@
+"""Each family: spellings that must match (outputs equal eager) and look-alikes that must not."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gla
+from gla.testing import rel_rms_error
+
+OPTS = {"inner": "aot_eager"}
+
+
+def check(fn, *args, expect: dict, miss: str | None = None, tol=1e-5):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        report = gla.explain(fn, *args, options=OPTS)
+        torch._dynamo.reset()
+        out = torch.compile(fn, backend="gla", options=OPTS, fullgraph=True)(*args)
+        ref = fn(*args)
+    for kind, n in expect.items():
+        assert report.counts[kind] == n, f"{kind}: {report.counts} \n{report}"
+    assert rel_rms_error(out, ref) <= tol
+    if miss is not None:
+        assert any(miss in m.reason for m in report.near_misses), str(report)
+    return report
+
+
+B, H, T, D = 2, 4, 63, 40
+
+
+def qkv(h=H, hkv=H, t=T, d=D):
+    return torch.randn(B, h, t, d), torch.randn(B, hkv, t, d), torch.randn(B, hkv, t, d)
+
+
+@pytest.mark.parametrize("spelling", ["matmul", "div", "einsum", "bmm", "folded", "sqrt_both", "upcast"])
+def test_attention_spellings(spelling):
+    s = 1 / math.sqrt(D)
+
+    def attn(q, k, v):
+        if spelling == "matmul":
+            w = torch.matmul(q, k.transpose(-2, -1)) * s
+        elif spelling == "div":
+            w = q @ k.transpose(2, 3) / math.sqrt(D)
+        elif spelling == "einsum":
+            w = torch.einsum("bhqd,bhkd->bhqk", q, k) * s
+        elif spelling == "bmm":
+            q2, k2, v2 = (x.reshape(B * H, T, D) for x in (q, k, v))
+            p = torch.softmax(torch.bmm(q2, k2.transpose(1, 2)) * s, dim=-1)
+            return torch.bmm(p, v2).view(B, H, T, D)
+        elif spelling == "folded":
+            w = (q * s) @ k.transpose(-2, -1)
+        elif spelling == "sqrt_both":
+            w = (q * math.sqrt(s)) @ (k * math.sqrt(s)).transpose(-2, -1)
+        else:
+            w = (q @ k.transpose(-2, -1) * s).float()
+            return F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        return torch.softmax(w, dim=-1) @ v
+
+    check(attn, *qkv(), expect={"attention": 1})
+
+
+def test_masks_and_causal_proof():
+    def causal_arange(q, k, v):
+        i = torch.arange(q.shape[-2])  # built in the graph: provable at every length
+        mask = torch.where(i[None, :] <= i[:, None], 0.0, torch.finfo(torch.float32).min)
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.1 + mask, -1) @ v
+
+    r = check(causal_arange, *qkv(), expect={"attention": 1})
+    assert "causal" in r.rewrites[0].kernel
+
+    def window(q, k, v):
+        i = torch.arange(q.shape[-2])
+        keep = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 8)
+        return torch.softmax((q @ k.transpose(-2, -1) * 0.1).masked_fill(~keep, float("-inf")), -1) @ v
+
+    # ~keep is not an arange comparison: kept as a general mask, still exact
+    check(window, *qkv(), expect={"attention": 1})
+
+    buffer = torch.triu(torch.full((T, T), float("-inf")), 1)  # runtime data, not a proof of causality
+    r = check(lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) + buffer, -1) @ v, *qkv(), expect={"attention": 1})
+    assert "bias" in r.rewrites[0].kernel
+
+    def bool_padding(q, k, v, pad):
+        w = q @ k.transpose(-2, -1) * 0.1
+        return torch.softmax(w.masked_fill(pad[:, None, None, :], torch.finfo(w.dtype).min), -1) @ v
+
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[0, -5:] = True
+    check(bool_padding, *qkv(), pad, expect={"attention": 1})
+
+
+@pytest.mark.parametrize("form", ["repeat_kv", "repeat_interleave", "enable_gqa"])
+def test_gqa_without_repeat(form):
+    def attn(q, k, v):
+        n = q.shape[1] // k.shape[1]
+        if form == "enable_gqa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if form == "repeat_kv":
+            b, h, t, d = k.shape
+            k = k[:, :, None].expand(b, h, n, t, d).reshape(b, h * n, t, d)
+            v = v[:, :, None].expand(b, h, n, t, d).reshape(b, h * n, t, d)
+        else:
+            k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.2, -1) @ v
+
+    r = check(attn, *qkv(h=8, hkv=2), expect={"attention": 1})
+    if form != "enable_gqa":
+        assert "GQA 4:1" in r.rewrites[0].kernel
+
+
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"scale": 0.3}, {"attn_mask": "bool"}, {"attn_mask": "float"}])
+def test_sdpa(kw):
+    kw = dict(kw)
+    if kw.get("attn_mask") == "bool":
+        kw["attn_mask"] = torch.rand(B, 1, T, T) > 0.3
+    elif kw.get("attn_mask") == "float":
+        kw["attn_mask"] = torch.randn(B, H, T, T)
+    check(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw), *qkv(), expect={"attention": 1})
+
+
+def test_must_not_match_returned_probabilities():
+    def attn(q, k, v):
+        p = torch.softmax(q @ k.transpose(-2, -1) * 0.1, -1)
+        return p @ v, p
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        r = gla.explain(attn, *qkv(), options=OPTS)
+    assert r.counts["attention"] == 0
+    assert any("softmax output" in m.reason and "2 users" in m.reason for m in r.near_misses), str(r)
+
+
+def test_must_not_match_soft_capping():
+    attn = lambda q, k, v: torch.softmax(torch.tanh(q @ k.transpose(-2, -1) * 0.1 / 30.0) * 30.0, -1) @ v
+    check(attn, *qkv(), expect={"attention": 0}, miss="soft-capping")
+
+
+def test_must_not_match_sigmoid_attention():
+    attn = lambda q, k, v: torch.sigmoid(q @ k.transpose(-2, -1) * 0.1) @ v
+    check(attn, *qkv(), expect={"attention": 0}, miss="sigmoid attention")
+
+
+def test_must_not_match_softmax_over_other_dim():
+    attn = lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.1, dim=-2) @ v
+    check(attn, *qkv(), expect={"attention": 0}, miss="softmax with argument -1")
+
+
+def test_must_not_match_data_dependent_scale():
+    attn = lambda q, k, v, t: torch.softmax(q @ k.transpose(-2, -1) * t, -1) @ v
+    check(attn, *qkv(), torch.rand(H, 1, 1) + 0.5, expect={"attention": 0}, miss="tensor")
+
+
+@pytest.mark.parametrize("act", ["silu", "silu_mul", "gelu", "gelu_tanh", "sigmoid", "relu"])
+def test_glu_separate(act):
+    fn = {"silu": F.silu, "silu_mul": lambda t: t * torch.sigmoid(t), "gelu": F.gelu,
+          "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "sigmoid": torch.sigmoid, "relu": F.relu}[act]
+    lin1, lin3, down = torch.nn.Linear(40, 72), torch.nn.Linear(40, 72, bias=False), torch.nn.Linear(72, 40)
+    check(lambda x: down(fn(lin1(x)) * lin3(x)), torch.randn(3, 7, 40), expect={"glu": 1, "gate": 0})
+
+
+@pytest.mark.parametrize("split", ["chunk", "split", "glu"])
+def test_glu_packed(split):
+    lin = torch.nn.Linear(40, 144)
+
+    def mlp(x):
+        gu = lin(x)
+        if split == "glu":
+            return F.glu(gu, dim=-1)
+        g, u = gu.chunk(2, dim=-1) if split == "chunk" else gu.split(72, dim=-1)
+        return F.silu(g) * u
+
+    check(mlp, torch.randn(5, 40), expect={"glu": 1})
+
+
+def test_glu_with_reused_intermediate_is_untouched():
+    lin1, lin3 = torch.nn.Linear(16, 24), torch.nn.Linear(16, 24)
+
+    def mlp(x):
+        h = F.silu(lin1(x))
+        return h * lin3(x) + h
+
+    check(mlp, torch.randn(4, 16), expect={"glu": 0, "gate": 0}, miss="users")
+
+
+def test_gates():
+    proj = torch.nn.Linear(16, 16)
+    se = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 8))
+
+    check(lambda x, y: torch.sigmoid(proj(x)) * y, torch.randn(4, 16), torch.randn(4, 16), expect={"gate": 1})
+    check(lambda x: torch.sigmoid(se(x.mean((2, 3)))[:, :, None, None]) * x, torch.randn(2, 8, 5, 5),
+          expect={"gate": 1})
+    norm = torch.nn.RMSNorm(16)
+    check(lambda o, g: norm(o) * F.silu(g), torch.randn(4, 16), torch.randn(4, 16), expect={"gate": 1})
+
+
+@pytest.mark.parametrize("gate_form", ["flat", "bthd", "headwise"])
+def test_gated_attention(gate_form):
+    def block(q, k, v, g):
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        if gate_form == "flat":
+            return o.reshape(B, T, H * D) * torch.sigmoid(g.reshape(B, T, H * D))
+        return o * torch.sigmoid(g)
+
+    g = torch.randn(B, T, H, 1 if gate_form == "headwise" else D)
+    r = check(block, *qkv(), g, expect={"gated_attention": 1, "attention": 0, "gate": 0})
+    assert ("headwise" if gate_form == "headwise" else "elementwise") in r.rewrites[0].kernel
