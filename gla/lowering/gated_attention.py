@@ -44,6 +44,11 @@ def _is_transpose_12(n) -> bool:
         and tuple(n.args[1:]) in ((-3, -2), (1, 2)) and tensor_meta(n) is not None and tensor_meta(n).dim() == 4
 
 
+def _is_copy(n) -> bool:
+    return (n.op == "call_method" and n.target in ("contiguous", "clone")) or \
+        (n.op == "call_function" and n.target is torch.clone)
+
+
 def _is_reshape(n) -> bool:
     return isinstance(n, fx.Node) and ((n.op == "call_method" and n.target in ("reshape", "view"))
                                        or (n.op == "call_function" and n.target is torch.reshape))
@@ -54,13 +59,21 @@ class GatedAttentionLowering:
         o, g = match.captures["o"], match.captures["g"]
         chain, layout = [], "bhtd"
         node = o
+
+        def skip_copies(n):
+            while isinstance(n, fx.Node) and _is_copy(n) and len(n.users) == 1:
+                chain.append(n)
+                n = n.args[0]
+            return n
+
+        node = skip_copies(node)
         if _is_reshape(node) and len(node.users) == 1:
             chain.append(node)
-            node = node.args[0]
+            node = skip_copies(node.args[0])
             layout = "bt(hd)"
         if _is_transpose_12(node) and len(node.users) == 1:
             chain.append(node)
-            node = node.args[0]
+            node = skip_copies(node.args[0])
             layout = "bthd" if layout == "bhtd" else layout
         elif layout == "bt(hd)":
             return None

@@ -20,7 +20,7 @@ Canonical spellings:
   GQA           ``gla.rewrite.ops.repeat_heads(x, n, dim)`` (``repeat_kv`` expand+reshape, ``repeat_interleave``)
   SDPA          ``F.scaled_dot_product_attention(q, k, v, mask, p, causal, scale=, enable_gqa=)``
   chunk         ``torch.chunk(x, n, dim<0)`` (``.chunk``, an even ``split``)
-  no-ops        ``contiguous``, ``clone``, dropout with p=0 or in eval: removed
+  no-ops        dropout with p=0 or in eval: removed (``contiguous``/``clone`` are transparent to matching)
 """
 from __future__ import annotations
 
@@ -208,8 +208,8 @@ def _cast(node):
 
 
 def _no_op(node):
-    if _method(node, "contiguous") or _is_call(node, torch.clone) or _method(node, "clone"):
-        return IDENTITY
+    # contiguous/clone are not removed: a later .view() may depend on the layout they produce.
+    # The matcher treats them as transparent instead.
     if _is_call(node, F.dropout, torch.dropout, torch.nn.functional.dropout):
         p = _arg(node, 1, "p", 0.5)
         training = _arg(node, 2, "training" if node.target is not torch.dropout else "train", True)
@@ -387,7 +387,7 @@ def _chunk(node):
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("no-op clone/contiguous/dropout(p=0|eval)", _no_op),
+    Rule("no-op dropout(p=0|eval)", _no_op),
     Rule("dtype casts", _cast),
     Rule("matmul spellings", _matmul),
     Rule("einsum as matmul", _einsum),

@@ -64,6 +64,8 @@ def describe_target(node: Any) -> str:
 
 
 def _transparent(t: fx.Node) -> bool:
+    if (t.op == "call_method" and t.target in ("contiguous", "clone")) or (t.op == "call_function" and t.target is torch.clone):
+        return True
     if not (t.op == "call_function" and t.target is ops.cast):
         return False
     src = tensor_meta(t.args[0])
@@ -125,7 +127,7 @@ def _match_node(p: fx.Node, t: Any, st: _State) -> bool:
     if p.op == "get_attr":
         return st.fail(t, "a constant", describe_target(t))
     if t.op != p.op or t.target != p.target:
-        if isinstance(t, fx.Node) and _transparent(t) and not (p.op == "call_function" and p.target is ops.cast):
+        if _transparent(t) and not (p.op == t.op and p.target == t.target):
             st.nodes.append(t)
             return _match_node(p, t.args[0], st)
         return st.fail(t, describe_target(p), describe_target(t))

@@ -147,3 +147,255 @@ def test_triton_forward_fp16():
     assert o.dtype == torch.float16
     o2, _ = gla_recurrent_reference(*_fp64([q, k, v, g]))
     assert rel_rms_error(o, o2) < 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton backward
+# ----------------------------------------------------------------------------------------------
+def _check_grads(ins, cu=None, tol=1e-4, final=True, impl="triton"):
+    """ins = [q, k, v, g, h0]; compares o, final state and all grads with the fp64 recurrence."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in ins]
+    q, k, v, g, h0 = leaves
+    o, ht = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=final, cu_seqlens=cu,
+                      impl=impl)
+    gen = torch.Generator().manual_seed(123)
+    wo = torch.randn(o.shape, generator=gen).to(o.device, o.dtype)
+    loss = (o.float() * wo.float()).sum()
+    if final:
+        wh = torch.randn(ht.shape, generator=gen).to(ht.device)
+        loss = loss + (ht * wh).sum()
+    loss.backward()
+    ref = [t.detach().double().requires_grad_() if t is not None else None for t in ins]
+    o2, h2 = gla_recurrent_reference(*ref[:4], initial_state=ref[4], output_final_state=final,
+                                     cu_seqlens=cu)
+    loss2 = (o2 * wo.double()).sum()
+    if final:
+        loss2 = loss2 + (h2 * wh.double()).sum()
+    loss2.backward()
+    assert rel_rms_error(o, o2) < tol
+    if final:
+        assert rel_rms_error(ht, h2) < tol
+    for name, a, b in zip("q k v g h0".split(), leaves, ref):
+        if a is not None:
+            assert a.grad is not None and a.grad.dtype == a.dtype, name
+            err = rel_rms_error(a.grad, b.grad)
+            assert err < tol, f"d{name}: {err}"
+
+
+BWD_CASES = [
+    # B, T, Hq, H, K, V, gate, n, h0, final
+    (1, 63, 2, 2, 40, 40, "channel", 1.0, True, True),
+    (1, 65, 4, 2, 32, 32, "channel", 0.1, True, False),
+    (2, 65, 2, 2, 32, 40, "scalar", 0.1, False, True),
+    (1, 17, 2, 2, 16, 80, "scalar", 10.0, True, True),   # 2 V-blocks
+    (1, 1, 2, 1, 40, 32, None, 1.0, True, True),
+    (1, 30, 2, 2, 32, 32, None, 1.0, False, False),
+    (1, 20, 2, 2, 80, 40, "channel", 1.0, True, True),  # K > 64: BV = 32, 2 V-blocks
+]
+
+
+@pytest.mark.parametrize("case", BWD_CASES)
+def test_triton_backward_matches_recurrence(case, monkeypatch):
+    B, T, Hq, H, K, V, gate, n, h0, final = case
+    ins = _inputs(B, T, Hq, H, K, V, gate=gate, n=n, h0=h0, seed=50 + BWD_CASES.index(case))
+    if ins[4] is not None:
+        ins[4] = ins[4].float()
+    _poisoned_empty(monkeypatch)
+    _check_grads(ins, final=final)
+
+
+def test_triton_backward_column_loop(monkeypatch):
+    from gla.kernels.linear_attention import chunk
+
+    monkeypatch.setattr(chunk, "DIAG_3D_OVERRIDE", False)
+    ins = _inputs(1, 40, 2, 1, 16, 16, gate="channel", n=0.1, h0=True, seed=9)
+    ins[4] = ins[4].float()
+    _check_grads(ins)
+
+
+def test_triton_backward_fp16():
+    ins = _inputs(1, 40, 2, 2, 32, 32, gate="channel", dtype=torch.float16, seed=11)
+    _check_grads(ins, tol=1e-2, final=False)
+
+
+def test_triton_compiled_aot_eager():
+    ins = _inputs(1, 20, 2, 2, 16, 16, gate="channel", h0=True, seed=12)
+    ins[4] = ins[4].float()
+    leaves = [t.requires_grad_() for t in ins]
+
+    def fn(q, k, v, g, h0):
+        o, ht = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, impl="triton")
+        return o.sum() + ht.sum()
+
+    torch.compile(fn, backend="aot_eager", fullgraph=True)(*leaves).backward()
+    ref = [t.detach().double().requires_grad_() for t in ins]
+    o2, h2 = gla_recurrent_reference(*ref[:4], initial_state=ref[4], output_final_state=True)
+    (o2.sum() + h2.sum()).backward()
+    for a, b in zip(leaves, ref):
+        assert rel_rms_error(a.grad, b.grad) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Variable-length sequences (cu_seqlens): forward and backward both through Triton
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gate", ["channel", "scalar", None])
+def test_triton_cu_seqlens(gate, monkeypatch):
+    cu = torch.tensor([0, 5, 5, 75, 100], dtype=torch.int32)   # includes an empty sequence
+    ins = _inputs(1, 100, 2, 1, 16, 16, gate=gate, n=0.5, seed=21)
+    ins[4] = torch.randn(4, 1, 16, 16)
+    _poisoned_empty(monkeypatch)
+    _check_grads(ins, cu=cu)
+
+
+def test_triton_cu_seqlens_matches_separate_calls():
+    cu = torch.tensor([0, 30, 100])
+    q, k, v, g, _ = _inputs(1, 100, 2, 2, 16, 16, seed=22)
+    o, ht = chunk_gla(q, k, v, g, cu_seqlens=cu, output_final_state=True, impl="triton")
+    for n in range(2):
+        s, e = int(cu[n]), int(cu[n + 1])
+        o1, h1 = chunk_gla(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], output_final_state=True,
+                           impl="triton")
+        assert rel_rms_error(o[:, s:e], o1) < 1e-6 and rel_rms_error(ht[n:n + 1], h1) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode: fused_recurrent_gla
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gate", ["channel", "scalar", None])
+def test_fused_recurrent_matches_recurrence(gate, monkeypatch):
+    from gla.kernels.linear_attention import fused_recurrent
+
+    q, k, v, g, h0 = _inputs(2, 5, 4, 2, 40, 48, gate=gate, n=0.5, h0=True, seed=31)
+    h0 = h0.float()
+    monkeypatch.setattr(fused_recurrent.torch, "empty",
+                        lambda *a, **kw: torch.full(a if len(a) != 1 else a[0], float("nan"),
+                                                    **kw))
+    o, ht = fused_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True,
+                                impl="triton")
+    o2, h2 = gla_recurrent_reference(*_fp64([q, k, v, g]), initial_state=h0.double(),
+                                     output_final_state=True)
+    assert rel_rms_error(o, o2) < 1e-5 and rel_rms_error(ht, h2) < 1e-5
+
+
+@pytest.mark.parametrize("gate", ["channel", "scalar"])
+def test_prefill_then_decode_equals_full_sequence(gate):
+    q, k, v, g, _ = _inputs(1, 41, 2, 1, 32, 32, gate=gate, seed=32)
+    _, h = chunk_gla(q[:, :40], k[:, :40], v[:, :40], g[:, :40], output_final_state=True,
+                     impl="triton")
+    o1, h1 = fused_recurrent_gla(q[:, 40:], k[:, 40:], v[:, 40:], g[:, 40:], initial_state=h,
+                                 output_final_state=True, impl="triton")
+    o_full, h_full = chunk_gla(q, k, v, g, output_final_state=True, impl="triton")
+    assert rel_rms_error(o1, o_full[:, 40:]) < 1e-5
+    assert rel_rms_error(h1, h_full) < 1e-5
+
+
+def test_fused_recurrent_grads_via_op():
+    ins = _inputs(1, 3, 2, 2, 16, 16, gate="channel", h0=True, seed=33)
+    ins[4] = ins[4].float()
+    leaves = [t.detach().clone().requires_grad_() for t in ins]
+    o, ht = fused_recurrent_gla(*leaves[:4], initial_state=leaves[4], output_final_state=True,
+                                impl="triton")
+    (o.sum() + ht.sum()).backward()
+    ref = [t.detach().double().requires_grad_() for t in ins]
+    o2, h2 = gla_recurrent_reference(*ref[:4], initial_state=ref[4], output_final_state=True)
+    (o2.sum() + h2.sum()).backward()
+    for a, b in zip(leaves, ref):
+        assert rel_rms_error(a.grad, b.grad) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# API
+# ----------------------------------------------------------------------------------------------
+def test_api_validation_and_auto():
+    q, k, v, g, _ = _inputs(1, 8, 2, 2, 16, 16, seed=40)
+    o_auto, _ = chunk_gla(q, k, v, g)           # CPU: auto -> reference
+    o_ref, _ = gla_chunk_reference(q, k, v, g)
+    assert torch.equal(o_auto, o_ref)
+    with pytest.raises(ValueError):
+        chunk_gla(q, k, v, g, impl="nope")
+    with pytest.raises(ValueError):
+        chunk_gla(q, k[:, :, :1].expand(1, 8, 3, 16), v, g)
+    with pytest.raises(ValueError):
+        chunk_gla(q, k, v, g[..., :3])
+    with pytest.raises(ValueError):
+        chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 8]), initial_state=torch.zeros(2, 2,
+                                                                                         16, 16))
+    with pytest.raises(ValueError):
+        chunk_gla(q.double(), k.double(), v.double(), impl="triton")
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(1, 10, 4, 16)
+        k = torch.empty(1, 10, 2, 16)
+        v = torch.empty(1, 10, 2, 24)
+        g = torch.empty(1, 10, 2)
+        assert triton_unsupported_reason(q, k, v, g) is None
+        o, ht = chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 3, 10]),
+                          output_final_state=True, impl="triton")
+        assert o.shape == (1, 10, 4, 24) and ht.shape == (2, 2, 16, 24)
+        assert ht.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+# ----------------------------------------------------------------------------------------------
+def _gpu_check(B, T, Hq, H, D, gate, dtype=torch.bfloat16, tol=5e-3, cu=None, h0=True):
+    ins = _inputs(B, T, Hq, H, D, D, gate=gate, dtype=dtype, h0=h0, seed=T + D, device="cuda")
+    if ins[4] is not None:
+        ins[4] = ins[4].float()
+    _check_grads(ins, cu=cu, tol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("gate", ["channel", "scalar", None])
+def test_gpu_bf16_long(D, gate):
+    _gpu_check(2, 1000, 4, 2, D, gate)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_tf32_free():
+    _gpu_check(1, 300, 2, 2, 64, "channel", dtype=torch.float32, tol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_cu_seqlens_bf16():
+    cu = torch.tensor([0, 100, 101, 700, 1000], device="cuda", dtype=torch.int32)
+    ins = _inputs(1, 1000, 4, 2, 64, 64, gate="channel", dtype=torch.bfloat16, device="cuda",
+                  seed=3)
+    ins[4] = torch.randn(4, 2, 64, 64, device="cuda")
+    _check_grads(ins, cu=cu, tol=5e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_cuda_graph():
+    q, k, v, g, _ = _inputs(2, 257, 4, 4, 128, 128, gate="channel", dtype=torch.bfloat16,
+                            device="cuda", seed=4)
+    _, h = chunk_gla(q[:, :256], k[:, :256], v[:, :256], g[:, :256], output_final_state=True)
+    args = [t[:, 256:].clone() for t in (q, k, v, g)]
+    fused_recurrent_gla(*args, initial_state=h, output_final_state=True)   # compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o1, h1 = fused_recurrent_gla(*args, initial_state=h, output_final_state=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    o2, h2 = gla_recurrent_reference(*_fp64([q, k, v, g]), output_final_state=True)
+    assert rel_rms_error(o1, o2[:, 256:]) < 5e-3 and rel_rms_error(h1, h2) < 5e-3
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_fullgraph():
+    ins = _inputs(1, 200, 2, 2, 64, 64, gate="channel", dtype=torch.bfloat16, device="cuda",
+                  seed=5)
+    leaves = [t.requires_grad_() for t in ins[:4]]
+
+    def fn(q, k, v, g):
+        return chunk_gla(q, k, v, g)[0]
+
+    o = torch.compile(fn, fullgraph=True)(*leaves)
+    o.float().square().sum().backward()
+    o2, _ = gla_recurrent_reference(*_fp64(ins[:4]))
+    assert rel_rms_error(o, o2) < 5e-3

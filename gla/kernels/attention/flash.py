@@ -503,11 +503,13 @@ def _pow2(n: int) -> int:
 
 
 def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int,
-                      interpret: bool = INTERPRETED) -> dict[str, dict[str, int]]:
+                      extras: bool = False, interpret: bool = INTERPRETED
+                      ) -> dict[str, dict[str, int]]:
     """Block sizes / warps / stages of the four kernels: the one heuristic table, no autotune.
 
     Keys: ``fwd`` and ``dq`` (BLOCK_M query rows per program, BLOCK_N keys per step), ``dkdv``
     (BLOCK_N keys per program, BLOCK_M query rows per step), ``pre`` (BLOCK_M rows).
+    ``extras``: a bias, key_mask or window is present (more registers per score tile).
     """
     bd = max(_pow2(d), _pow2(dv))
     if interpret:  # small tiles: the interpreter's cost is per op, and tests hit every edge
@@ -527,15 +529,24 @@ def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int
         fwd = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
         dkdv = dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2)
         dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    if extras:  # bias / key-mask / window tiles: smaller key tiles keep registers in check
+        if bd <= 64:
+            fwd, dkdv, dq = (dict(fwd, BLOCK_N=32), dict(dkdv, BLOCK_M=16, BLOCK_N=64, num_stages=2),
+                             dict(dq, BLOCK_N=32))
+        elif bd <= 128:
+            fwd, dkdv, dq = (dict(fwd, BLOCK_N=32), dict(dkdv, BLOCK_M=16, BLOCK_N=64),
+                             dict(dq, BLOCK_N=32))
+        else:
+            fwd = dict(fwd, BLOCK_M=64)
     if dtype == torch.float32:  # twice the bytes per element: halve the key tiles
         fwd = dict(fwd, BLOCK_N=max(16, fwd["BLOCK_N"] // 2), num_stages=2)
-        dkdv = dict(dkdv, BLOCK_N=max(16, dkdv["BLOCK_N"] // 2), num_stages=2)
+        dkdv = dict(dkdv, BLOCK_M=16, BLOCK_N=max(16, dkdv["BLOCK_N"] // 2), num_stages=2)
         dq = dict(dq, BLOCK_N=max(16, dq["BLOCK_N"] // 2), num_stages=2)
     if tq <= 64:  # decode / short queries: do not pay for 128 empty rows
         bm = _pow2(tq)
         fwd = dict(fwd, BLOCK_M=min(fwd["BLOCK_M"], bm), num_warps=4)
         dq = dict(dq, BLOCK_M=min(dq["BLOCK_M"], bm), num_warps=4)
-    pre = dict(BLOCK_M=max(16, min(128, 8192 // triton.next_power_of_2(dv))), num_warps=4,
+    pre = dict(BLOCK_M=max(16, min(128, 4096 // triton.next_power_of_2(dv))), num_warps=4,
                num_stages=1)
     return {"fwd": fwd, "dq": dq, "dkdv": dkdv, "pre": pre}
 
@@ -618,7 +629,8 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     if out.numel() == 0:
         lse.fill_(float("inf"))
         return out, lse, o_ung
-    cfg = config or attention_configs(D, DV, q.dtype, causal, TQ)
+    cfg = config or attention_configs(D, DV, q.dtype, causal, TQ,
+                                      bias is not None or key_mask is not None or window > 0)
     c = cfg["fwd"]
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
     o_write = o_ung if gate is not None else out
@@ -666,7 +678,8 @@ def attention_backward(dout, q, k, v, out, lse, o_ung=None, gate=None, bias=None
                                                                bias)
         dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
         dgate = _empty_like(gate) if gate is not None else None
-    cfg = config or attention_configs(D, DV, q.dtype, causal, TQ)
+    cfg = config or attention_configs(D, DV, q.dtype, causal, TQ,
+                                      bias is not None or key_mask is not None or window > 0)
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
     o = o_ung if gate is not None else out
     delta = _empty(B, H, TQ, dtype=torch.float32, device=q.device)

@@ -221,14 +221,13 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     """Returns ``(dq, dk, dv, dgate, dbias)``; ``dgate`` is empty without a gate, ``dbias``
     empty unless ``bias_requires_grad``. ``o`` is the ungated output (``o_ungated`` if gated,
     else ``out``) for ``impl="triton"``; the recomputing impls ignore ``o`` and ``lse``."""
-    empty = q.new_empty(0)
     if impl == "triton":
         if bias_requires_grad:
             raise RuntimeError("bias requires grad; the Triton kernel has no dbias")
         dq, dk, dv, dgate = flash.attention_backward(
             dout, q, k, v, o, lse, o if gate is not None else None, gate, bias, key_mask, scale,
             causal, window)
-        return dq, dk, dv, dgate if dgate is not None else empty, empty
+        return dq, dk, dv, dgate if dgate is not None else q.new_empty(0), q.new_empty(0)
     with _autograd_reenabled():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         g = gate.detach().requires_grad_() if gate is not None else None
@@ -246,18 +245,17 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
             buf.copy_(gr)
         outs.append(buf)
     dq, dk, dv = outs[:3]
-    dgate = outs[3] if gate is not None else empty
-    dbias = outs[-1] if bias_requires_grad else empty
+    dgate = outs[3] if gate is not None else q.new_empty(0)  # distinct empties: no aliasing
+    dbias = outs[-1] if bias_requires_grad else q.new_empty(0)
     return dq, dk, dv, dgate, dbias
 
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window,
                              impl, bias_requires_grad):
-    empty = q.new_empty(0)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(gate) if gate is not None else empty,
-            torch.empty_like(bias) if bias_requires_grad else empty)
+            torch.empty_like(gate) if gate is not None else q.new_empty(0),
+            torch.empty_like(bias) if bias_requires_grad else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -20,9 +20,9 @@ chunk is 4 sub-blocks of 16 rows. Every exponential the kernels take is of a dif
 Exponents are also clamped with ``min(·, 0)``: a no-op for valid rows, it keeps the padded rows
 (loaded as 0) finite. Gates with ``g > 0`` are outside the contract.
 
-Precision: fp16/bf16 inputs go to ``tl.dot`` in their own dtype (on CUDA) with fp32
-accumulation; fp32 inputs use ``input_precision="ieee"``. On CPU (Triton's interpreter) all
-arithmetic is fp32.
+Precision: loads are upcast to fp32 at once and stores downcast; all arithmetic is fp32. Dots
+take fp32 operands: ``input_precision="ieee"`` for fp32 inputs (and on CPU), ``"tf32"`` for
+fp16/bf16 inputs on CUDA (see ``_dot_cfg``).
 """
 from __future__ import annotations
 
@@ -50,12 +50,15 @@ def _diag_3d(device: torch.device) -> bool:
 
 
 def _dot_cfg(dtype: torch.dtype, device: torch.device):
-    """(dot operand dtype, input_precision)."""
-    if dtype == torch.float32:
+    """(dot operand dtype, input_precision).
+
+    fp32 inputs: exact ``ieee`` dots. fp16/bf16 inputs on CUDA: fp32 operands with ``tf32``
+    (10-bit mantissa): the operands of most dots are products of inputs with decay factors or
+    the fp32 state, which a cast back to bf16 (7 bits) would round a second time. On CPU (the
+    interpreter, whose bf16 arithmetic is wrong) everything stays ``ieee`` fp32."""
+    if dtype == torch.float32 or device.type != "cuda":
         return tl.float32, "ieee"
-    if device.type != "cuda":          # the interpreter's bf16 arithmetic is wrong: stay fp32
-        return tl.float32, "ieee"
-    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"
+    return tl.float32, "tf32"
 
 
 @triton.jit
@@ -236,7 +239,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
 
 def _blocks(K: int, V: int):
     BK = _next_pow2(K)
-    BV = min(_next_pow2(V), 64 if BK <= 128 else 32)
+    # BV = 32 at K > 64: state + update stay ≤ 64 fp32 registers a thread at 4 warps, and more
+    # programs (B·H·V/BV) fill the GPU, which otherwise has only B·H sequential walks.
+    BV = min(_next_pow2(V), 64 if BK <= 64 else 32)
     return BK, BV
 
 
@@ -585,7 +590,8 @@ def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, s
             if cu_seqlens is None:
                 dB[:, T - 1] += last
             else:
-                dB[0].index_add_(0, (cu_seqlens[1:] - 1).long(), last)
+                nonempty = (cu_seqlens[1:] > cu_seqlens[:-1]).to(last.dtype)[:, None, None]
+                dB[0].index_add_(0, (cu_seqlens[1:] - 1).long().clamp_min(0), last * nonempty)
         if cu_seqlens is None:
             dgf = dB.flip(1).cumsum(1).flip(1)
         else:

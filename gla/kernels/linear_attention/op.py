@@ -198,8 +198,8 @@ def chunk_gla_backward_op(do: torch.Tensor, dht: Optional[torch.Tensor], q: torc
         if hasattr(chunk, "chunk_gla_bwd"):
             dq, dk, dv, dg, dh0 = chunk.chunk_gla_bwd(do, dht, q, k, v, g, initial_state,
                                                       cu_seqlens, final_state, scale)
-            return (dq, dk, dv, dg if dg is not None else empty,
-                    dh0 if dh0 is not None else empty)
+            return (dq, dk, dv, dg if dg is not None else q.new_empty(0),
+                    dh0 if dh0 is not None else q.new_empty(0))
     with _autograd_reenabled():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         gl = g.detach().requires_grad_() if g is not None else None
@@ -225,17 +225,16 @@ def chunk_gla_backward_op(do: torch.Tensor, dht: Optional[torch.Tensor], q: torc
     dg = empty
     if g is not None:
         dg, i = res[i], i + 1
-    dh0 = res[i] if initial_state is not None else empty
+    dh0 = res[i] if initial_state is not None else q.new_empty(0)
     return dq, dk, dv, dg, dh0
 
 
 @chunk_gla_backward_op.register_fake
 def _chunk_gla_backward_fake(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, scale,
                              impl):
-    empty = q.new_empty(0)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(g) if g is not None else empty,
-            torch.empty_like(initial_state) if initial_state is not None else empty)
+            torch.empty_like(g) if g is not None else q.new_empty(0),
+            torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0))
 
 
 def _grads_out(ctx, do, dht):

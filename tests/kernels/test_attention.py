@@ -1,0 +1,356 @@
+"""gla.kernels.attention: every impl against a float64 reference, forward and backward.
+
+On a machine without CUDA the Triton kernels run in Triton's interpreter, so shapes stay small.
+Every buffer the Triton launchers allocate is filled with NaN first (``flash.POISON``), so an
+element a kernel fails to write makes the relative error infinite.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gla.kernels  # noqa: F401  (selects the Triton interpreter without CUDA)
+from gla.kernels.attention import (
+    attention_reference,
+    flash,
+    gated_attention,
+    triton_unsupported_reason,
+)
+from gla.kernels.attention.op import attention_backward_op, attention_op
+from gla.testing import rel_rms_error
+
+IMPLS = ["triton", "sdpa", "reference"]
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+NEG_INF = float("-inf")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(flash, "POISON", True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Case construction
+# ----------------------------------------------------------------------------------------------
+def _bias(kind, B, Tq, Tk, gen):
+    if kind is None:
+        return None
+    if kind == "1_1_q_k":  # [1, 1, Tq, Tk]: -inf entries, finfo.min entries, a fully -inf row
+        b = torch.randn(1, 1, Tq, Tk, generator=gen)
+        b[..., :, 3] = NEG_INF
+        b[..., 1, 5:20] = torch.finfo(torch.float32).min
+        b[..., Tq // 2, :] = NEG_INF
+        b[..., ::4, 9] = NEG_INF
+        return b
+    if kind == "b_1_1_k":  # [B, 1, 1, Tk]: alibi-like slope plus -inf entries
+        b = -0.05 * torch.arange(Tk, dtype=torch.float32).flip(0).expand(B, 1, 1, Tk).clone()
+        b = b + 0.1 * torch.randn(B, 1, 1, Tk, generator=gen)
+        b[0, ..., 1::5] = NEG_INF
+        return b
+    raise ValueError(kind)
+
+
+def _key_mask(kind, B, Tk, gen):
+    if kind is None:
+        return None
+    km = torch.rand(B, Tk, generator=gen) > 0.3
+    if kind == "empty_batch":  # batch 1 sees nothing: all of its rows are fully masked
+        km[-1] = False
+    return km
+
+
+def make_case(B=1, Hq=2, Hkv=2, Tq=63, Tk=63, D=40, Dv=None, causal=False, window=0, gate=None,
+              bias=None, key_mask=None, bthd=False, dtype=torch.float32, seed=0):
+    """Fresh random inputs (gates too, never zeros) in ``dtype``; bthd: [B,T,H,D] transposed."""
+    gen = torch.Generator().manual_seed(seed)
+    Dv = Dv or D
+
+    def rnd(b, h, t, d):
+        if bthd:
+            return torch.randn(b, t, h, d, generator=gen).to(dtype).transpose(1, 2)
+        return torch.randn(b, h, t, d, generator=gen).to(dtype)
+
+    q, k, v = rnd(B, Hq, Tq, D), rnd(B, Hkv, Tk, D), rnd(B, Hkv, Tk, Dv)
+    g = None
+    if gate == "elementwise":
+        g = (2 * rnd(B, Hq, Tq, Dv)).to(dtype)
+    elif gate == "headwise":
+        g = (2 * rnd(B, Hq, Tq, 1)).to(dtype)
+    kw = dict(gate=g, bias=_bias(bias, B, Tq, Tk, gen), key_mask=_key_mask(key_mask, B, Tk, gen),
+              causal=causal, window=window)
+    dout = rnd(B, Hq, Tq, Dv)
+    return q, k, v, kw, dout
+
+
+CASES = {
+    "odd-T-d40-plain": dict(Tq=63, Tk=63, D=40),
+    "causal-gqa2-d64-elementwise": dict(Hq=4, Hkv=2, D=64, causal=True, gate="elementwise"),
+    "causal-mqa4-headwise-bthd": dict(Hq=4, Hkv=1, D=40, causal=True, gate="headwise",
+                                      bthd=True),
+    "cross-q17-k63-keymask-empty": dict(B=2, Tq=17, Tk=63, causal=True, key_mask="empty_batch",
+                                        gate="elementwise"),
+    "decode-q1-gqa": dict(Hq=4, Hkv=2, Tq=1, Tk=63, D=64, causal=True, gate="headwise"),
+    "window9-bias-1-1-q-k": dict(window=9, bias="1_1_q_k", gate="elementwise"),
+    "causal-window16-bias-b-1-1-k": dict(B=2, Hq=2, Hkv=1, causal=True, window=16,
+                                         bias="b_1_1_k", key_mask="random"),
+    "causal-q63-k17-empty-rows": dict(Tq=63, Tk=17, causal=True, gate="headwise"),
+    "d64-dv40-long": dict(Hq=1, Hkv=1, Tq=130, Tk=130, D=64, Dv=40, causal=True, window=50),
+}
+
+
+def _reference(q, k, v, kw, dout):
+    """float64 reference output and gradients (q, k, v, gate)."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    g = kw["gate"]
+    if g is not None:
+        leaves.append(g.detach().double().requires_grad_())
+    bias = kw["bias"].double() if kw["bias"] is not None else None
+    out = attention_reference(leaves[0], leaves[1], leaves[2], gate=leaves[3] if g is not None
+                              else None, bias=bias, key_mask=kw["key_mask"], causal=kw["causal"],
+                              window=kw["window"])
+    grads = torch.autograd.grad(out, leaves, dout.double())
+    return out, grads
+
+
+def _run(impl, q, k, v, kw, dout):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    g = kw["gate"]
+    if g is not None:
+        leaves.append(g.detach().requires_grad_())
+    out = gated_attention(leaves[0], leaves[1], leaves[2], gate=leaves[3] if g is not None else None,
+                          bias=kw["bias"], key_mask=kw["key_mask"], causal=kw["causal"],
+                          window=kw["window"], impl=impl)
+    grads = torch.autograd.grad(out, leaves, dout)
+    return out, grads
+
+
+def _fully_masked_rows(q, k, kw):
+    """Bool [B, Hq, Tq]: rows with no visible key (by position, key_mask, -inf bias)."""
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    s = torch.zeros(B, Hq, Tq, Tk)
+    if kw["bias"] is not None:
+        s = s + kw["bias"]
+    i = torch.arange(Tq)[:, None] + (Tk - Tq)
+    j = torch.arange(Tk)[None, :]
+    vis = torch.ones(Tq, Tk, dtype=torch.bool)
+    if kw["causal"]:
+        vis &= j <= i
+    if kw["window"]:
+        vis &= i - j < kw["window"]
+    if kw["key_mask"] is not None:
+        vis = vis & kw["key_mask"][:, None, None, :]
+    s = s.masked_fill(~vis, NEG_INF)
+    return ~(s > NEG_INF).any(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_float64_reference(case, impl, dtype):
+    q, k, v, kw, dout = make_case(dtype=dtype, **CASES[case])
+    out, grads = _run(impl, q, k, v, kw, dout)
+    ref, ref_grads = _reference(q, k, v, kw, dout)
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = TOL[dtype]
+    names = ["dq", "dk", "dv", "dgate"]
+    errs = {"out": rel_rms_error(out, ref)}
+    errs.update({n: rel_rms_error(a, e) for n, a, e in zip(names, grads, ref_grads)})
+    assert all(e <= tol for e in errs.values()), errs
+    empty = _fully_masked_rows(q, k, kw)
+    if empty.any():  # flash convention: exact zeros, zero gradients
+        assert (out[empty] == 0).all()
+        assert (grads[0][empty] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Specific behaviours
+# ----------------------------------------------------------------------------------------------
+def _cfg(fwd, dq, dkdv):
+    c = lambda bm, bn: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)  # noqa: E731
+    return {"fwd": c(*fwd), "dq": c(*dq), "dkdv": c(*dkdv), "pre": c(16, 16)}
+
+
+@pytest.mark.parametrize("cfg", [_cfg((32, 16), (16, 32), (16, 32)),
+                                 _cfg((16, 32), (32, 16), (32, 16))], ids=["tall", "wide"])
+@pytest.mark.parametrize("case", [dict(Tq=40, Tk=70, causal=True, window=23),
+                                  dict(Tq=70, Tk=40, window=11, key_mask="random", B=2)],
+                         ids=["q40-k70-causal-window", "q70-k40-window-keymask"])
+def test_block_m_differs_from_block_n(case, cfg):
+    """The GPU configs use BLOCK_M != BLOCK_N: exercise the band arithmetic with such tiles."""
+    q, k, v, kw, dout = make_case(Hq=2, Hkv=1, D=32, gate="elementwise", **case)
+    scale = 1 / math.sqrt(32)
+    args = (kw["gate"], kw["bias"], kw["key_mask"], scale, kw["causal"], kw["window"])
+    out, lse, o_ung = flash.attention_forward(q, k, v, *args, config=cfg)
+    grads = flash.attention_backward(dout, q, k, v, out, lse, o_ung, *args, config=cfg)
+    ref, ref_grads = _reference(q, k, v, kw, dout)
+    errs = [rel_rms_error(out, ref)] + [rel_rms_error(a, e) for a, e in zip(grads, ref_grads)]
+    assert all(e <= 1e-5 for e in errs), errs
+
+
+def test_bf16_in_interpreter_runs_in_fp32():
+    q, k, v, kw, dout = make_case(Hq=2, Hkv=1, causal=True, gate="elementwise",
+                                  dtype=torch.bfloat16)
+    out, grads = _run("triton", q, k, v, kw, dout)
+    ref, ref_grads = _reference(q, k, v, kw, dout)
+    assert out.dtype == torch.bfloat16
+    assert rel_rms_error(out, ref) <= TOL[torch.bfloat16]
+    for a, e in zip(grads, ref_grads):
+        assert a.dtype == torch.bfloat16 and rel_rms_error(a, e) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+def test_bias_gradient_on_recompute_paths(impl):
+    q, k, v, kw, dout = make_case(B=2, bias="b_1_1_k", causal=True)
+    bias = kw["bias"].clone().requires_grad_()
+    out = gated_attention(q, k, v, bias=bias, causal=True, impl=impl)
+    (dbias,) = torch.autograd.grad(out, bias, dout)
+    b64 = bias.detach().double().requires_grad_()
+    ref = attention_reference(q.double(), k.double(), v.double(), bias=b64, causal=True)
+    (ref_dbias,) = torch.autograd.grad(ref, b64, dout.double())
+    assert dbias.shape == bias.shape
+    assert rel_rms_error(dbias, ref_dbias) <= 1e-5
+
+
+def test_output_layout_is_bthd_and_strided_inputs_allowed():
+    q, k, v, kw, dout = make_case(Hq=4, Hkv=2, bthd=True, gate="elementwise")
+    for impl in IMPLS + ["auto"]:
+        out = gated_attention(q, k, v, gate=kw["gate"], impl=impl)
+        B, H, T, Dv = out.shape
+        assert out.stride() == (T * H * Dv, Dv, H * Dv, 1), impl
+
+
+def test_no_grad_forward_and_scale():
+    q, k, v, kw, _ = make_case(causal=True)
+    with torch.no_grad():
+        out = gated_attention(q, k, v, scale=0.3, causal=True, impl="triton")
+    ref = attention_reference(q.double(), k.double(), v.double(), scale=0.3, causal=True)
+    assert rel_rms_error(out, ref) <= 1e-5
+
+
+def test_unsupported_reasons(monkeypatch):
+    q = torch.randn(1, 2, 8, 32)
+    assert triton_unsupported_reason(q, q, q) is None  # interpreter on this machine
+    assert "float64" in triton_unsupported_reason(q.double(), q.double(), q.double())
+    big = torch.randn(1, 2, 8, 512)
+    assert "head dim 512 > 256" in triton_unsupported_reason(big, big, big)
+    bias = torch.zeros(1, 1, 8, 8, requires_grad=True)
+    assert "dbias" in triton_unsupported_reason(q, q, q, bias=bias)
+    with torch.no_grad():
+        assert triton_unsupported_reason(q, q, q, bias=bias) is None
+    gate = torch.zeros(1, 1, 8, 32)  # broadcasts, but the kernel wants [B, Hq, Tq, Dv|1]
+    assert "gate shape" in triton_unsupported_reason(q, q, q, gate=gate)
+    meta = torch.empty(1, 2, 8, 32, device="meta")
+    assert "meta" in triton_unsupported_reason(meta, meta, meta)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "cpu" in triton_unsupported_reason(q, q, q)
+    with pytest.raises(ValueError, match="cpu"):
+        gated_attention(q, q, q, impl="triton")
+
+
+def test_forced_triton_rejects_bias_grad_and_bad_args():
+    q = torch.randn(1, 2, 8, 16)
+    bias = torch.zeros(1, 1, 8, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="dbias"):
+        gated_attention(q, q, q, bias=bias, impl="triton")
+    with pytest.raises(ValueError, match="multiple"):
+        gated_attention(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16))
+    with pytest.raises(ValueError, match="key_mask"):
+        gated_attention(q, q, q, key_mask=torch.ones(1, 8))
+    with pytest.raises(ValueError, match="impl"):
+        gated_attention(q, q, q, impl="cudnn")
+
+
+def test_torch_compile_aot_eager_keeps_ops_opaque():
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        def record(g, _):
+            graphs.append(g)
+            return make_boxed_func(g.forward)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
+
+    q, k, v, kw, dout = make_case(Hq=4, Hkv=2, Tq=17, Tk=24, D=16, causal=True, gate="headwise",
+                                  key_mask="random", B=2)
+
+    def fn(q, k, v, g):
+        return gated_attention(q, k, v, gate=g, key_mask=kw["key_mask"], causal=True,
+                               impl="reference")
+
+    for compiled in (torch.compile(fn, backend="aot_eager", fullgraph=True),
+                     torch.compile(fn, backend=backend, fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, kw["gate"])]
+        out = compiled(*leaves)
+        grads = torch.autograd.grad(out, leaves, dout)
+        eager_leaves = [t.clone().requires_grad_() for t in (q, k, v, kw["gate"])]
+        eager = fn(*eager_leaves)
+        eager_grads = torch.autograd.grad(eager, eager_leaves, dout)
+        assert rel_rms_error(out, eager) <= 1e-6
+        for a, e in zip(grads, eager_grads):
+            assert rel_rms_error(a, e) <= 1e-6
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert "gla.attention.default" in targets
+    assert "gla.attention_backward.default" in targets
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck(impl):
+    q, k, v, kw, dout = make_case(Hq=2, Hkv=1, Tq=9, Tk=12, D=16, causal=True,
+                                  gate="elementwise", bias="1_1_q_k")
+    bias = kw["bias"].clone().requires_grad_(impl != "triton")
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
+            kw["gate"].requires_grad_(), bias, None, 0.25, True, 0, impl)
+    torch.library.opcheck(attention_op, args)
+    out, lse, o = attention_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    saved = (o if impl == "triton" else lse)
+    bargs = (dout, q.detach(), k.detach(), v.detach(), saved, lse, kw["gate"], bias.detach(),
+             None, 0.25, True, 0, impl, impl != "triton")
+    torch.library.opcheck(attention_backward_op, bargs,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------
+GPU_CASES = {
+    "causal-d128": dict(B=2, Hq=4, Hkv=4, Tq=1000, Tk=1000, D=128, causal=True),
+    "gqa-d64-gate": dict(B=2, Hq=8, Hkv=2, Tq=1000, Tk=1000, D=64, causal=True,
+                         gate="elementwise"),
+    "cross-d64-keymask-window": dict(B=2, Hq=4, Hkv=1, Tq=333, Tk=1000, D=64, causal=True,
+                                     window=256, key_mask="random", gate="headwise"),
+    "bias-d128-bthd": dict(B=2, Hq=4, Hkv=2, Tq=1000, Tk=1000, D=128, bias="b_1_1_k", bthd=True),
+    "decode-d128": dict(B=2, Hq=8, Hkv=2, Tq=1, Tk=1000, D=128, causal=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
+def test_gpu_triton_matches_float64(case, dtype):
+    q, k, v, kw, dout = make_case(dtype=dtype, **GPU_CASES[case])
+    to = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    q, k, v, dout = map(to, (q, k, v, dout))
+    kw = {n: to(t) for n, t in kw.items()}
+    out, grads = _run("triton", q, k, v, kw, dout)
+    ref, ref_grads = _reference(q, k, v, kw, dout)
+    errs = {"out": rel_rms_error(out, ref)}
+    errs.update({n: rel_rms_error(a, e) for n, a, e in zip(["dq", "dk", "dv", "dg"], grads,
+                                                          ref_grads)})
+    assert all(e <= 1e-2 for e in errs.values()), errs
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton_and_matches_sdpa():
+    q, k, v, kw, dout = make_case(B=2, Hq=4, Hkv=4, Tq=512, Tk=512, D=64, causal=True,
+                                  dtype=torch.bfloat16)
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    assert triton_unsupported_reason(q, k, v, causal=True) is None
+    a = gated_attention(q, k, v, causal=True)
+    b = gated_attention(q, k, v, causal=True, impl="sdpa")
+    assert rel_rms_error(a, b) <= 1e-2
+    assert math.isfinite(rel_rms_error(a, b))
