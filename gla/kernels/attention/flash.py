@@ -69,24 +69,42 @@ def _query_range(start_n, TQ, TK, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Query blocks that see keys [start_n, start_n + BLOCK_N): lo ≤ lo_full ≤ hi_full ≤ hi.
 
-    [lo_full, hi_full) rows see every key of the block by position (rows ≥ TQ are harmless:
-    their lse loads as +inf, so their probabilities are 0)."""
+    [lo_full, hi_full) holds whole query blocks inside [0, TQ) that see every key of the block
+    by position; the masked bands also handle the ragged end (rows ≥ TQ load lse = +inf)."""
     off = TK - TQ
     last_n = tl.minimum(start_n + BLOCK_N, TK) - 1
     lo = start_n * 0
     lo_full = lo
     hi = lo + TQ
-    hi_full = hi
+    hi_full = (hi // BLOCK_M) * BLOCK_M
     if IS_CAUSAL:
         lo = (tl.maximum(start_n - off, 0) // BLOCK_M) * BLOCK_M
         lo_full = ((tl.maximum(last_n - off, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     if HAS_WINDOW:
         hi = tl.minimum(hi, tl.maximum(last_n + WINDOW - off, 0))
-        hi_full = (tl.maximum(start_n + WINDOW - off, 0) // BLOCK_M) * BLOCK_M
+        hi_full = tl.minimum(hi_full,
+                             (tl.maximum(start_n + WINDOW - off, 0) // BLOCK_M) * BLOCK_M)
     lo = tl.minimum(lo, hi)
     lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
     hi_full = tl.maximum(tl.minimum(hi_full, hi), lo_full)
     return lo, lo_full, hi_full, hi
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, N_COLS: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a [R, C] tile, zero where ``rows >= n_rows`` (only if CHECK_ROWS) or ``cols >= N_COLS``
+    (only if the head dim was padded): bands proven in-bounds load without predicates."""
+    if CHECK_ROWS:
+        if N_COLS == cols.shape[0]:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
+    else:
+        if N_COLS == cols.shape[0]:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=cols[None, :] < N_COLS, other=0.0)
+    return x
 
 
 @triton.jit
@@ -125,11 +143,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
                     offs_m, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW,
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < TK) & (offs_d[None, :] < D), other=0.0)
+        if INT64:  # offsets past 2**31 elements
+            offs_n = offs_n.to(tl.int64)
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       offs_n, TK, offs_d, D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED or HAS_BIAS or HAS_KMASK:
             s = _scores(qk, offs_m[:, None], offs_n[None, :], qk_scale, TQ, TK, WINDOW,
@@ -147,8 +167,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < TK) & (offs_dv[None, :] < DV), other=0.0)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                       offs_n, TK, offs_dv, DV, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
@@ -168,7 +188,7 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, OUNG, LSE, sm_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_GATE: tl.constexpr,
               GATE_HEADWISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, INT64: tl.constexpr):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:  # the longest rows first: better tail balance
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -178,6 +198,8 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, OUNG, LSE, sm_scale,
     off_hk = off_h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    if INT64:  # offsets past 2**31 elements
+        offs_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qk_scale = tl.cast(sm_scale, tl.float32) * 1.4426950408889634
@@ -188,8 +210,8 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, OUNG, LSE, sm_scale,
     bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
     km_base = KMASK + off_b * stride_kmb
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < D), other=0.0)
+    q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   offs_m, TQ, offs_d, D, True)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -202,17 +224,17 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, OUNG, LSE, sm_scale,
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
             bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
             lo, lo_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
         lo_full, hi_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-        False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+        False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
         hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-        True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+        True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
 
     # epilogue: normalise, empty rows -> 0 with lse = +inf, gate, write once.
     empty = l_i == 0.0
@@ -249,7 +271,8 @@ def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA,
                          stride_eb, stride_eh, stride_em, stride_ed,
                          stride_dgb, stride_dgh, stride_dgm, stride_dgd,
                          H, TQ, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                         HAS_GATE: tl.constexpr, GATE_HEADWISE: tl.constexpr):
+                         HAS_GATE: tl.constexpr, GATE_HEADWISE: tl.constexpr,
+                         INT64: tl.constexpr):
     """delta = rowsum(dO_att · O) where O is the ungated output and dO_att = dout·σ(g) is the
     attention's dO; dgate = dout·O·σ(g)(1−σ(g)) (summed over Dv for a headwise gate)."""
     pid_m = tl.program_id(0)
@@ -257,6 +280,8 @@ def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA,
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INT64:  # offsets past 2**31 elements
+        offs_m = offs_m.to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < TQ
     msk = row_ok[:, None] & (offs_dv[None, :] < DV)
@@ -295,14 +320,20 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                          D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                          MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, INT64: tl.constexpr):
     # Transposed tiles: rows are keys (offs_n), columns are queries (offs_m).
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < TQ
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        if INT64:  # offsets past 2**31 elements
+            offs_m = offs_m.to(tl.int64)
+        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                       offs_m, TQ, offs_d, D, MASKED)
+        if MASKED:  # rows past TQ: lse = +inf makes their probabilities 0
+            lse = tl.load(lse_base + offs_m, mask=offs_m < TQ, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < TQ, other=0.0)
+        else:
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         if MASKED or HAS_BIAS or HAS_KMASK:
             sT = _scores(qkT, offs_m[None, :], offs_n[:, None], qk_scale, TQ, TK, WINDOW,
@@ -311,10 +342,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
             pT = tl.math.exp2(sT - lse[None, :])
         else:
             pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                        offs_m, TQ, offs_dv, DV, MASKED)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
@@ -335,13 +365,15 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr):
+                   HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // HK).to(tl.int64)
     off_hk = (pid_bh % HK).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    if INT64:  # offsets past 2**31 elements
+        offs_n = offs_n.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     sm_scale = tl.cast(sm_scale, tl.float32)
@@ -368,23 +400,23 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
         row_base = (off_b * H + off_h) * TQ
         lse_base = LSE + row_base
         delta_base = DELTA + row_base
-        # causal diagonal (masked), the fully visible middle, the window's far edge (masked).
+        # causal diagonal (masked), the fully visible middle, the window's far edge and the
+        # ragged last query block (masked).
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
             stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
             offs_n, offs_d, offs_dv, lo, lo_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
-            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
             stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
             offs_n, offs_d, offs_dv, lo_full, hi_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
-            False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
-        if HAS_WINDOW:
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
-                offs_n, offs_d, offs_dv, hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
-                True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+            False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+            stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
+            offs_n, offs_d, offs_dv, hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
+            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
 
     dk = dk * sm_scale
     tl.store(DKEY + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
@@ -401,14 +433,15 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_
                        offs_m, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW,
                        D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < TK
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if INT64:  # offsets past 2**31 elements
+            offs_n = offs_n.to(tl.int64)
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       offs_n, TK, offs_d, D, MASKED)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                       offs_n, TK, offs_dv, DV, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED or HAS_BIAS or HAS_KMASK:
             s = _scores(qk, offs_m[:, None], offs_n[None, :], qk_scale, TQ, TK, WINDOW,
@@ -436,7 +469,7 @@ def _attn_bwd_dq(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DQ, sm_scale,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr):
+                 HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -446,6 +479,8 @@ def _attn_bwd_dq(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DQ, sm_scale,
     off_hk = off_h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    if INT64:  # offsets past 2**31 elements
+        offs_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     sm_scale = tl.cast(sm_scale, tl.float32)
@@ -474,17 +509,17 @@ def _attn_bwd_dq(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DQ, sm_scale,
             dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
             bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
             lo, lo_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
         lo_full, hi_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-        False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+        False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
         hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-        True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION)
+        True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
 
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
@@ -602,6 +637,15 @@ def _extras(q, gate, bias, key_mask, tq, tk):
     return g, g_strides, headwise, b, b_strides, km, km_strides
 
 
+def _needs_int64(*ts) -> bool:
+    """Whether an element offset inside one tensor can reach 2**31 (int32 index math would wrap)."""
+    for t in ts:
+        if t is not None and t.numel() > 0:
+            if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 - 1:
+                return True
+    return False
+
+
 def _interp_upcast(*ts):
     """The interpreter's bf16 arithmetic is wrong: run bf16 in fp32 there (inputs are exact)."""
     return [None if t is None else (t.float() if t.dtype == torch.bfloat16 else t) for t in ts]
@@ -633,6 +677,8 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
                                       bias is not None or key_mask is not None or window > 0)
     c = cfg["fwd"]
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
+    int64 = _needs_int64(q, k, v, out, g if gate is not None else None,
+                         b if bias is not None else None)
     o_write = o_ung if gate is not None else out
     # kernels write through strides; in the interpreter-bf16 case write fp32 then cast.
     if out.dtype != q.dtype:
@@ -648,7 +694,8 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
         IS_CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_GATE=gate is not None,
         GATE_HEADWISE=headwise, HAS_BIAS=bias is not None, HAS_KMASK=key_mask is not None,
-        PRECISION=_precision(q.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
+        PRECISION=_precision(q.dtype), INT64=int64, num_warps=c["num_warps"],
+        num_stages=c["num_stages"])
     if out_k is not out:
         out.copy_(out_k)
         if gate is not None:
@@ -682,6 +729,8 @@ def attention_backward(dout, q, k, v, out, lse, o_ung=None, gate=None, bias=None
                                       bias is not None or key_mask is not None or window > 0)
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
     o = o_ung if gate is not None else out
+    int64 = _needs_int64(q, k, v, o, dout, dq, dk, dv, g if gate is not None else None,
+                         b if bias is not None else None)
     delta = _empty(B, H, TQ, dtype=torch.float32, device=q.device)
     if gate is not None:
         do_eff = _empty_bthd(B, H, TQ, DV, q.dtype, q.device)
@@ -694,11 +743,13 @@ def attention_backward(dout, q, k, v, out, lse, o_ung=None, gate=None, bias=None
         _attn_bwd_preprocess[(triton.cdiv(TQ, c["BLOCK_M"]), B * H)](
             o, dout, g, do_eff, dg, delta, *o.stride(), *dout.stride(), *gs, *do_eff.stride(),
             *dgs, H, TQ, DV=DV, BLOCK_DV=_pow2(DV), BLOCK_M=c["BLOCK_M"],
-            HAS_GATE=gate is not None, GATE_HEADWISE=headwise, num_warps=c["num_warps"],
+            HAS_GATE=gate is not None, GATE_HEADWISE=headwise, INT64=int64,
+            num_warps=c["num_warps"],
             num_stages=c["num_stages"])
     common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), IS_CAUSAL=bool(causal),
                   HAS_WINDOW=window > 0, HAS_BIAS=bias is not None,
-                  HAS_KMASK=key_mask is not None, PRECISION=_precision(q.dtype))
+                  HAS_KMASK=key_mask is not None, PRECISION=_precision(q.dtype),
+                  INT64=int64)
     if TK > 0:
         c = cfg["dkdv"]
         _attn_bwd_dkdv[(triton.cdiv(TK, c["BLOCK_N"]), B * HK)](

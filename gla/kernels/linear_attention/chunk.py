@@ -17,6 +17,9 @@ chunk is 4 sub-blocks of 16 rows. Every exponential the kernels take is of a dif
   ``tl.dot``;
 * diagonal sub-blocks: column by column, ``exp(b_i − b_j)`` for ``i ≥ j`` only (masked), ≤ 1.
 
+The sub-block loops are dynamic (``range``, not ``tl.static_range``): unrolled, the compiler
+keeps every sub-block's loads live at once and spills heavily (seen with ``ptxas -v``, sm_90).
+
 Exponents are also clamped with ``min(·, 0)``: a no-op for valid rows, it keeps the padded rows
 (loaded as 0) finite. Gates with ``g > 0`` are outside the contract.
 
@@ -155,7 +158,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
         if HAS_G:
             bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
         upd = tl.zeros([BK, BV], dtype=tl.float32)
-        for I in tl.static_range(NSUB):
+        for I in range(NSUB):
             rI = cs + I * BS + o_s
             mI = rI < L
             tI = bos + rI
@@ -174,7 +177,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
             # inter-chunk: (q_i ⊙ exp(b_i)) S
             acc = tl.dot(qg.to(DT), S.to(DT), input_precision=PREC)
             # off-diagonal sub-blocks J < I
-            for J in tl.static_range(I):
+            for J in range(0, I):
                 rJ = cs + J * BS + o_s
                 mJ = rJ < L
                 tJ = bos + rJ
@@ -238,11 +241,17 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
 
 
 def _blocks(K: int, V: int):
+    """(BK, BV, num_warps). Small BV: more programs (B·H·V/BV sequential walks) to fill the GPU
+    and fewer registers (checked with ``ptxas -v`` for sm_90: no or few spills at these
+    settings)."""
     BK = _next_pow2(K)
-    # BV = 32 at K > 64: state + update stay ≤ 64 fp32 registers a thread at 4 warps, and more
-    # programs (B·H·V/BV) fill the GPU, which otherwise has only B·H sequential walks.
-    BV = min(_next_pow2(V), 64 if BK <= 64 else 32)
-    return BK, BV
+    if BK <= 32:
+        return BK, min(_next_pow2(V), 64), 4
+    if BK <= 64:
+        return BK, min(_next_pow2(V), 32), 4
+    if BK <= 128:
+        return BK, min(_next_pow2(V), 32), 8
+    return BK, 16, 8
 
 
 def chunk_gla_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state,
@@ -261,14 +270,14 @@ def chunk_gla_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_sta
     else:
         ht = torch.empty(0, dtype=torch.float32, device=q.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    BK, BV = _blocks(K, V)
+    BK, BV, NW = _blocks(K, V)
     DT, PREC = _dot_cfg(q.dtype, q.device)
     _fwd_kernel[(triton.cdiv(V, BV), N * HQ)](
         q, k, v, gc if gc is not None else q, o, h0 if h0 is not None else q, ht,
         cu_seqlens if cu_seqlens is not None else q, scale, T, H, G,
         K=K, V=V, BK=BK, BV=BV, BT=BT, BS=BS, HAS_G=g is not None, USE_H0=h0 is not None,
         STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None, DT=DT, PREC=PREC,
-        DIAG_3D=_diag_3d(q.device), num_warps=4)
+        DIAG_3D=_diag_3d(q.device), num_warps=NW)
     return o, ht
 
 
@@ -315,7 +324,7 @@ def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, 
         if HAS_G:
             bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
         upd = tl.zeros([BK, BV], dtype=tl.float32)
-        for I in tl.static_range(NSUB):
+        for I in range(NSUB):
             rI = cs + I * BS + o_s
             mI = rI < L
             tI = bos + rI
@@ -334,7 +343,7 @@ def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, 
             acc = tl.dot(doI.to(DT), tl.trans(S.to(DT)), input_precision=PREC)
             if HAS_G:
                 acc = acc * tl.exp(tl.minimum(bI, 0.0))
-            for J in tl.static_range(I):
+            for J in range(0, I):
                 rJ = cs + J * BS + o_s
                 mJ = rJ < L
                 tJ = bos + rJ
@@ -435,7 +444,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
         if HAS_G:
             bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
         dS_new = tl.zeros([BK, BV], dtype=tl.float32)
-        for J in tl.static_range(NSUB):
+        for J in range(NSUB):
             rJ = cs + J * BS + o_s
             mJ = rJ < L
             tJ = bos + rJ
@@ -467,7 +476,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
             for gq in range(G):
                 i_hq = i_h * G + gq
                 # off-diagonal sub-blocks I > J
-                for I in tl.static_range(J + 1, NSUB):
+                for I in range(J + 1, NSUB):
                     rI = cs + I * BS + o_s
                     mI = rI < L
                     tI = bos + rI
@@ -556,7 +565,7 @@ def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, s
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     dev = q.device
     gc = gate_cumsum(g, k, cu_seqlens, N) if g is not None else None
-    BK, BV = _blocks(K, V)
+    BK, BV, NW = _blocks(K, V)
     NV = triton.cdiv(V, BV)
     DT, PREC = _dot_cfg(q.dtype, dev)
     d3 = _diag_3d(dev)
@@ -568,7 +577,7 @@ def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, s
         k, v, gc if gc is not None else q, do, dq_part, h0 if h0 is not None else q, cu, scale,
         T, H, G, NTOK, K=K, V=V, BK=BK, BV=BV, BT=BT, BS=BS, HAS_G=g is not None,
         USE_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None, DT=DT, PREC=PREC,
-        DIAG_3D=d3, num_warps=4)
+        DIAG_3D=d3, num_warps=NW)
     dk_part = torch.empty(NV, B, T, H, K, dtype=torch.float32, device=dev)
     dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
     dh0 = (torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None
@@ -579,7 +588,7 @@ def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, s
         dht_c if dht_c is not None else q, dh0, cu, scale, T, H, G, NTOK,
         K=K, V=V, BK=BK, BV=BV, BT=BT, BS=BS, HAS_G=g is not None, USE_DHT=dht_c is not None,
         STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None, DT=DT, PREC=PREC,
-        DIAG_3D=d3, num_warps=4)
+        DIAG_3D=d3, num_warps=NW)
     dq32 = dq_part.sum(0) if NV > 1 else dq_part[0]
     dk32 = dk_part.sum(0) if NV > 1 else dk_part[0]
     dg = None

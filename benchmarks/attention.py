@@ -1,0 +1,276 @@
+"""Attention benchmark (bfloat16, one GPU): gla's Triton flash attention side by side with SDPA.
+
+    main(out_dir) -> str      # prints and returns the table, writes {out_dir}/attention-<device>.md
+
+(1) causal attention, B=2, H=16, D in (128, 64), T in 1024..16384 (D=64 stops at 8192), forward
+    and forward+backward: gla Triton, SDPA flash backend, SDPA cuDNN backend, SDPA default,
+    FlexAttention (torch.compile'd, causal block mask). TFLOP/s with causal FLOPs
+    4·B·H·T²·D/2 (forward) and 3.5× that (forward+backward); ratios are speed ratios (their
+    time / gla's time, > 1 means gla is faster) against cuDNN and Flex.
+(2) gated attention (elementwise gate [B, H, T, D]), T ≤ 8192: gla (gate fused in the epilogue)
+    vs SDPA default followed by ``* sigmoid(g)``, eager and under torch.compile.
+
+All timings are triton.testing.do_bench medians (warmup 25 ms, rep 100 ms). gla is checked
+against an fp32 SDPA (math) reference at one shape before anything is timed.
+
+``python benchmarks/attention.py --sweep`` instead times a few block configs per kernel at
+T=4096 (causal, bf16) and prints them, to retune ``flash.attention_configs``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+B, H = 2, 16
+T_LIST = (1024, 2048, 4096, 8192, 16384)
+D_LIST = (128, 64)
+GATED_T_MAX = 8192
+DTYPE = torch.bfloat16
+
+
+def _require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "benchmarks/attention.py needs a CUDA GPU: torch.cuda.is_available() is False on this "
+            "machine (the Triton interpreter is far too slow to time anything).")
+
+
+def _device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def _bench(fn, grad_to_none=None) -> float:
+    from triton.testing import do_bench
+
+    try:
+        return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
+                              return_mode="median"))
+    except Exception as e:  # a backend that refuses the shape: report, keep going
+        print(f"  ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
+        return float("nan")
+
+
+def _fwd_flops(b, h, t, d, causal=True) -> float:
+    f = 4.0 * b * h * t * t * d
+    return f / 2 if causal else f
+
+
+def _inputs(t, d, grad, gate=False):
+    gen = torch.Generator(device="cuda").manual_seed(t * 1000 + d)
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=DTYPE, generator=gen)  # noqa: E731
+    q, k, v = mk(B, H, t, d), mk(B, H, t, d), mk(B, H, t, d)
+    g = mk(B, H, t, d) if gate else None
+    ts = [x for x in (q, k, v, g) if x is not None]
+    for x in ts:
+        x.requires_grad_(grad)
+    return q, k, v, g
+
+
+def _impls():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from gla.kernels.attention import gated_attention
+
+    flex = torch.compile(flex_attention)
+    masks = {}
+
+    def causal_mod(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def flex_fn(q, k, v):
+        t = q.shape[2]
+        if t not in masks:
+            masks[t] = create_block_mask(causal_mod, None, None, t, t, device="cuda")
+        return flex(q, k, v, block_mask=masks[t])
+
+    def sdpa_with(backend):
+        def fn(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return fn
+
+    return {
+        "gla": lambda q, k, v: gated_attention(q, k, v, causal=True, impl="triton"),
+        "sdpa-flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
+        "sdpa-cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
+        "sdpa-default": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "flex": flex_fn,
+    }
+
+
+def _time_impl(fn, q, k, v, backward: bool) -> float:
+    if not backward:
+        with torch.no_grad():
+            return _bench(lambda: fn(q, k, v))
+    do = torch.randn_like(q)
+
+    def step():
+        fn(q, k, v).backward(do)
+    return _bench(step, grad_to_none=[q, k, v])
+
+
+def _check(lines) -> None:
+    """gla vs an fp32 SDPA (math) reference, forward and backward, at one shape."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from gla.kernels.attention import gated_attention
+    from gla.testing import rel_rms_error
+
+    t, d = 1024, 128
+    q, k, v, g = _inputs(t, d, True, gate=True)
+    do = torch.randn_like(q)
+    out = gated_attention(q, k, v, gate=g, causal=True, impl="triton")
+    grads = torch.autograd.grad(out, (q, k, v, g), do)
+    ref_in = [x.detach().float().requires_grad_() for x in (q, k, v, g)]
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = F.scaled_dot_product_attention(*ref_in[:3], is_causal=True) * torch.sigmoid(ref_in[3])
+    ref_grads = torch.autograd.grad(ref, ref_in, do.float())
+    errs = [rel_rms_error(out, ref)] + [rel_rms_error(a, e) for a, e in zip(grads, ref_grads)]
+    names = ["out", "dq", "dk", "dv", "dgate"]
+    lines.append(f"correctness (gated, causal, T={t}, D={d}, bf16 vs fp32 SDPA math): "
+                 + ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errs)))
+    if not all(e < 2e-2 for e in errs):
+        raise RuntimeError("gla attention disagrees with the fp32 reference: " + lines[-1])
+
+
+def run(out_dir: str) -> str:
+    import triton
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    t_start = time.time()
+    name = torch.cuda.get_device_name()
+    lines = [f"# Attention: gla Triton vs SDPA / FlexAttention on {name}", "",
+             f"torch {torch.__version__}, triton {triton.__version__}, bf16, B={B}, H={H}, causal. "
+             "TFLOP/s use causal FLOPs (4·B·H·T²·D/2 fwd, ×3.5 fwd+bwd); ms are do_bench "
+             "medians; `vs X` = X's time / gla's time (> 1: gla faster).", ""]
+    _check(lines)
+    lines.append("")
+    impls = _impls()
+    cols = list(impls)
+    hdr = ("| D | T | pass | " + " | ".join(f"{c} ms (TFLOP/s)" for c in cols)
+           + " | vs cuDNN | vs Flex |")
+    lines += ["## Causal attention", "", hdr, "|" + "---|" * (len(cols) + 5)]
+    for d in D_LIST:
+        for t in T_LIST:
+            if d == 64 and t > 8192:
+                continue
+            for backward in (False, True):
+                q, k, v, _ = _inputs(t, d, backward)
+                flops = _fwd_flops(B, H, t, d) * (3.5 if backward else 1.0)
+                ms = {c: _time_impl(impls[c], q, k, v, backward) for c in cols}
+                cells = [f"{ms[c]:.3f} ({flops / ms[c] * 1e-9:.0f})" if math.isfinite(ms[c])
+                         else "n/a" for c in cols]
+                ratio = lambda c: ms[c] / ms["gla"]  # noqa: E731
+                row = (f"| {d} | {t} | {'fwd+bwd' if backward else 'fwd'} | " + " | ".join(cells)
+                       + f" | {ratio('sdpa-cudnn'):.2f} | {ratio('flex'):.2f} |")
+                lines.append(row)
+                print(row, flush=True)
+                del q, k, v
+    lines += ["", "## Gated attention (elementwise gate [B, H, T, D])", "",
+              "| D | T | pass | gla ms (TFLOP/s) | SDPA + sigmoid eager ms | SDPA + sigmoid "
+              "compiled ms | vs eager | vs compiled |", "|---|---|---|---|---|---|---|---|"]
+
+    def sdpa_gated(q, k, v, g):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True) * torch.sigmoid(g)
+
+    from gla.kernels.attention import gated_attention
+    gated = {
+        "gla": lambda q, k, v, g: gated_attention(q, k, v, gate=g, causal=True, impl="triton"),
+        "eager": sdpa_gated,
+        "compiled": torch.compile(sdpa_gated),
+    }
+    for d in D_LIST:
+        for t in T_LIST:
+            if t > GATED_T_MAX:
+                continue
+            for backward in (False, True):
+                q, k, v, g = _inputs(t, d, backward, gate=True)
+                flops = _fwd_flops(B, H, t, d) * (3.5 if backward else 1.0)
+                ms = {}
+                for c, fn in gated.items():
+                    if backward:
+                        do = torch.randn_like(q)
+                        ms[c] = _bench(lambda fn=fn: fn(q, k, v, g).backward(do),
+                                       grad_to_none=[q, k, v, g])
+                    else:
+                        with torch.no_grad():
+                            ms[c] = _bench(lambda fn=fn: fn(q, k, v, g))
+                row = (f"| {d} | {t} | {'fwd+bwd' if backward else 'fwd'} | {ms['gla']:.3f} "
+                       f"({flops / ms['gla'] * 1e-9:.0f}) | {ms['eager']:.3f} | "
+                       f"{ms['compiled']:.3f} | {ms['eager'] / ms['gla']:.2f} | "
+                       f"{ms['compiled'] / ms['gla']:.2f} |")
+                lines.append(row)
+                print(row, flush=True)
+                del q, k, v, g
+    lines += ["", f"total benchmark time {time.time() - t_start:.0f} s"]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"attention-{_device_slug(name)}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)
+    return text
+
+
+def sweep(t: int = 4096) -> str:
+    """Time candidate block configs of each kernel (causal, bf16) to retune attention_configs."""
+    _require_cuda()
+    from gla.kernels.attention import flash
+
+    cands = {
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
+                (128, 64, 4, 3), (128, 128, 8, 3)],
+        "dkdv": [(32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (64, 128, 8, 2),
+                 (32, 128, 8, 3), (32, 128, 4, 2), (64, 64, 8, 2)],
+        "dq": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3),
+               (128, 128, 8, 2)],
+    }
+    out = []
+    for d in D_LIST:
+        q, k, v, _ = _inputs(t, d, False)
+        scale = 1 / math.sqrt(d)
+        base = flash.attention_configs(d, d, DTYPE, True, t, interpret=False)
+        o, lse, _ = flash.attention_forward(q, k, v, None, None, None, scale, True, 0)
+        do = torch.randn_like(o)
+        fwd_flops = _fwd_flops(B, H, t, d)
+        for kern, lst in cands.items():
+            for bm, bn, w, s in lst:
+                cfg = dict(base)
+                cfg[kern] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+                if kern == "fwd":
+                    fn = lambda cfg=cfg: flash.attention_forward(  # noqa: E731
+                        q, k, v, None, None, None, scale, True, 0, config=cfg)
+                    flops = fwd_flops
+                else:
+                    fn = lambda cfg=cfg: flash.attention_backward(  # noqa: E731
+                        do, q, k, v, o, lse, None, None, None, None, scale, True, 0, config=cfg)
+                    flops = 2.5 * fwd_flops
+                ms = _bench(fn)
+                mark = " (current)" if cfg[kern] == base[kern] else ""
+                line = (f"D={d} T={t} {kern:5s} BM={bm:3d} BN={bn:3d} warps={w} stages={s}: "
+                        f"{ms:.3f} ms, {flops / ms * 1e-9:.0f} TFLOP/s{mark}")
+                print(line, flush=True)
+                out.append(line)
+    return "\n".join(out)
+
+
+def main(out_dir: str) -> str:
+    _require_cuda()
+    return run(out_dir)
+
+
+if __name__ == "__main__":
+    if "--sweep" in sys.argv:
+        sweep()
+    else:
+        args = [a for a in sys.argv[1:] if not a.startswith("--")]
+        main(args[0] if args else os.path.join(os.path.dirname(__file__), "results"))
