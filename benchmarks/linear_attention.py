@@ -105,9 +105,9 @@ def _correctness(chunk_gla, fla_chunk, notes) -> None:
     names = ["o", "final state", "dq", "dk", "dv", "dg"]
     line = ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errs))
     ok = all(e < 5e-3 for e in errs)
-    notes.append(f"- gla vs fp64 reference (bf16, T=700, D=128): rel RMS {line} "
-                 f"-> {'OK' if ok else 'FAILED'}")
-    if not ok:
+    notes.append(f"- gla vs fp64 reference (bf16, T=700, D={D}): rel RMS {line} "
+                 f"-> {'OK (< 5e-3)' if ok else 'ABOVE the 5e-3 test threshold'}")
+    if max(errs) > 5e-2:                       # broken, not merely imprecise: time nothing
         raise RuntimeError("gla chunk_gla failed its correctness check: " + line)
     if fla_chunk is not None:
         try:
@@ -194,7 +194,7 @@ def _first_call_section(chunk_gla, first_ever_s) -> str:
     torch.cuda.synchronize()
     new_t = time.perf_counter() - t0
     return ("### (2) gla first call\n\n"
-            + _table(["call", "s"], [["very first fwd+bwd (Triton compiles, T=700, D=128)",
+            + _table(["call", "s"], [[f"very first fwd+bwd (Triton compiles, T=700, D={D})",
                                       f"{first_ever_s:.2f}"],
                                      ["first fwd+bwd at a new T=3000 (no recompile)",
                                       f"{new_t:.3f}"]]))
@@ -252,11 +252,15 @@ def run(out_dir: str) -> str:
     name = torch.cuda.get_device_name()
     fla_chunk, fla_rec, fla_note = _fla()
     notes = [f"- flash-linear-attention: {fla_note}"]
+    q, k, v, g = _inputs(700, b=1, h=4, requires_grad=True, seed=1)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    _correctness(chunk_gla, fla_chunk, notes)            # also the very first (compiling) call
+    o, _ = chunk_gla(q, k, v, g)                         # the very first call: Triton compiles
+    o.backward(torch.ones_like(o))
     torch.cuda.synchronize()
     first_ever = time.perf_counter() - t0
+    del q, k, v, g, o
+    _correctness(chunk_gla, fla_chunk, notes)
     sections = [_chunk_section(chunk_gla, fla_chunk, notes, t_start),
                 _first_call_section(chunk_gla, first_ever),
                 _decode_section(fused_recurrent_gla, chunk_gla, fla_rec, notes)]

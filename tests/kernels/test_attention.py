@@ -16,6 +16,7 @@ from gla.kernels.attention import (
     attention_reference,
     flash,
     gated_attention,
+    resolve_impl,
     triton_unsupported_reason,
 )
 from gla.kernels.attention.op import attention_backward_op, attention_op
@@ -119,9 +120,10 @@ def _run(impl, q, k, v, kw, dout):
     g = kw["gate"]
     if g is not None:
         leaves.append(g.detach().requires_grad_())
-    out = gated_attention(leaves[0], leaves[1], leaves[2], gate=leaves[3] if g is not None else None,
-                          bias=kw["bias"], key_mask=kw["key_mask"], causal=kw["causal"],
-                          window=kw["window"], impl=impl)
+    out = gated_attention(leaves[0], leaves[1], leaves[2],
+                          gate=leaves[3] if g is not None else None, bias=kw["bias"],
+                          key_mask=kw["key_mask"], causal=kw["causal"], window=kw["window"],
+                          impl=impl)
     grads = torch.autograd.grad(out, leaves, dout)
     return out, grads
 
@@ -176,8 +178,9 @@ def _cfg(fwd, dq, dkdv):
 @pytest.mark.parametrize("cfg", [_cfg((32, 16), (16, 32), (16, 32)),
                                  _cfg((16, 32), (32, 16), (32, 16))], ids=["tall", "wide"])
 @pytest.mark.parametrize("case", [dict(Tq=40, Tk=70, causal=True, window=23),
-                                  dict(Tq=70, Tk=40, window=11, key_mask="random", B=2)],
-                         ids=["q40-k70-causal-window", "q70-k40-window-keymask"])
+                                  dict(Tq=70, Tk=40, window=11, key_mask="random", B=2),
+                                  dict(Tq=64, Tk=64, causal=True)],
+                         ids=["q40-k70-causal-window", "q70-k40-window-keymask", "even-64"])
 def test_block_m_differs_from_block_n(case, cfg):
     """The GPU configs use BLOCK_M != BLOCK_N: exercise the band arithmetic with such tiles."""
     q, k, v, kw, dout = make_case(Hq=2, Hkv=1, D=32, gate="elementwise", **case)
@@ -242,6 +245,8 @@ def test_unsupported_reasons(monkeypatch):
         assert triton_unsupported_reason(q, q, q, bias=bias) is None
     gate = torch.zeros(1, 1, 8, 32)  # broadcasts, but the kernel wants [B, Hq, Tq, Dv|1]
     assert "gate shape" in triton_unsupported_reason(q, q, q, gate=gate)
+    assert resolve_impl(q, q, q) == "sdpa"  # auto: Triton only for CUDA tensors
+    assert resolve_impl(q, q, q, impl="triton") == "triton"
     meta = torch.empty(1, 2, 8, 32, device="meta")
     assert "meta" in triton_unsupported_reason(meta, meta, meta)
     monkeypatch.setenv("TRITON_INTERPRET", "0")

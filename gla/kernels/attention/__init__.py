@@ -4,6 +4,7 @@
 entry; it calls the ``torch.ops.gla.attention`` op (backward: ``torch.ops.gla.attention_backward``).
 """
 from .naive import attention_reference
-from .op import attention_sdpa, gated_attention, triton_unsupported_reason
+from .op import attention_sdpa, gated_attention, resolve_impl, triton_unsupported_reason
 
-__all__ = ["gated_attention", "attention_reference", "attention_sdpa", "triton_unsupported_reason"]
+__all__ = ["gated_attention", "attention_reference", "attention_sdpa", "resolve_impl",
+           "triton_unsupported_reason"]

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # written out as a literal inside the kernels
 # Finite biases below this are clamped before scaling by log2(e), so finfo(float32).min stays
 # finite (a row masked only by finfo.min is a softmax, not an empty row); -inf stays -inf.
 _BIAS_FLOOR = tl.constexpr(-1.0e38)
@@ -143,7 +143,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
                     offs_m, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW,
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr,
+                    INT64: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if INT64:  # offsets past 2**31 elements
@@ -365,7 +366,8 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
+                   HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+                   EVEN_M: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // HK).to(tl.int64)
@@ -412,11 +414,12 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
             stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
             offs_n, offs_d, offs_dv, lo_full, hi_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
             False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-            stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
-            offs_n, offs_d, offs_dv, hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
-            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
+        if HAS_WINDOW or not EVEN_M:  # (else [hi_full, hi) is empty)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+                stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
+                offs_n, offs_d, offs_dv, hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
+                True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
 
     dk = dk * sm_scale
     tl.store(DKEY + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
@@ -433,7 +436,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_
                        offs_m, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW,
                        D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr,
+                       INT64: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if INT64:  # offsets past 2**31 elements
@@ -558,7 +562,7 @@ def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int
         dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     elif bd <= 128:
         fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-        dkdv = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)  # 40 B of spill, causal
+        dkdv = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)  # 56 B of spill, causal
         dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
     else:
         fwd = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
@@ -566,8 +570,9 @@ def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int
         dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if extras:  # bias / key-mask / window tiles: smaller key tiles keep registers in check
         if bd <= 64:
-            fwd, dkdv, dq = (dict(fwd, BLOCK_N=32), dict(dkdv, BLOCK_M=16, BLOCK_N=64, num_stages=2),
-                             dict(dq, BLOCK_N=32))
+            fwd = dict(fwd, BLOCK_N=32)
+            dkdv = dict(dkdv, BLOCK_M=16, BLOCK_N=64, num_stages=2)
+            dq = dict(dq, BLOCK_N=32)
         elif bd <= 128:
             fwd, dkdv, dq = (dict(fwd, BLOCK_N=32), dict(dkdv, BLOCK_M=16, BLOCK_N=64),
                              dict(dq, BLOCK_N=32))
@@ -682,7 +687,8 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     o_write = o_ung if gate is not None else out
     # kernels write through strides; in the interpreter-bf16 case write fp32 then cast.
     if out.dtype != q.dtype:
-        out_k, o_ung_k = torch.empty_like(out, dtype=q.dtype), torch.empty_like(o_write, dtype=q.dtype)
+        out_k = torch.empty_like(out, dtype=q.dtype)
+        o_ung_k = torch.empty_like(o_write, dtype=q.dtype)
     else:
         out_k, o_ung_k = out, o_write
     grid = (triton.cdiv(TQ, c["BLOCK_M"]), B * H)
@@ -756,7 +762,8 @@ def attention_backward(dout, q, k, v, out, lse, o_ung=None, gate=None, bias=None
             q, k, v, b, km, do_eff, lse, delta, dk, dv, scale,
             *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *dk.stride(),
             *dv.stride(), H, HK, H // HK, TQ, TK, int(window),
-            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"],
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], EVEN_M=TQ % c["BLOCK_M"] == 0,
+            num_warps=c["num_warps"],
             num_stages=c["num_stages"], **common)
     if TQ > 0:
         c = cfg["dq"]

@@ -158,6 +158,9 @@ def attention_sdpa(q, k, v, gate=None, bias=None, key_mask=None, scale=None, cau
 
 
 def _forward_fn(impl: str):
+    if impl not in ("sdpa", "reference"):
+        raise ValueError(f"gla::attention needs impl 'triton', 'sdpa' or 'reference' (resolve "
+                         f"'auto' with resolve_impl first); got {impl!r}")
     return {"sdpa": attention_sdpa, "reference": attention_reference}[impl]
 
 
@@ -286,6 +289,25 @@ torch.library.register_autograd("gla::attention", _backward, setup_context=_setu
 # ----------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------
+def resolve_impl(q, k, v, gate=None, bias=None, key_mask=None, causal=False, window=0,
+                 impl="auto") -> str:
+    """The concrete impl ``gla::attention`` should run: "auto" becomes "triton" for CUDA tensors
+    the kernels support, else "sdpa"; a forced "triton" the kernels cannot run raises
+    ValueError with the reason. Works on FakeTensors (for lowerings that emit the op directly)."""
+    if impl == "auto":
+        ok = q.is_cuda and triton_unsupported_reason(q, k, v, gate, bias, key_mask, causal,
+                                                     window) is None
+        return "triton" if ok else "sdpa"
+    if impl == "triton":
+        reason = triton_unsupported_reason(q, k, v, gate, bias, key_mask, causal, window)
+        if reason is not None:
+            raise ValueError(reason)
+        return impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    return impl
+
+
 def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     gate: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                     key_mask: torch.Tensor | None = None, scale: float | None = None,
@@ -315,16 +337,7 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _check_args(q, k, v, gate, bias, key_mask, window)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if impl == "auto":
-        ok = q.is_cuda and triton_unsupported_reason(q, k, v, gate, bias, key_mask, causal,
-                                                     window) is None
-        impl = "triton" if ok else "sdpa"
-    elif impl == "triton":
-        reason = triton_unsupported_reason(q, k, v, gate, bias, key_mask, causal, window)
-        if reason is not None:
-            raise ValueError(reason)
-    elif impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    impl = resolve_impl(q, k, v, gate, bias, key_mask, causal, window, impl)
     out, _, _ = torch.ops.gla.attention(q, k, v, gate, bias, key_mask, float(scale),
                                         bool(causal), int(window), impl)
     return out

@@ -15,7 +15,9 @@ chunk is 4 sub-blocks of 16 rows. Every exponential the kernels take is of a dif
   last row of ``J``, ``j ≤ r < i``, so ``b_i − b_r ≤ 0`` and ``b_r − b_j ≤ 0`` and
   ``exp(b_i − b_j) = exp(b_i − b_r) · exp(b_r − b_j)`` splits into two ≤ 1 factors that go into a
   ``tl.dot``;
-* diagonal sub-blocks: column by column, ``exp(b_i − b_j)`` for ``i ≥ j`` only (masked), ≤ 1.
+* diagonal sub-blocks: ``exp(b_i − b_j)`` for ``i ≥ j`` only (masked), ≤ 1; on CUDA column by
+  column (``[16, K]`` registers), on CPU as one ``[16, 16, K]`` broadcast (few big ops: the
+  interpreter's fast path; ``DIAG_3D_OVERRIDE`` forces either, the tests run both).
 
 The sub-block loops are dynamic (``range``, not ``tl.static_range``): unrolled, the compiler
 keeps every sub-block's loads live at once and spills heavily (seen with ``ptxas -v``, sm_90).
@@ -24,8 +26,8 @@ Exponents are also clamped with ``min(·, 0)``: a no-op for valid rows, it keeps
 (loaded as 0) finite. Gates with ``g > 0`` are outside the contract.
 
 Precision: loads are upcast to fp32 at once and stores downcast; all arithmetic is fp32. Dots
-take fp32 operands: ``input_precision="ieee"`` for fp32 inputs (and on CPU), ``"tf32"`` for
-fp16/bf16 inputs on CUDA (see ``_dot_cfg``).
+take fp32 operands: ``input_precision="ieee"`` for fp32 inputs (and on CPU); for fp16/bf16
+inputs on CUDA ``"tf32"`` in the forward and ``"tf32x3"`` in the backward (see ``_dot_cfg``).
 """
 from __future__ import annotations
 
@@ -52,16 +54,32 @@ def _diag_3d(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def _dot_cfg(dtype: torch.dtype, device: torch.device):
+def _dot_cfg(dtype: torch.dtype, device: torch.device, backward: bool = False):
     """(dot operand dtype, input_precision).
 
-    fp32 inputs: exact ``ieee`` dots. fp16/bf16 inputs on CUDA: fp32 operands with ``tf32``
-    (10-bit mantissa): the operands of most dots are products of inputs with decay factors or
-    the fp32 state, which a cast back to bf16 (7 bits) would round a second time. On CPU (the
-    interpreter, whose bf16 arithmetic is wrong) everything stays ``ieee`` fp32."""
+    fp32 inputs: exact ``ieee`` dots. fp16/bf16 inputs on CUDA: fp32 operands (the operands of
+    most dots are products of inputs with decay factors, or the fp32 state, which a cast back to
+    bf16 would round a second time) with ``tf32`` in the forward and ``tf32x3`` (≈ fp32) in the
+    backward: dg comes from a reverse cumsum over the whole sequence of q⊙dq − k⊙dk, whose terms
+    cancel, so it amplifies the relative error of dq/dk by ~√T (measured in fp64: 5e-4 noise on
+    dq, dk gives 2.4e-2 on dg at T=1000). On CPU (the interpreter, whose bf16 arithmetic is
+    wrong) everything stays ``ieee`` fp32."""
     if dtype == torch.float32 or device.type != "cuda":
         return tl.float32, "ieee"
-    return tl.float32, "tf32"
+    return tl.float32, ("tf32x3" if backward else "tf32")
+
+
+# triton.language's own @jit helpers (tl.sum, tl.cumsum, tl.cdiv) are fixed as compiled or
+# interpreted when triton is first imported; torch._dynamo imports triton, possibly before
+# gla.kernels sets TRITON_INTERPRET. Our own helpers are created after, so use them instead.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add)
 
 
 @triton.jit
@@ -96,7 +114,7 @@ def _gate_cumsum_kernel(g_ptr, gc_ptr, cu_ptr, T, H, s_gt, s_gh, s_gk,
         m = ((s + o_t) < L)[:, None] & mk[None, :]
         gg = tl.load(g_ptr + rows[:, None] * s_gt + i_h * s_gh + o_k[None, :] * s_gk, mask=m,
                      other=0.0).to(tl.float32)
-        b = tl.cumsum(gg, axis=0)
+        b = tl.associative_scan(gg, 0, _add)
         tl.store(gc_ptr + rows[:, None] * (H * K) + i_h * K + o_k[None, :], b, mask=m)
 
 
@@ -202,7 +220,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
             if DIAG_3D or (not HAS_G):   # [BS, BS, BK] broadcast: few big ops (the interpreter's fast path)
                 if HAS_G:
                     e3 = tl.exp(tl.minimum(bI[:, None, :] - bI[None, :, :], 0.0))
-                    ad = tl.sum(qI[:, None, :] * kI[None, :, :] * e3, axis=2)
+                    ad = _sum(qI[:, None, :] * kI[None, :, :] * e3, 2)
                 else:
                     ad = tl.dot(qI.to(DT), tl.trans(kI.to(DT)), input_precision=PREC)
                 ad = tl.where(o_s[:, None] >= o_s[None, :], ad, 0.0)
@@ -217,8 +235,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
                     vj = tl.load(v_ptr + tj * sv + i_h * V + o_v, mask=mv & ((o_v * 0 + rj) < L),
                                  other=0.0).to(tl.float32)
                     bj = tl.load(gc_ptr + tj * sk + i_h * K + o_k, mask=mk & mj, other=0.0)
-                    sc = tl.sum(qI * kj[None, :] * tl.exp(tl.minimum(bI - bj[None, :], 0.0)),
-                                axis=1)
+                    sc = _sum(qI * kj[None, :] * tl.exp(tl.minimum(bI - bj[None, :], 0.0)),
+                                1)
                     sc = tl.where(o_s >= j, sc, 0.0)
                     acc += sc[:, None] * vj[None, :]
             tl.store(o_ptr + tI[:, None] * so + i_hq * V + o_v[None, :],
@@ -369,7 +387,7 @@ def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, 
                 dad = tl.where(o_s[:, None] >= o_s[None, :], dad, 0.0)
                 if HAS_G:
                     e3 = tl.exp(tl.minimum(bI[:, None, :] - bI[None, :, :], 0.0))
-                    acc += tl.sum(dad[:, :, None] * kI[None, :, :] * e3, axis=1)
+                    acc += _sum(dad[:, :, None] * kI[None, :, :] * e3, 1)
                 else:
                     acc += tl.dot(dad.to(DT), kI.to(DT), input_precision=PREC)
             else:
@@ -382,7 +400,7 @@ def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, 
                     vj = tl.load(v_ptr + tj * sv + i_h * V + o_v, mask=mv & ((o_v * 0 + rj) < L),
                                  other=0.0).to(tl.float32)
                     bj = tl.load(gc_ptr + tj * sk + i_h * K + o_k, mask=mk & mj, other=0.0)
-                    dac = tl.sum(doI * vj[None, :], axis=1)
+                    dac = _sum(doI * vj[None, :], 1)
                     dac = tl.where(o_s >= j, dac, 0.0)
                     acc += dac[:, None] * kj[None, :] * tl.exp(tl.minimum(bI - bj[None, :], 0.0))
             tl.store(dq_ptr + tI[:, None] * sdq + i_hq * K + o_k[None, :],
@@ -437,7 +455,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
     if USE_DHT:
         dS += tl.load(dht_ptr + i_n * H * K * V + i_h * K * V + o_k[:, None] * V + o_v[None, :],
                       mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
-    NC = tl.cdiv(L, BT)
+    NC = (L + BT - 1) // BT
     for ii in range(0, NC):
         cs = (NC - 1 - ii) * BT
         last = tl.minimum(cs + BT, L) - 1
@@ -505,8 +523,8 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
                     dad = tl.where(tri, dad, 0.0)                                # [i, j]
                     if HAS_G:
                         e3 = tl.exp(tl.minimum(bJ[:, None, :] - bJ[None, :, :], 0.0))
-                        ad = tl.sum(qJ[:, None, :] * kJ[None, :, :] * e3, axis=2)
-                        dkJ += tl.sum(dad[:, :, None] * qJ[:, None, :] * e3, axis=0) * scale
+                        ad = _sum(qJ[:, None, :] * kJ[None, :, :] * e3, 2)
+                        dkJ += _sum(dad[:, :, None] * qJ[:, None, :] * e3, 0) * scale
                     else:
                         ad = tl.dot(qJ.to(DT), tl.trans(kJ.to(DT)), input_precision=PREC)
                         dkJ += tl.dot(tl.trans(dad.to(DT)), qJ.to(DT),
@@ -525,8 +543,8 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
                         bi = tl.load(gc_ptr + ti * sk + i_h * K + o_k, mask=mk & mi, other=0.0)
                         e = tl.exp(tl.minimum(bi[None, :] - bJ, 0.0))             # [j, K]
                         qe = qi[None, :] * e
-                        ac = tl.where(o_s <= i, tl.sum(kJ * qe, axis=1), 0.0)
-                        dac = tl.where(o_s <= i, tl.sum(vJ * doi[None, :], axis=1), 0.0)
+                        ac = tl.where(o_s <= i, _sum(kJ * qe, 1), 0.0)
+                        dac = tl.where(o_s <= i, _sum(vJ * doi[None, :], 1), 0.0)
                         dvJ += (ac * scale)[:, None] * doi[None, :]
                         dkJ += (dac * scale)[:, None] * qe
                 # dS contribution of this query head's sub-block J
@@ -567,7 +585,7 @@ def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, s
     gc = gate_cumsum(g, k, cu_seqlens, N) if g is not None else None
     BK, BV, NW = _blocks(K, V)
     NV = triton.cdiv(V, BV)
-    DT, PREC = _dot_cfg(q.dtype, dev)
+    DT, PREC = _dot_cfg(q.dtype, dev, backward=True)
     d3 = _diag_3d(dev)
     NTOK = B * T
     cu = cu_seqlens if cu_seqlens is not None else q

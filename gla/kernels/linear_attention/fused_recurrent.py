@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk import _sum
+
 
 @triton.jit
 def _fused_recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr, scale, T, H,
@@ -48,7 +50,7 @@ def _fused_recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, h0_ptr, ht_pt
                          other=0.0).to(tl.float32)
             S = S * tl.exp(tl.minimum(gg, 0.0))[:, None]
         S += k[:, None] * v[None, :]
-        o = tl.sum(q[:, None] * S, axis=0) * scale
+        o = _sum(q[:, None] * S, 0) * scale
         tl.store(o_ptr + row * HQ * V + i_hq * V + o_v, o.to(o_ptr.dtype.element_ty), mask=mv)
     if STORE_HT:
         if i_hq % G == 0:
