@@ -399,3 +399,31 @@ def test_gpu_inductor_fullgraph():
     o.float().square().sum().backward()
     o2, _ = gla_recurrent_reference(*_fp64(ins[:4]))
     assert rel_rms_error(o, o2) < 5e-3
+
+
+def test_kernels_work_when_triton_was_imported_first():
+    """triton.language's @jit helpers (tl.sum, tl.zeros, ...) are fixed at triton's import;
+    torch._dynamo imports triton, so our kernels must not depend on them under the interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("interpreter-only concern")
+    code = ("import torch._dynamo, torch\n"
+            "import torch.nn.functional as F\n"
+            "from gla.kernels.linear_attention import chunk_gla, fused_recurrent_gla, chunk\n"
+            "for d3 in (True, False):\n"
+            "    chunk.DIAG_3D_OVERRIDE = d3\n"
+            "    q = torch.randn(1, 20, 2, 16, requires_grad=True)\n"
+            "    k, v = torch.randn(1, 20, 2, 16), torch.randn(1, 20, 2, 16)\n"
+            "    g = F.logsigmoid(torch.randn(1, 20, 2, 16))\n"
+            "    o, h = chunk_gla(q, k, v, g, output_final_state=True, impl='triton')\n"
+            "    o.sum().backward()\n"
+            "    chunk_gla(q, k, v, None, cu_seqlens=torch.tensor([0, 5, 20]), impl='triton')\n"
+            "    fused_recurrent_gla(q.detach(), k, v, g, impl='triton')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -69,7 +69,7 @@ def _dot_cfg(dtype: torch.dtype, device: torch.device, backward: bool = False):
     return tl.float32, ("tf32x3" if backward else "tf32")
 
 
-# triton.language's own @jit helpers (tl.sum, tl.cumsum, tl.cdiv) are fixed as compiled or
+# triton.language's own @jit helpers (tl.sum, tl.cumsum, tl.cdiv, tl.zeros) are fixed as compiled or
 # interpreted when triton is first imported; torch._dynamo imports triton, possibly before
 # gla.kernels sets TRITON_INTERPRET. Our own helpers are created after, so use them instead.
 @triton.jit
@@ -166,7 +166,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
     sv = H * V
     so = HQ * V
 
-    S = tl.zeros([BK, BV], dtype=tl.float32)
+    S = tl.full([BK, BV], 0.0, tl.float32)
     if USE_H0:
         S += tl.load(h0_ptr + i_n * H * K * V + i_h * K * V + o_k[:, None] * V + o_v[None, :],
                      mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
@@ -175,7 +175,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
         last = tl.minimum(cs + BT, L) - 1
         if HAS_G:
             bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
-        upd = tl.zeros([BK, BV], dtype=tl.float32)
+        upd = tl.full([BK, BV], 0.0, tl.float32)
         for I in range(NSUB):
             rI = cs + I * BS + o_s
             mI = rI < L
@@ -235,8 +235,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
                     vj = tl.load(v_ptr + tj * sv + i_h * V + o_v, mask=mv & ((o_v * 0 + rj) < L),
                                  other=0.0).to(tl.float32)
                     bj = tl.load(gc_ptr + tj * sk + i_h * K + o_k, mask=mk & mj, other=0.0)
-                    sc = _sum(qI * kj[None, :] * tl.exp(tl.minimum(bI - bj[None, :], 0.0)),
-                                1)
+                    sc = _sum(qI * kj[None, :] * tl.exp(tl.minimum(bI - bj[None, :], 0.0)), 1)
                     sc = tl.where(o_s >= j, sc, 0.0)
                     acc += sc[:, None] * vj[None, :]
             tl.store(o_ptr + tI[:, None] * so + i_hq * V + o_v[None, :],
@@ -333,7 +332,7 @@ def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, 
     sdo = HQ * V
     sdq = HQ * K
     dq_ptr = dq_ptr + i_v * NTOK * sdq
-    S = tl.zeros([BK, BV], dtype=tl.float32)
+    S = tl.full([BK, BV], 0.0, tl.float32)
     if USE_H0:
         S += tl.load(h0_ptr + i_n * H * K * V + i_h * K * V + o_k[:, None] * V + o_v[None, :],
                      mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
@@ -341,7 +340,7 @@ def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, 
         last = tl.minimum(cs + BT, L) - 1
         if HAS_G:
             bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
-        upd = tl.zeros([BK, BV], dtype=tl.float32)
+        upd = tl.full([BK, BV], 0.0, tl.float32)
         for I in range(NSUB):
             rI = cs + I * BS + o_s
             mI = rI < L
@@ -451,7 +450,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
     sv = H * V
     sdo = HQ * V
     dk_ptr = dk_ptr + i_v * NTOK * sk
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    dS = tl.full([BK, BV], 0.0, tl.float32)
     if USE_DHT:
         dS += tl.load(dht_ptr + i_n * H * K * V + i_h * K * V + o_k[:, None] * V + o_v[None, :],
                       mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
@@ -461,7 +460,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
         last = tl.minimum(cs + BT, L) - 1
         if HAS_G:
             bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
-        dS_new = tl.zeros([BK, BV], dtype=tl.float32)
+        dS_new = tl.full([BK, BV], 0.0, tl.float32)
         for J in range(NSUB):
             rJ = cs + J * BS + o_s
             mJ = rJ < L
@@ -490,7 +489,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
                 ka = kJ * tl.exp(tl.minimum(br[None, :] - bJ, 0.0))          # b_r − b_j ≤ 0
             else:
                 ka = kJ
-            dka = tl.zeros([BS, BK], dtype=tl.float32)   # Σ dA_ij q_i exp(b_i − b_r), i ∈ I > J
+            dka = tl.full([BS, BK], 0.0, tl.float32)   # Σ dA_ij q_i exp(b_i − b_r), i ∈ I > J
             for gq in range(G):
                 i_hq = i_h * G + gq
                 # off-diagonal sub-blocks I > J

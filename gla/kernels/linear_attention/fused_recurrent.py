@@ -36,7 +36,7 @@ def _fused_recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, h0_ptr, ht_pt
     mk = o_k < K
     mv = o_v < V
     mkv = mk[:, None] & mv[None, :]
-    S = tl.zeros([BK, BV], dtype=tl.float32)
+    S = tl.full([BK, BV], 0.0, tl.float32)
     if USE_H0:
         S += tl.load(h0_ptr + i_b * H * K * V + i_h * K * V + o_k[:, None] * V + o_v[None, :],
                      mask=mkv, other=0.0).to(tl.float32)
