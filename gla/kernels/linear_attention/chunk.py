@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.standard import _sum_combine
 
 BT = 64      # chunk length
 BS = 16      # sub-block length
@@ -71,15 +72,13 @@ def _dot_cfg(dtype: torch.dtype, device: torch.device, backward: bool = False):
 
 # triton.language's own @jit helpers (tl.sum, tl.cumsum, tl.cdiv, tl.zeros) are fixed as compiled or
 # interpreted when triton is first imported; torch._dynamo imports triton, possibly before
-# gla.kernels sets TRITON_INTERPRET. Our own helpers are created after, so use them instead.
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
+# gla.kernels sets TRITON_INTERPRET. So the kernels use tl.full, tl.reduce and
+# tl.associative_scan (builtins) with triton's own ``_sum_combine``: the interpreter recognises it
+# and runs numpy's sum / cumsum without calling it (any other combine function runs element by
+# element in Python: ~20x slower tests), and compiled kernels call it as a normal helper.
 @triton.jit
 def _sum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _add)
+    return tl.reduce(x, axis, _sum_combine)
 
 
 @triton.jit
@@ -114,7 +113,7 @@ def _gate_cumsum_kernel(g_ptr, gc_ptr, cu_ptr, T, H, s_gt, s_gh, s_gk,
         m = ((s + o_t) < L)[:, None] & mk[None, :]
         gg = tl.load(g_ptr + rows[:, None] * s_gt + i_h * s_gh + o_k[None, :] * s_gk, mask=m,
                      other=0.0).to(tl.float32)
-        b = tl.associative_scan(gg, 0, _add)
+        b = tl.associative_scan(gg, 0, _sum_combine)
         tl.store(gc_ptr + rows[:, None] * (H * K) + i_h * K + o_k[None, :], b, mask=m)
 
 
