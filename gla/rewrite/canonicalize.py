@@ -430,11 +430,15 @@ def canonicalize(gm: fx.GraphModule, rules: tuple[Rule, ...] = RULES, max_passes
     return fired
 
 
-def _emit(graph: fx.Graph, target, args, kwargs, fake_mode, meta_from: fx.Node) -> fx.Node:
+def _emit(graph: fx.Graph, target, args, kwargs, fake_mode, meta_from: fx.Node, final: bool = False) -> fx.Node:
     new = graph.call_function(target, tuple(args), dict(kwargs))
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in meta_from.meta:
             new.meta[key] = meta_from.meta[key]
+    if final and "example_value" in meta_from.meta:
+        # a respelling computes the very value the old node did: reuse its meta, skip fake propagation
+        new.meta["example_value"] = meta_from.meta["example_value"]
+        return new
     try:
         propagate(new, fake_mode)
     except Exception:  # meta is best-effort; matching treats a missing meta as unknown
@@ -455,22 +459,22 @@ def _apply(graph: fx.Graph, node: fx.Node, result, fake_mode) -> None:
             t = tensor_meta(x)
             if t is None or t.dtype != dtype:
                 x = _emit(graph, ops.cast, (x, dtype), {}, fake_mode, node)
-            new = _emit(graph, torch.softmax, (x, d), {}, fake_mode, node)
+            new = _emit(graph, torch.softmax, (x, d), {}, fake_mode, node, final=True)
         elif target == "reciprocal_mul":
             x, c = args
             inv = _emit(graph, operator.truediv, (1.0, c), {}, fake_mode, node)
-            new = _emit(graph, operator.mul, (x, inv), {}, fake_mode, node)
+            new = _emit(graph, operator.mul, (x, inv), {}, fake_mode, node, final=True)
         elif target == "einsum":
             a, a_ok, b, b_ok, out_swapped = args
             if not a_ok:
                 a = _emit(graph, torch.transpose, (a, -2, -1), {}, fake_mode, node)
             if not b_ok:
                 b = _emit(graph, torch.transpose, (b, -2, -1), {}, fake_mode, node)
-            new = _emit(graph, torch.matmul, (a, b), {}, fake_mode, node)
+            new = _emit(graph, torch.matmul, (a, b), {}, fake_mode, node, final=not out_swapped)
             if out_swapped:
-                new = _emit(graph, torch.transpose, (new, -2, -1), {}, fake_mode, node)
+                new = _emit(graph, torch.transpose, (new, -2, -1), {}, fake_mode, node, final=True)
         else:
-            new = _emit(graph, target, args, kwargs, fake_mode, node)
+            new = _emit(graph, target, args, kwargs, fake_mode, node, final=True)
     if "example_value" not in new.meta and "example_value" in node.meta:
         new.meta["example_value"] = node.meta["example_value"]
     node.replace_all_uses_with(new)

@@ -55,13 +55,17 @@ def propagate(node: fx.Node, fake_mode) -> None:
         return
     args = tree_map(value_of, node.args)
     kwargs = tree_map(value_of, node.kwargs)
-    with fake_mode:
+    with fake_mode, torch.no_grad():  # shapes only; autograd bookkeeping would be wasted work
         if node.op == "call_function":
             out = node.target(*args, **kwargs)
         elif node.op == "call_method":
             out = getattr(args[0], node.target)(*args[1:], **kwargs)
         else:
             return
+    wants_grad = any(isinstance(a, torch.Tensor) and a.requires_grad
+                     for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+    if wants_grad and isinstance(out, torch.Tensor) and out.dtype.is_floating_point:
+        out.requires_grad_(True)  # computed under no_grad for speed; keep what autograd would say
     node.meta["example_value"] = out
 
 

@@ -16,6 +16,41 @@ class ReplacementError(ValueError):
     pass
 
 
+_leaf_meta: dict[Any, Any] = {}
+
+
+def _meta_key(a: Any) -> Any:
+    v = a.meta.get("example_value") if isinstance(a, fx.Node) else a
+    if isinstance(v, torch.Tensor):
+        return ("T", repr(tuple(v.shape)), repr(v.stride()), v.dtype, v.device, v.requires_grad)
+    if isinstance(a, fx.Node):
+        return ("N", repr(v))
+    return ("L", repr(v))
+
+
+def _cached_meta(node: fx.Node, fake_mode) -> bool:
+    """A leaf call whose inputs look exactly like an earlier one's (the next layer) reuses its meta.
+
+    Fake propagation through a kernel op costs milliseconds; a 32-layer model repeats one signature.
+    """
+    if node.op != "call_function" or not getattr(node.target, "_gla_leaf", False):
+        return False
+    if _leaf_meta.get("mode") is not fake_mode:  # one compile's fake mode at a time: no leak across compiles
+        _leaf_meta.clear()
+        _leaf_meta["mode"] = fake_mode
+    key = (node.target, tuple(sorted((k, _meta_key(v)) for k, v in node.kwargs.items())))
+    if key in _leaf_meta:
+        node.meta["example_value"] = _leaf_meta[key]
+        return True
+    try:
+        propagate(node, fake_mode)
+    except Exception:
+        return False
+    if "example_value" in node.meta:
+        _leaf_meta[key] = node.meta["example_value"]
+    return True
+
+
 def leaf(fn: Callable) -> Callable:
     """Mark ``fn`` to be inserted as one graph node (``call_function fn``) instead of traced through."""
     fn._gla_leaf = True
@@ -37,7 +72,9 @@ def insert_call(graph: fx.Graph, before: fx.Node, fn: Callable, kwargs: dict[str
     fake_mode = fake_mode_of(graph)
     node = first_new.next
     while node is not before:
-        if "example_value" not in node.meta:
+        if "example_value" not in node.meta and _cached_meta(node, fake_mode):
+            pass
+        elif "example_value" not in node.meta:
             try:
                 propagate(node, fake_mode)
             except Exception:  # meta is best-effort; the shape check below then has nothing to compare
