@@ -70,19 +70,32 @@ def test_llama_training_step_matches_eager():
         assert rel_rms_error(p.grad, grads_ref[n]) <= 1e-5, n
 
 
-@pytest.mark.xfail(strict=True, reason="eval-mode MultiheadAttention traces to one native fused op "
-                   "(torch._native_multi_head_attention); gla does not match it yet")
-def test_nn_multihead_attention():
-    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
-    x = torch.randn(2, 9, 32)
-    fn = lambda x: mha(x, x, x, need_weights=False)[0]
-    with torch.no_grad():
-        report = gla.explain(fn, x, options=OPTS)
-        ref = fn(x)
-        torch._dynamo.reset()
-        out = torch.compile(fn, backend="gla", options=OPTS)(x)
+@pytest.mark.parametrize("case", ["mha", "mha_masks", "encoder_layer", "need_weights"])
+def test_nn_multihead_attention(case):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    enc = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[1, -3:] = True
+    causal = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    fn = {"mha": lambda x: mha(x, x, x, need_weights=False)[0],
+          "mha_masks": lambda x: mha(x, x, x, need_weights=False, key_padding_mask=kpm, attn_mask=causal)[0],
+          "encoder_layer": enc,
+          "need_weights": lambda x: mha(x, x, x)[0]}[case]
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    report = gla.explain(fn, x, options=OPTS)
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="gla", options=OPTS)(x)
+    ref = fn(x)
     assert rel_rms_error(out, ref) <= 1e-5
-    assert report.counts["attention"] == 1, str(report)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    assert rel_rms_error(g, g_ref) <= 1e-5
+    if case == "need_weights":
+        assert report.counts["attention"] == 0
+        assert any("need_weights" in m.reason for m in report.near_misses), str(report)
+    else:
+        assert report.counts["attention"] == 1, str(report)
 
 
 @pytest.mark.slow

@@ -40,6 +40,10 @@ def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill
             gate = gate.unsqueeze(0)
     out = gated_attention(q, k, v, gate=gate, bias=bias, key_mask=key_mask, scale=scale, causal=causal,
                           window=window, impl=impl)
+    if impl == "sdpa":
+        # PyTorch's CPU SDPA returns 0 for a query row holding NaN (eager softmax, the reference and
+        # the Triton kernel give NaN; a row with ±inf gives NaN in eager too): propagate like eager.
+        out = torch.where(torch.isfinite(q).all(-1, keepdim=True), out, float("nan"))
     if flat_heads:
         out = out.squeeze(0)
     return out if out_dtype is None else out.to(out_dtype)

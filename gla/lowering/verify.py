@@ -40,9 +40,11 @@ def _region(match: Match, selected: Selected) -> tuple[list[fx.Node], list[fx.No
     repl_inputs = [v for v in selected.kwargs.values() if isinstance(v, fx.Node)]
     leaves_of = lambda nodes: {a for n in nodes for a in n.all_input_nodes if a not in nodes}
     leaves = leaves_of(region)
-    # replacement inputs upstream of the original's leaves (k before repeat_heads): evaluate the path
-    targets = {x for x in repl_inputs if x not in leaves and x not in region}
-    if targets:
+    # replacement inputs upstream of the original's leaves (k before repeat_heads): evaluate the path.
+    # A replacement input that is also a leaf counts too (q = k = v: the original reads kᵀ as a
+    # leaf, the replacement reads k; both must see the same random k).
+    targets = {x for x in repl_inputs if x not in region}
+    if targets - leaves or any(leaf not in targets for leaf in leaves):
         prefix: set[fx.Node] = set()
 
         def reaches(n: fx.Node, depth: int) -> bool:
@@ -59,7 +61,8 @@ def _region(match: Match, selected: Selected) -> tuple[list[fx.Node], list[fx.No
             return hit
 
         for leaf in list(leaves):
-            reaches(leaf, 8)
+            if leaf not in targets:
+                reaches(leaf, 8)
         region |= prefix
         leaves = leaves_of(region) | targets
     order = {n: i for i, n in enumerate(match.root.graph.nodes)}
@@ -143,7 +146,9 @@ def signature(match: Match, selected: Selected, leaves: list[fx.Node]) -> tuple:
         metas.append((tuple(hint_int(s) for s in t.shape), t.dtype, str(t.device), t.requires_grad)
                      if isinstance(t, torch.Tensor) else type(t).__name__)
     consts = tuple(sorted((k, repr(v)) for k, v in selected.kwargs.items() if not isinstance(v, fx.Node)))
-    return (match.pattern.name, match.alternative, selected.kernel, consts, tuple(metas))
+    # the Pattern object itself (hashed by identity), not only its name: a pattern re-registered
+    # under the same name with another replacement (pattern_scope in tests) must be verified anew
+    return (match.pattern, match.pattern.name, match.alternative, selected.kernel, consts, tuple(metas))
 
 
 def verify(gm: fx.GraphModule, match: Match, selected: Selected, mode: str) -> dict[str, Any] | Decline:
@@ -163,6 +168,16 @@ def verify(gm: fx.GraphModule, match: Match, selected: Selected, mode: str) -> d
         return figures
     _verified[key] = figures
     return figures
+
+
+def _single_tensor(out: Any) -> torch.Tensor:
+    """The one tensor a subgraph computes; ``(out, None)`` (need_weights=False) counts as one."""
+    if isinstance(out, (tuple, list)):
+        tensors = [o for o in out if isinstance(o, torch.Tensor)]
+        if len(tensors) != 1 or any(o is not None and not isinstance(o, torch.Tensor) for o in out):
+            raise ValueError(f"cannot verify a subgraph with {len(tensors)} tensor outputs")
+        return tensors[0]
+    return out
 
 
 def _compare(gm, match, selected, region, leaves) -> dict[str, Any] | Decline:
@@ -185,7 +200,7 @@ def _compare(gm, match, selected, region, leaves) -> dict[str, Any] | Decline:
                 x.requires_grad_(g and want_grad)
             args.append(x)
         with torch.enable_grad() if want_grad else torch.no_grad():
-            out = module(*args)
+            out = _single_tensor(module(*args))
         return out, args
 
     ref, ref_args = run(reference, True)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .registry import register_pattern
 from ..lowering.attention import AttentionLowering, SDPALowering
+from ..lowering.mha import MHALowering
 
 
 def scaled(q, kt, v, scale):
@@ -61,6 +62,21 @@ def sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
 
 register_pattern("sdpa", search=sdpa, replacement=SDPALowering(), kind="attention", priority=30,
                  description="F.scaled_dot_product_attention (mask, causal, scale, enable_gqa; no dropout)")
+
+
+def multi_head_attention(query, key, value, embed_dim, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+                         add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training, key_padding_mask,
+                         need_weights, attn_mask, average_attn_weights, is_causal):
+    return F.multi_head_attention_forward(
+        query, key, value, embed_dim, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v, add_zero_attn,
+        dropout_p, out_proj_weight, out_proj_bias, training=training, key_padding_mask=key_padding_mask,
+        need_weights=need_weights, attn_mask=attn_mask, use_separate_proj_weight=False, q_proj_weight=None,
+        k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None,
+        average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+
+register_pattern("multi_head_attention", search=multi_head_attention, replacement=MHALowering(), kind="attention",
+                 priority=30, description="nn.MultiheadAttention / nn.Transformer*Layer (F.multi_head_attention_forward)")
 
 
 # Look-alikes: they begin like attention but are other functions. They never rewrite; they say why.

@@ -24,6 +24,7 @@ Canonical spellings:
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -361,6 +362,23 @@ def _sdpa(node):
     return (F.scaled_dot_product_attention, tuple(args), kwargs)
 
 
+def _mha(node):
+    """``F.multi_head_attention_forward``: 13 positional arguments, every keyword one spelled out."""
+    if not _is_call(node, F.multi_head_attention_forward):
+        return None
+    params = list(inspect.signature(F.multi_head_attention_forward).parameters.values())
+    try:
+        bound = inspect.signature(F.multi_head_attention_forward).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    args = tuple(bound.arguments[p.name] for p in params[:13])
+    kwargs = {p.name: bound.arguments[p.name] for p in params[13:]}
+    if args == tuple(node.args) and kwargs == dict(node.kwargs):
+        return None
+    return (F.multi_head_attention_forward, args, kwargs)
+
+
 def _chunk(node):
     """``x.chunk(2, -1)``, ``torch.chunk``, and an even ``split`` become ``torch.chunk(x, n, dim<0)``."""
     if _is_call(node, torch.chunk) or _method(node, "chunk"):
@@ -401,6 +419,7 @@ RULES: tuple[Rule, ...] = (
     Rule("repeat_kv as repeat_heads", _repeat_heads),
     Rule("scaled_dot_product_attention arguments", _sdpa),
     Rule("chunk/split halves", _chunk),
+    Rule("multi_head_attention_forward arguments", _mha),
 )
 
 

@@ -19,6 +19,7 @@ Every tensor is addressed through its strides; nothing is made contiguous.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -189,7 +190,7 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, OUNG, LSE, sm_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_GATE: tl.constexpr,
               GATE_HEADWISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr,
-              PRECISION: tl.constexpr, INT64: tl.constexpr):
+              PRECISION: tl.constexpr, INT64: tl.constexpr, STORE_OUNG: tl.constexpr):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:  # the longest rows first: better tail balance
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -255,7 +256,8 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, OUNG, LSE, sm_scale,
             g = tl.load(g_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
                         mask=o_mask, other=0.0).to(tl.float32)
             og = o * tl.sigmoid(g)
-        tl.store(OUNG + o_off, o.to(OUNG.dtype.element_ty), mask=o_mask)
+        if STORE_OUNG:  # the backward's O (no-grad calls skip it)
+            tl.store(OUNG + o_off, o.to(OUNG.dtype.element_ty), mask=o_mask)
         tl.store(OUT + o_off, og.to(OUT.dtype.element_ty), mask=o_mask)
     else:
         tl.store(OUT + o_off, o.to(OUT.dtype.element_ty), mask=o_mask)
@@ -537,8 +539,47 @@ def _attn_bwd_dq(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DQ, sm_scale,
 INTERPRETED = type(_attn_fwd).__name__ == "InterpretedFunction"
 
 
+def _next_pow2(n: int) -> int:
+    # plain Python: triton.next_power_of_2 / triton.cdiv are ``constexpr_function`` objects in
+    # recent Triton, whose host-side call unwraps every argument (µs per call, several per launch)
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, _next_pow2(n))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _parse_config_override(text: str | None) -> dict:
+    """``GLA_ATTN_CONFIG``: ``"fwd=128,128,8,2;dq@64=128,64,8,3"`` -> {(kernel, bd | None): cfg}.
+
+    Each entry is ``kernel[@head_dim_bucket]=BLOCK_M,BLOCK_N,num_warps,num_stages`` with kernel
+    one of fwd / dq / dkdv / pre and the bucket the padded head dim (16, 32, 64, 128, 256);
+    without ``@`` it applies to every head dim. Only compiled (GPU) configs are overridden."""
+    out = {}
+    for item in (text or "").replace(" ", "").split(";"):
+        if not item:
+            continue
+        try:
+            name, vals = item.split("=")
+            kern, _, bd = name.partition("@")
+            bm, bn, w, st = (int(x) for x in vals.split(","))
+        except ValueError:
+            raise ValueError(f"GLA_ATTN_CONFIG entry {item!r}: expected "
+                             "kernel[@D]=BLOCK_M,BLOCK_N,num_warps,num_stages") from None
+        if kern not in ("fwd", "dq", "dkdv", "pre"):
+            raise ValueError(f"GLA_ATTN_CONFIG entry {item!r}: kernel must be fwd, dq, dkdv or pre")
+        out[(kern, int(bd) if bd else None)] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
+                                                    num_stages=st)
+    return out
+
+
+# Read once at import (benchmarks set it per process); tests may assign flash.CONFIG_OVERRIDE
+# and call _configs.cache_clear().
+CONFIG_OVERRIDE = _parse_config_override(os.environ.get("GLA_ATTN_CONFIG"))
 
 
 def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int,
@@ -549,7 +590,20 @@ def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int
     Keys: ``fwd`` and ``dq`` (BLOCK_M query rows per program, BLOCK_N keys per step), ``dkdv``
     (BLOCK_N keys per program, BLOCK_M query rows per step), ``pre`` (BLOCK_M rows).
     ``extras``: a bias, key_mask or window is present (more registers per score tile).
+    ``GLA_ATTN_CONFIG`` (see :func:`_parse_config_override`) overrides entries on the GPU.
+    Returns fresh dicts (the launchers use the cached, shared :func:`_configs`).
     """
+    return {k: dict(c) for k, c in _configs(d, dv, dtype, causal, tq, extras, interpret).items()}
+
+
+def _configs(d, dv, dtype, causal, tq, extras=False, interpret=INTERPRETED):
+    """Cached :func:`attention_configs` (shared dicts: do not mutate). Only ``tq <= 64`` matters."""
+    return _configs_cached(d, dv, dtype, bool(causal), min(int(tq), 65), bool(extras),
+                           bool(interpret))
+
+
+@functools.lru_cache(maxsize=512)
+def _configs_cached(d, dv, dtype, causal, tq, extras, interpret):
     bd = max(_pow2(d), _pow2(dv))
     if interpret:  # small tiles: the interpreter's cost is per op, and tests hit every edge
         c = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -586,9 +640,13 @@ def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int
         bm = _pow2(tq)
         fwd = dict(fwd, BLOCK_M=min(fwd["BLOCK_M"], bm), num_warps=4)
         dq = dict(dq, BLOCK_M=min(dq["BLOCK_M"], bm), num_warps=4)
-    pre = dict(BLOCK_M=max(16, min(128, 4096 // triton.next_power_of_2(dv))), num_warps=4,
+    pre = dict(BLOCK_M=max(16, min(128, 4096 // _next_pow2(dv))), num_warps=4,
                num_stages=1)
-    return {"fwd": fwd, "dq": dq, "dkdv": dkdv, "pre": pre}
+    cfg = {"fwd": fwd, "dq": dq, "dkdv": dkdv, "pre": pre}
+    for (kern, obd), c in CONFIG_OVERRIDE.items():
+        if obd is None or obd == bd:
+            cfg[kern] = dict(c)
+    return cfg
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -645,7 +703,12 @@ def _extras(q, gate, bias, key_mask, tq, tk):
 def _needs_int64(*ts) -> bool:
     """Whether an element offset inside one tensor can reach 2**31 (int32 index math would wrap)."""
     for t in ts:
-        if t is not None and t.numel() > 0:
+        if t is None:
+            continue
+        # every element lies inside the storage: a small storage settles it without the sum
+        if t.untyped_storage().nbytes() < (2**31 - 1) * t.element_size():
+            continue
+        if t.numel() > 0:
             if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 - 1:
                 return True
     return False
@@ -657,12 +720,13 @@ def _interp_upcast(*ts):
 
 
 def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, causal=False,
-                      window=0, config=None):
+                      window=0, config=None, save_ungated=True):
     """Launch the forward kernel. Returns ``(out, lse, o_ungated)``.
 
     ``out`` and ``o_ungated`` are ``[B, Hq, Tq, Dv]`` views of ``[B, Tq, Hq, Dv]`` buffers in
     ``q.dtype``; ``lse`` is fp32 ``[B, Hq, Tq]`` (base 2, +inf for rows with no visible key);
-    ``o_ungated`` is an empty tensor when there is no gate (then ``out`` is the ungated output).
+    ``o_ungated`` is an empty tensor when there is no gate (then ``out`` is the ungated output)
+    or when ``save_ungated`` is False (inference: the backward's O is not needed).
     """
     B, H, TQ, D = q.shape
     HK, TK, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -672,26 +736,27 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     if INTERPRETED and q.dtype == torch.bfloat16:
         q, k, v, gate, bias = _interp_upcast(q, k, v, gate, bias)
     out = _empty_bthd(B, H, TQ, DV, out_dtype, q.device)
-    o_ung = _empty_bthd(B, H, TQ, DV, out_dtype, q.device) if gate is not None else \
+    store_oung = gate is not None and save_ungated
+    o_ung = _empty_bthd(B, H, TQ, DV, out_dtype, q.device) if store_oung else \
         q.new_empty(0, dtype=out_dtype)
     lse = _empty(B, H, TQ, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         lse.fill_(float("inf"))
         return out, lse, o_ung
-    cfg = config or attention_configs(D, DV, q.dtype, causal, TQ,
-                                      bias is not None or key_mask is not None or window > 0)
+    cfg = config or _configs(D, DV, q.dtype, causal, TQ,
+                             bias is not None or key_mask is not None or window > 0)
     c = cfg["fwd"]
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
     int64 = _needs_int64(q, k, v, out, g if gate is not None else None,
                          b if bias is not None else None)
-    o_write = o_ung if gate is not None else out
+    o_write = o_ung if store_oung else out
     # kernels write through strides; in the interpreter-bf16 case write fp32 then cast.
     if out.dtype != q.dtype:
         out_k = torch.empty_like(out, dtype=q.dtype)
-        o_ung_k = torch.empty_like(o_write, dtype=q.dtype)
+        o_ung_k = torch.empty_like(o_write, dtype=q.dtype) if store_oung else out_k
     else:
         out_k, o_ung_k = out, o_write
-    grid = (triton.cdiv(TQ, c["BLOCK_M"]), B * H)
+    grid = (_cdiv(TQ, c["BLOCK_M"]), B * H)
     _attn_fwd[grid](
         q, k, v, g, b, km, out_k, o_ung_k, lse, scale,
         *q.stride(), *k.stride(), *v.stride(), *gs, *bs, *kms, *out_k.stride(),
@@ -700,11 +765,11 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
         IS_CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_GATE=gate is not None,
         GATE_HEADWISE=headwise, HAS_BIAS=bias is not None, HAS_KMASK=key_mask is not None,
-        PRECISION=_precision(q.dtype), INT64=int64, num_warps=c["num_warps"],
-        num_stages=c["num_stages"])
+        PRECISION=_precision(q.dtype), INT64=int64, STORE_OUNG=store_oung,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
     if out_k is not out:
         out.copy_(out_k)
-        if gate is not None:
+        if store_oung:
             o_ung.copy_(o_ung_k)
     return out, lse, o_ung
 
@@ -731,8 +796,8 @@ def attention_backward(dout, q, k, v, out, lse, o_ung=None, gate=None, bias=None
                                                                bias)
         dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
         dgate = _empty_like(gate) if gate is not None else None
-    cfg = config or attention_configs(D, DV, q.dtype, causal, TQ,
-                                      bias is not None or key_mask is not None or window > 0)
+    cfg = config or _configs(D, DV, q.dtype, causal, TQ,
+                             bias is not None or key_mask is not None or window > 0)
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
     o = o_ung if gate is not None else out
     int64 = _needs_int64(q, k, v, o, dout, dq, dk, dv, g if gate is not None else None,
@@ -746,7 +811,7 @@ def attention_backward(dout, q, k, v, out, lse, o_ung=None, gate=None, bias=None
         do_eff, dg, dgs = dout, delta, (0, 0, 0, 0)
     if TQ > 0:
         c = cfg["pre"]
-        _attn_bwd_preprocess[(triton.cdiv(TQ, c["BLOCK_M"]), B * H)](
+        _attn_bwd_preprocess[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
             o, dout, g, do_eff, dg, delta, *o.stride(), *dout.stride(), *gs, *do_eff.stride(),
             *dgs, H, TQ, DV=DV, BLOCK_DV=_pow2(DV), BLOCK_M=c["BLOCK_M"],
             HAS_GATE=gate is not None, GATE_HEADWISE=headwise, INT64=int64,
@@ -758,7 +823,7 @@ def attention_backward(dout, q, k, v, out, lse, o_ung=None, gate=None, bias=None
                   INT64=int64)
     if TK > 0:
         c = cfg["dkdv"]
-        _attn_bwd_dkdv[(triton.cdiv(TK, c["BLOCK_N"]), B * HK)](
+        _attn_bwd_dkdv[(_cdiv(TK, c["BLOCK_N"]), B * HK)](
             q, k, v, b, km, do_eff, lse, delta, dk, dv, scale,
             *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *dk.stride(),
             *dv.stride(), H, HK, H // HK, TQ, TK, int(window),
@@ -767,7 +832,7 @@ def attention_backward(dout, q, k, v, out, lse, o_ung=None, gate=None, bias=None
             num_stages=c["num_stages"], **common)
     if TQ > 0:
         c = cfg["dq"]
-        _attn_bwd_dq[(triton.cdiv(TQ, c["BLOCK_M"]), B * H)](
+        _attn_bwd_dq[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
             q, k, v, b, km, do_eff, lse, delta, dq, scale,
             *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *dq.stride(),
             H, H // HK, TQ, TK, int(window),

@@ -53,6 +53,7 @@ def _check_args(q, k, v, gate, bias, key_mask, window) -> None:
     if gate is not None:
         if not gate.is_floating_point():
             raise ValueError(f"gate must be a floating tensor; got {gate.dtype}")
+    if gate is not None and gate.shape != (B, Hq, Tq, Dv):  # (broadcast_shapes costs ~10 µs)
         try:
             shape = torch.broadcast_shapes(gate.shape, (B, Hq, Tq, Dv))
         except RuntimeError:
@@ -269,13 +270,16 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, causal, window, impl)
     ctx.bias_requires_grad = bias is not None and ctx.needs_input_grad[4]
     ctx.mark_non_differentiable(lse, o_ung)
+    # lse / o_ung never get gradients: without this, autograd materializes zeros for them before
+    # every backward (a memset of [B, H, T] fp32, and of [B, H, T, Dv] when gated).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, _dlse, _do_ung):
     q, k, v, o, lse, gate, bias, key_mask = ctx.saved_tensors
     scale, causal, window, impl = ctx.args
-    if dout is None:
-        dout = q.new_zeros(*q.shape[:3], v.shape[-1])
+    if dout is None:  # (grads are not materialized)
+        dout = _bthd_like(q, v.shape[-1]).zero_()
     dq, dk, dv, dgate, dbias = torch.ops.gla.attention_backward(
         dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window, impl,
         ctx.bias_requires_grad)
@@ -284,6 +288,52 @@ def _backward(ctx, dout, _dlse, _do_ung):
 
 
 torch.library.register_autograd("gla::attention", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager fast path for impl="triton"
+# ----------------------------------------------------------------------------------------------
+class _TritonAttention(torch.autograd.Function):
+    """``gla::attention`` + ``gla::attention_backward`` for impl="triton", minus the custom-op
+    dispatch (two Python→dispatcher→Python round trips and the ``register_autograd`` wrapper,
+    tens of µs per training step). Used only in plain eager calls (see :func:`_eager_ok`); the
+    ops remain what torch.compile / AOT autograd / dispatch modes see."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate, bias, key_mask, scale, causal, window):
+        out, lse, o_ung = flash.attention_forward(q, k, v, gate, bias, key_mask, scale, causal,
+                                                  window)
+        ctx.save_for_backward(q, k, v, o_ung if gate is not None else out, lse, gate, bias,
+                              key_mask)
+        ctx.args = (scale, causal, window)
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, o, lse, gate, bias, key_mask = ctx.saved_tensors
+        scale, causal, window = ctx.args
+        if dout is None:
+            dout = _bthd_like(q, v.shape[-1]).zero_()
+        dq, dk, dv, dgate = flash.attention_backward(
+            dout, q, k, v, o, lse, o if gate is not None else None, gate, bias, key_mask, scale,
+            causal, window)
+        return dq, dk, dv, dgate, None, None, None, None, None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+# GLA_ATTN_EAGER_OP=1: always go through the torch.library ops (to compare the two paths).
+_FORCE_OP = os.environ.get("GLA_ATTN_EAGER_OP", "0") == "1"
+
+
+def _eager_ok(*ts) -> bool:
+    """Plain eager call on real tensors: not being traced or compiled, no dispatch mode (fake,
+    proxy, functionalization, cross-ref ...), no functorch transform, no tensor subclass."""
+    if _FORCE_OP or torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or type(t) in _PLAIN for t in ts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +388,14 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     impl = resolve_impl(q, k, v, gate, bias, key_mask, causal, window, impl)
+    if impl == "triton" and _eager_ok(q, k, v, gate, bias, key_mask):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (gate is not None and gate.requires_grad)):
+            return _TritonAttention.apply(q, k, v, gate, bias, key_mask, float(scale),
+                                          bool(causal), int(window))
+        out, _, _ = flash.attention_forward(q, k, v, gate, bias, key_mask, float(scale),
+                                            bool(causal), int(window), save_ungated=False)
+        return out
     out, _, _ = torch.ops.gla.attention(q, k, v, gate, bias, key_mask, float(scale),
                                         bool(causal), int(window), impl)
     return out
