@@ -13,8 +13,9 @@
 All timings are triton.testing.do_bench medians (warmup 25 ms, rep 100 ms). gla is checked
 against an fp32 SDPA (math) reference at one shape before anything is timed.
 
-``python benchmarks/attention.py --sweep`` instead times a few block configs per kernel at
-T=4096 (causal, bf16) and prints them, to retune ``flash.attention_configs``.
+``python benchmarks/attention.py --sweep`` instead times candidate block configs of every kernel
+(forward, dK/dV, dQ) at T=1024 and 4096, D=128 and 64 (causal, bf16), one compact line per
+(D, T, kernel), and prints the best per (D, kernel) in ``flash.attention_configs`` form.
 """
 from __future__ import annotations
 
@@ -221,46 +222,74 @@ def run(out_dir: str) -> str:
     return text
 
 
-def sweep(t: int = 4096) -> str:
-    """Time candidate block configs of each kernel (causal, bf16) to retune attention_configs."""
+SWEEP_CANDS = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+            (128, 32, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4),
+            (64, 128, 4, 3)],
+    "dkdv": [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (64, 128, 8, 2),
+             (32, 128, 4, 2), (32, 64, 4, 3), (32, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2)],
+    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+           (64, 128, 8, 2), (128, 128, 8, 2)],
+}
+
+
+def sweep(ts=(1024, 4096)) -> str:
+    """Time candidate block configs of each kernel (causal, bf16, D in D_LIST, T in ``ts``) and
+    print one compact line per (D, T, kernel): configs fastest first, ``*`` = current default.
+    Ends with the best config per (D, kernel) summed over ``ts``, in attention_configs form."""
     _require_cuda()
     from gla.kernels.attention import flash
 
-    cands = {
-        "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
-                (128, 64, 4, 3), (128, 128, 8, 3)],
-        "dkdv": [(32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (64, 128, 8, 2),
-                 (32, 128, 8, 3), (32, 128, 4, 2), (64, 64, 8, 2)],
-        "dq": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3),
-               (128, 128, 8, 2)],
-    }
-    out = []
+    lines, best = [], {}
+    fmt = lambda c: f"{c[0]}x{c[1]}w{c[2]}s{c[3]}"  # noqa: E731
     for d in D_LIST:
-        q, k, v, _ = _inputs(t, d, False)
-        scale = 1 / math.sqrt(d)
-        base = flash.attention_configs(d, d, DTYPE, True, t, interpret=False)
-        o, lse, _ = flash.attention_forward(q, k, v, None, None, None, scale, True, 0)
-        do = torch.randn_like(o)
-        fwd_flops = _fwd_flops(B, H, t, d)
-        for kern, lst in cands.items():
-            for bm, bn, w, s in lst:
-                cfg = dict(base)
-                cfg[kern] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-                if kern == "fwd":
-                    fn = lambda cfg=cfg: flash.attention_forward(  # noqa: E731
-                        q, k, v, None, None, None, scale, True, 0, config=cfg)
-                    flops = fwd_flops
-                else:
-                    fn = lambda cfg=cfg: flash.attention_backward(  # noqa: E731
-                        do, q, k, v, o, lse, None, None, None, None, scale, True, 0, config=cfg)
-                    flops = 2.5 * fwd_flops
-                ms = _bench(fn)
-                mark = " (current)" if cfg[kern] == base[kern] else ""
-                line = (f"D={d} T={t} {kern:5s} BM={bm:3d} BN={bn:3d} warps={w} stages={s}: "
-                        f"{ms:.3f} ms, {flops / ms * 1e-9:.0f} TFLOP/s{mark}")
+        base = flash.attention_configs(d, d, DTYPE, True, 4096, interpret=False)
+        totals: dict[tuple, float] = {}
+        for t in ts:
+            q, k, v, _ = _inputs(t, d, False)
+            scale = 1 / math.sqrt(d)
+            o, lse, _ = flash.attention_forward(q, k, v, None, None, None, scale, True, 0)
+            do = torch.randn_like(o)
+            fwd_flops = _fwd_flops(B, H, t, d)
+            for kern, lst in SWEEP_CANDS.items():
+                cur = base[kern]
+                cur_t = (cur["BLOCK_M"], cur["BLOCK_N"], cur["num_warps"], cur["num_stages"])
+                res = []
+                for cand in ([cur_t] + [c for c in lst if c != cur_t]):
+                    cfg = dict(base)
+                    cfg[kern] = dict(BLOCK_M=cand[0], BLOCK_N=cand[1], num_warps=cand[2],
+                                     num_stages=cand[3])
+                    if kern == "fwd":
+                        fn = lambda cfg=cfg: flash.attention_forward(  # noqa: E731
+                            q, k, v, None, None, None, scale, True, 0, config=cfg)
+                        flops = fwd_flops
+                    else:
+                        fn = lambda cfg=cfg: flash.attention_backward(  # noqa: E731
+                            do, q, k, v, o, lse, None, None, None, None, scale, True, 0,
+                            config=cfg)
+                        flops = 2.5 * fwd_flops  # (the whole backward: pre + dkdv + dq)
+                    ms = _bench(fn)
+                    res.append((ms, cand))
+                    totals[(kern, cand)] = totals.get((kern, cand), 0.0) + ms
+                res.sort(key=lambda r: (not math.isfinite(r[0]), r[0]))
+                what = "fwd" if kern == "fwd" else f"bwd[{kern}]"
+                line = (f"D={d:3d} T={t:5d} {what:10s} " + "  ".join(
+                    f"{fmt(c)}{'*' if c == cur_t else ''} {ms:.3f}" for ms, c in res)
+                    + f"   (best {flops / res[0][0] * 1e-9:.0f} TFLOP/s)")
                 print(line, flush=True)
-                out.append(line)
-    return "\n".join(out)
+                lines.append(line)
+            del q, k, v, o, lse, do
+        for kern in SWEEP_CANDS:
+            cands = [(ms, c) for (kk, c), ms in totals.items() if kk == kern and math.isfinite(ms)]
+            if cands:
+                best[(d, kern)] = min(cands)
+    lines.append(f"best over T={ts} (summed ms):")
+    for (d, kern), (ms, c) in sorted(best.items()):
+        lines.append(f"  D={d} {kern} = dict(BLOCK_M={c[0]}, BLOCK_N={c[1]}, num_warps={c[2]}, "
+                     f"num_stages={c[3]})  # {ms:.3f} ms; GLA_ATTN_CONFIG='{kern}@{d}="
+                     f"{c[0]},{c[1]},{c[2]},{c[3]}'")
+    print("\n".join(lines[-len(best) - 1:]), flush=True)
+    return "\n".join(lines)
 
 
 def main(out_dir: str) -> str:

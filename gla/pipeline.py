@@ -7,6 +7,7 @@ import warnings
 
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .config import Config
 from .lowering.select import Decline, select
@@ -58,6 +59,7 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
                     continue
                 reason = overlap_reason(m, claimed) or outside_users_reason(m)
                 reason = reason or next((r for g in pattern.guards if (r := g(m))), None)
+                reason = reason or _subclass_reason(m)
                 if reason:
                     miss(root, pattern.kind, pattern.name, reason)
                     continue
@@ -84,6 +86,7 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
                 except ReplacementError as e:
                     miss(root, pattern.kind, pattern.name, str(e))
                     continue
+                _erase_dead(graph, m.extra_nodes)  # consumed nodes now dead: no later pattern may match them
                 for n in m.nodes:
                     claimed[n] = pattern.name
                 claimed[new] = pattern.name
@@ -101,6 +104,31 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
     gm.recompile()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _subclass_reason(m: Match) -> str | None:
+    """gla's ops have no DTensor sharding rules (nor rules for other tensor subclasses): a match
+    that reads a DTensor (tensor parallelism; FSDP2 only when its hooks are traced) keeps the original."""
+    for n in m.nodes:
+        for a in (n, *n.all_input_nodes):
+            t = tensor_meta(a)
+            if t is not None and is_traceable_wrapper_subclass(t):
+                return (f"`{a.name}` is a {type(t).__name__}: gla's ops have no rules for tensor subclasses "
+                        f"(DTensor sharding), so the original subgraph stays")
+    return None
+
+
+def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase the nodes among ``nodes`` that no longer have users (and, in turn, their dead inputs among them)."""
+    among = {n for n in nodes if n.graph is graph}
+    stack = [n for n in among if not n.users]
+    while stack:
+        n = stack.pop()
+        if getattr(n, "_erased", False) or n.users or n.op in ("placeholder", "output") or n.is_impure():
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        stack.extend(a for a in inputs if a in among and not a.users)
 
 
 def _signature(m: Match) -> tuple[dict, dict]:

@@ -18,11 +18,12 @@ MAX_HEAD_DIM = 256
 
 @leaf
 def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill=None, key_mask=None, gate=None, scale=1.0,
-                   causal=False, window=0, flat_heads=False, out_dtype=None, impl="auto"):
+                   causal=False, window=0, flat_heads=False, out_dtype=None, impl="auto", nan_rows=False):
     """The one graph node a matched attention becomes (traced through by AOT autograd into gla::attention).
 
     q [B, Hq, Tq, D]; k [B, Hkv, Tk, D] (or kᵀ when ``kt``); v [B, Hkv, Tk, Dv]; ``flat_heads``:
-    the model works on [B·H, T, D] and a batch axis of 1 is added around the kernel.
+    the model works on [B·H, T, D] and a batch axis of 1 is added around the kernel. ``nan_rows``:
+    a query row holding NaN/±inf gives NaN, as eager softmax attention does (PyTorch's CPU SDPA gives 0).
     """
     from ..kernels.attention import gated_attention
 
@@ -40,7 +41,7 @@ def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill
             gate = gate.unsqueeze(0)
     out = gated_attention(q, k, v, gate=gate, bias=bias, key_mask=key_mask, scale=scale, causal=causal,
                           window=window, impl=impl)
-    if impl == "sdpa":
+    if nan_rows:
         # PyTorch's CPU SDPA returns 0 for a query row holding NaN (eager softmax, the reference and
         # the Triton kernel give NaN; a row with ±inf gives NaN in eager too): propagate like eager.
         out = torch.where(torch.isfinite(q).all(-1, keepdim=True), out, float("nan"))
@@ -157,6 +158,8 @@ class AttentionLowering:
         if isinstance(impl, Decline):
             return impl
         kwargs["impl"] = impl
+        if impl == "sdpa":  # hand-written softmax attention propagates NaN rows; CPU SDPA does not
+            kwargs["nan_rows"] = True
         form = "causal" + (f", window {window}" if window else "") if causal else \
             ("bias" if "bias" in kwargs or "keep" in kwargs else "no mask")
         gqa = f", GQA {groups_v}:1" if groups_v > 1 else ""

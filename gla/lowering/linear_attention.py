@@ -13,16 +13,18 @@ Two forms are recognized, both the same function as GLA (``S_t = Diag(exp(g_t)) 
   v_t, g_t slices of the same tensors at t = 0..T-1 (the whole time axis). The gate is
   ``exp(x_t)`` (log gate x), ``sigmoid(x_t)`` (log gate ``logsigmoid(x)``: exact, the gate is > 0),
   or absent; per key channel or one per head. A gate that is neither (``S * a_t``), a state used
-  outside the chain (but the final state, which the kernel also returns), a delta-rule update or a
-  nonlinearity on S is declined with the reason.
+  outside the chain (the final state too, for now: the pipeline splices one value per match), a
+  delta-rule update or a nonlinearity on S is declined with the reason.
 * **The parallel form**: ``((q·exp(G)) (k·exp(-G))ᵀ ⊙ causal) v`` with ``G = cumsum(g)`` (per
   channel), or ``((q kᵀ) ⊙ exp(G_i − G_j) ⊙ causal) v`` (one gate per head), or ungated
   ``((q kᵀ) ⊙ causal) v``. The causal mask must be provable from the graph (``tril``, ``tril(ones)``,
-  ``triu(ones, 1)`` inverted, ``arange`` comparisons); a mask buffer is runtime data and declines.
+  ``triu(ones, 1)`` inverted, ``arange`` comparisons); a mask buffer is runtime data: not matched.
 
 Both lower to one ``chunk_gla`` call (the chunked form is stable where the parallel form's
 ``exp(-G)`` overflows). ``impl``: ``kernels="reference"`` → reference; ``"triton"`` → Triton
-(declining with the kernel's reason); ``"auto"`` → Triton on CUDA, else the reference.
+(declining with the kernel's reason); ``"auto"`` → Triton on CUDA, else the reference. The
+Triton kernels take decays (log gate ≤ 0): a gate written as ``sigmoid(x)`` / ``exp(logsigmoid(x))``
+is one for every x; ``exp(x)`` of an arbitrary x is not, so it runs the reference ("triton" declines).
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def gla_call(q, k, v, g=None, initial_state=None, *, layout, gate, scale, out_pe
         x = x.permute(dims)
         if len(batch) == 1:
             x = x.unsqueeze(2)
-        return x
+        return x.contiguous() if impl == "triton" else x  # the Triton kernels index dense [B, T, H, D]
 
     qk, kk, vk = to_bthd(q, layout["q"]), to_bthd(k, layout["k"]), to_bthd(v, layout["v"])
     gk = None
@@ -76,24 +78,18 @@ def gla_call(q, k, v, g=None, initial_state=None, *, layout, gate, scale, out_pe
     h0 = initial_state.permute(state_perm) if initial_state is not None else None
     if h0 is not None and h0.dim() == 3:
         h0 = h0.unsqueeze(1)
+    if h0 is not None and impl == "triton":
+        h0 = h0.contiguous()
     o, _ = chunk_gla(qk, kk, vk, gk, scale=scale, initial_state=h0, impl=impl)
     o = o.permute(out_perm).reshape(out_shape)
     return o if o.dtype == out_dtype else o.to(out_dtype)
 
 
-def choose_impl(config: Config, q, k, v, g=None, initial_state=None) -> str | Decline:
-    from ..kernels.linear_attention import triton_unsupported_reason
+def _impl_for(config: Config, device, inputs: dict, gate: str | None = None) -> str | Decline:
+    """``choose_impl`` on the shapes the kernel will see (``inputs``: name -> (shape, dtype) or None).
 
-    if config.kernels == "reference":
-        return "reference"
-    reason = triton_unsupported_reason(q, k, v, g, initial_state)
-    if config.kernels == "triton":
-        return Decline(reason) if reason else "triton"
-    return "triton" if reason is None and q.device.type == "cuda" else "reference"
-
-
-def _impl_for(config: Config, device, inputs: dict) -> str | Decline:
-    """``choose_impl`` on the shapes the kernel will see (``inputs``: name -> (shape, dtype) or None)."""
+    The Triton kernels take a log gate ≤ 0 (a decay); a log gate not provably ≤ 0 (``exp(x)`` of
+    an arbitrary x, which the rewrite must reproduce for every x) runs the reference."""
     from types import SimpleNamespace
 
     from ..kernels.linear_attention import triton_unsupported_reason
@@ -103,6 +99,9 @@ def _impl_for(config: Config, device, inputs: dict) -> str | Decline:
     ns = {k: (SimpleNamespace(shape=tuple(v[0]), dtype=v[1], device=device) if v is not None else None)
           for k, v in inputs.items()}
     reason = triton_unsupported_reason(ns["q"], ns["k"], ns["v"], ns.get("g"), ns.get("initial_state"))
+    if reason is None and gate == "log":
+        reason = ("the log gate is not provably ≤ 0 (the Triton GLA kernel needs a decay; write the gate as "
+                  "sigmoid(x) or exp(logsigmoid(x)))")
     if config.kernels == "triton":
         return Decline(reason) if reason else "triton"
     return "triton" if reason is None and device.type == "cuda" else "reference"
@@ -194,12 +193,14 @@ class Interp:
         if s is None:
             return None
         labels = tuple(next(_fresh) for _ in s)
-        return Term([Fac("node", n, None, None, labels)], list(labels), nodes=[])
+        kind = "causal" if len(s) >= 2 and causal_mask(n, keep=True) is not None else "node"
+        return Term([Fac(kind, n, None, None, labels)], list(labels), nodes=[])
 
     def __call__(self, n) -> Term | None:
         if not isinstance(n, fx.Node):
             return None
-        if n in self.stop:
+        if n in self.stop or (_is(n, (torch.tril, ops.cast, operator.invert), ("tril", "bool", "float", "to"))
+                              and causal_mask(n, keep=True) is not None):
             return self.opaque(n)
         r = self._node(n)
         if r is None:
@@ -207,12 +208,20 @@ class Interp:
         r.nodes = r.nodes + [n]
         return r
 
+    def _single(self, n) -> Term | None:
+        """n as one opaque tensor, possibly unsqueezed (``G[..., :, None]``)."""
+        t = self(n)
+        if t is None or len(t.facs) != 1 or t.facs[0].kind != "node" or t.summed or t.coef != 1.0:
+            return None
+        return t
+
     @staticmethod
     def _interpretable(n: fx.Node) -> bool:
         return (_call(n, operator.getitem, torch.select, torch.unsqueeze, torch.squeeze, torch.exp, torch.sigmoid,
                       operator.mul, torch.einsum, torch.functional.einsum, torch.matmul, torch.sum, torch.transpose,
-                      torch.permute, ops.cast)
-                or _meth(n, "select", "unsqueeze", "squeeze", "exp", "sigmoid", "sum", "contiguous", "clone"))
+                      torch.permute, ops.cast, operator.neg, torch.neg, operator.truediv, torch.tril, torch.where)
+                or _meth(n, "select", "unsqueeze", "squeeze", "exp", "sigmoid", "sum", "contiguous", "clone", "neg",
+                         "tril"))
 
     def _index(self, n: fx.Node, x: fx.Node, idx: tuple) -> Term | None:
         tx = self(x) if self._interpretable(x) and x not in self.stop else None
@@ -233,11 +242,22 @@ class Interp:
             out += tx.out[pos:]
             return Term(tx.facs, out, tx.summed, tx.coef, tx.nodes)
         # a slice of a tensor at one time step
+        if _shape(x) is None:
+            return None
         rank = len(_shape(x))
         idx = self._expand_ellipsis(idx, rank)
         if idx is None:
             return None
         ints = [p for p, i in enumerate(idx) if isinstance(i, int) and not isinstance(i, bool)]
+        if not ints and all(i is None or i == slice(None) for i in idx):  # unsqueeze of a whole tensor
+            tx = self.opaque(x)
+            out, pos = [], 0
+            for i in idx:
+                if i is None:
+                    out.append(None)
+                else:
+                    out.append(tx.out[pos]); pos += 1
+            return Term(tx.facs, out + tx.out[pos:], set(), 1.0, [])
         if len(ints) != 1 or not all(i is None or i == slice(None) or isinstance(i, int) for i in idx):
             return None
         labels, out, axis, t_axis, t = [], [], 0, None, None
@@ -298,12 +318,59 @@ class Interp:
         if _call(n, ops.cast) or _meth(n, "contiguous", "clone"):
             return self(a[0])
         if _is(n, (torch.exp, torch.sigmoid), ("exp", "sigmoid")):
+            is_exp = _is(n, (torch.exp,), ("exp",))
+            if is_exp and _is(a[0], (operator.sub, torch.sub), ("sub",)) and len(a[0].args) == 2 \
+                    and not a[0].kwargs:  # exp(x - y) = exp(x) · exp(-y)
+                tx, ty = self._single(a[0].args[0]), self._single(a[0].args[1])
+                if tx is None or ty is None:
+                    return None
+                ty = Term([Fac("expneg", ty.facs[0].base, None, None, ty.facs[0].labels)], ty.out, set(), 1.0, ty.nodes)
+                tx = Term([Fac("exp", tx.facs[0].base, None, None, tx.facs[0].labels)], tx.out, set(), 1.0, tx.nodes)
+                r = _broadcast_mul(tx, ty)
+                r.nodes = r.nodes + [a[0]]
+                return r
             tx = self(a[0])
-            if tx is None or len(tx.facs) != 1 or tx.summed or tx.coef != 1.0 or tx.facs[0].kind != "slice":
+            if tx is None or len(tx.facs) != 1 or tx.summed or tx.coef not in (1.0, -1.0):
                 return None
             f = tx.facs[0]
-            kind = "exp" if _is(n, (torch.exp,), ("exp",)) else "sigmoid"
+            if f.kind == "slice" and tx.coef == 1.0:
+                kind = "exp" if is_exp else "sigmoid"
+            elif f.kind == "node" and is_exp:
+                kind = "exp" if tx.coef == 1.0 else "expneg"
+            else:
+                return None
             return Term([Fac(kind, f.base, f.t_axis, f.t, f.labels)], tx.out, set(), 1.0, tx.nodes)
+        if _is(n, (operator.neg, torch.neg), ("neg",)):
+            tx = self(a[0])
+            return None if tx is None else Term(tx.facs, tx.out, tx.summed, _mul_coef(tx.coef, -1.0), tx.nodes)
+        if _call(n, operator.truediv) and len(a) == 2:
+            tx, ty = self(a[0]), self(a[1])
+            if tx is None or ty is None or len(ty.facs) != 1 or ty.facs[0].kind not in ("exp", "expneg") \
+                    or ty.coef != 1.0 or ty.summed:
+                return None
+            f = ty.facs[0]
+            flip = Fac("expneg" if f.kind == "exp" else "exp", f.base, f.t_axis, f.t, f.labels)
+            return _broadcast_mul(tx, Term([flip], ty.out, set(), 1.0, ty.nodes))
+        if _is(n, (torch.tril,), ("tril",)):
+            if _arg(n, 1, "diagonal", 0) != 0:
+                return None
+            tx = self(a[0])
+            if tx is None or len(tx.out) < 2 or None in tx.out[-2:]:
+                return None
+            mask = Fac("causal", n, None, None, tuple(tx.out[-2:]))
+            return Term(tx.facs + [mask], tx.out, tx.summed, tx.coef, tx.nodes)
+        if _call(n, torch.where) and len(a) == 3:
+            cond, x, y = a
+            for keep, value, zero in ((True, x, y), (False, y, x)):
+                if _zero(zero) and isinstance(cond, fx.Node) and causal_mask(cond, keep=keep) is not None:
+                    tv = self(value)
+                    if tv is None or len(tv.out) < 2:
+                        return None
+                    tc = Term([Fac("causal", cond, None, None, tuple(next(_fresh) for _ in _shape(cond)))],
+                              None, set(), 1.0, [])
+                    tc.out = list(tc.facs[0].labels)
+                    return _broadcast_mul(tv, tc)
+            return None
         if _call(n, operator.mul):
             x, y = a
             if _scalar(y) or _scalar(x):
@@ -426,6 +493,59 @@ def _matmul(tx: Term, ty: Term) -> Term | None:
     out = batch + [tx.out[-2], ty.out[-1]]
     return Term(tx.facs + ty.facs, out, tx.summed | ty.summed | {kx}, _mul_coef(tx.coef, ty.coef),
                 tx.nodes + ty.nodes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Causal masks (proved from how they are built; a buffer is runtime data)
+# ---------------------------------------------------------------------------------------------
+def _zero(x) -> bool:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return x == 0
+    return isinstance(x, fx.Node) and (_call(x, torch.zeros, torch.zeros_like) or _meth(x, "new_zeros"))
+
+
+def _ones_square(x) -> bool:
+    s = _shape(x)
+    return (_call(x, torch.ones, torch.ones_like) or _meth(x, "new_ones")) and s is not None and len(s) >= 2 \
+        and statically_known_true(s[-1] == s[-2])
+
+
+def _producers(n: fx.Node) -> list[fx.Node]:
+    """n and the tensor-valued call nodes it is built from (a constant mask's subgraph)."""
+    out, stack, seen = [], [n], set()
+    while stack:
+        x = stack.pop()
+        if x in seen or x.op not in ("call_function", "call_method") or tensor_meta(x) is None:
+            continue
+        seen.add(x)
+        out.append(x)
+        stack.extend(x.all_input_nodes)
+    return out
+
+
+def causal_mask(n: fx.Node, keep: bool = True) -> list[fx.Node] | None:
+    """The nodes of ``n`` when it provably is the causal "may attend" mask (``keep``: 1 where
+    key ≤ query) or its complement (``keep=False``: 1 where key > query); else None."""
+    if not isinstance(n, fx.Node):
+        return None
+    x = n
+    while (_call(x, ops.cast) or _meth(x, "bool", "float", "to", "type_as", "contiguous")) and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+    s = _shape(x)
+    if s is None or len(s) < 2 or not statically_known_true(s[-1] == s[-2]):
+        return None
+    if _call(x, operator.invert, torch.logical_not) or _meth(x, "logical_not", "bitwise_not"):
+        return _producers(n) if causal_mask(x.args[0], not keep) is not None else None
+    diag = _arg(x, 1, "diagonal", 0)
+    if keep and _is(x, (torch.tril,), ("tril",)) and diag == 0 and _ones_square(x.args[0]):
+        return _producers(n)
+    if not keep and _is(x, (torch.triu,), ("triu",)) and diag == 1 and _ones_square(x.args[0]):
+        return _producers(n)
+    if keep and tensor_meta(x).dtype == torch.bool:
+        form = keep_form(x, list(s))
+        if form is not None and form.causal and not form.window:
+            return _producers(n)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,13 +739,13 @@ class RecurrenceLowering:
         h0 = steps[0].prev
         region = {n for s in steps for n in s.nodes}
         initial = None
+        final = steps[-1].state
+        consumed = set(region)
         if _is_zeros(h0):
-            if all(u in region for u in h0.users):
-                region.add(h0)
+            region.add(h0)  # evaluated with the region (never a random leaf); it may be shared
         else:
             initial = h0
-        final = steps[-1].state
-        for n in region:
+        for n in consumed:
             outside = [u for u in n.users if u not in region and u is not match.root]
             if outside:
                 if n is final:
@@ -649,6 +769,8 @@ class RecurrenceLowering:
                 if kind == "slice":  # a slice of exp(x) / sigmoid(x) computed before the loop
                     kind = "exp" if _is(base, (torch.exp,), ("exp",)) else "sigmoid"
                     base = base.args[0]
+                if kind == "exp" and _call(base, F.logsigmoid):  # exp(logsigmoid(x)) = sigmoid(x): a decay
+                    kind, base = "sigmoid", base.args[0]
                 lays["gate"] = "sigmoid" if kind == "sigmoid" else "log"
             lays[name] = lay
             args[name] = base
@@ -678,7 +800,7 @@ class RecurrenceLowering:
         if initial is not None:
             ti = tensor_meta(initial)
             shapes["initial_state"] = ([hint_int(s) for s in ti.shape], ti.dtype)
-        impl = _impl_for(config, metas["q"].device, shapes)
+        impl = _impl_for(config, metas["q"].device, shapes, lays.get("gate"))
         if isinstance(impl, Decline):
             return impl
         root = tensor_meta(match.root)
@@ -697,11 +819,108 @@ class RecurrenceLowering:
 
 
 class ParallelLowering:
-    """Placeholder until the parallel form lands: never mine."""
+    """``(causal(q·exp(G) (k·exp(-G))ᵀ) · c) @ v`` and its per-head and ungated forms → one ``chunk_gla``."""
 
     @staticmethod
-    def signature(scores, v):
+    def signature(scores, v, eq=None):
         """The captures this lowering takes."""
 
-    def select(self, match: Match, config: Config):
-        return None
+    def select(self, match: Match, config: Config) -> Selected | Decline | None:
+        A = match.captures["scores"]
+        if not (_call(A, operator.mul, torch.where) or _is(A, (torch.tril,), ("tril",))):
+            return None
+        r = Interp()(match.root)
+        if r is None:
+            return None
+        causal = [f for f in r.facs if f.kind == "causal"]
+        tensors = [f for f in r.facs if f.kind == "node"]
+        exps = [f for f in r.facs if f.kind in ("exp", "expneg")]
+        if not causal or len(tensors) != 3 or len(causal) + len(tensors) + len(exps) != len(r.facs):
+            if causal and any(f.kind == "node" for f in r.facs):
+                return Decline("a causal q·kᵀ product times v, but not of the GLA form "
+                               "(q·exp(G), k·exp(-G) or exp(G_i - G_j) decays)")
+            return None
+        t, s_ = causal[0].labels[-2:]
+        if any(f.labels[-2:] != (t, s_) for f in causal):
+            return Decline("the causal masks do not agree on the query and key axes")
+        vf = next((f for f in tensors if f.base is match.captures["v"]), None)
+        if vf is None or len(r.summed) != 2 or s_ not in r.summed:
+            return None
+        k_label = next(iter(r.summed - {s_}))
+        rest = [f for f in tensors if f is not vf]
+        qf = next((f for f in rest if t in f.labels and s_ not in f.labels), None)
+        kf = next((f for f in rest if s_ in f.labels and t not in f.labels), None)
+        if qf is None or kf is None or qf is kf:
+            return None
+        v_label = [l for l in vf.labels if l not in set(qf.labels) | {s_}]
+        if len(v_label) != 1:
+            return None
+        v_label = v_label[0]
+        batch = [l for l in qf.labels if l not in (t, k_label)]
+        if not (1 <= len(batch) <= 2) or set(qf.labels) != set(batch) | {t, k_label} \
+                or set(kf.labels) != set(batch) | {s_, k_label} or set(vf.labels) != set(batch) | {s_, v_label} \
+                or set(l for l in r.out if l is not None) != set(batch) | {t, v_label} \
+                or any(len(set(f.labels)) != len(f.labels) for f in (qf, kf, vf)):
+            return Decline("the causal product's axes are not q [.., T, K], k [.., S, K], v [.., S, V] "
+                           "with common batch/head axes")
+
+        def lay(f, time, ch):
+            return (f.labels.index(time), tuple(f.labels.index(b) for b in batch),
+                    f.labels.index(ch) if ch is not None else None)
+
+        lays = {"q": lay(qf, t, k_label), "k": lay(kf, s_, k_label), "v": lay(vf, s_, v_label)}
+        args = {"q": qf.base, "k": kf.base, "v": vf.base}
+        region = set(r.nodes) | {match.root}
+        gdesc = "no gate"
+        if exps:
+            pos = [f for f in exps if f.kind == "exp"]
+            neg = [f for f in exps if f.kind == "expneg"]
+            if len(pos) != 1 or len(neg) != 1 or pos[0].base is not neg[0].base:
+                return Decline("the decays are not exp(G) on the query side and exp(-G) on the key side "
+                               "of one cumulative gate G")
+            G = pos[0].base
+            lp, ln = pos[0].labels, neg[0].labels
+            if t not in lp or s_ in lp or [s_ if l == t else l for l in lp] != list(ln) \
+                    or not set(batch) <= set(lp) or not set(lp) <= set(batch) | {t, k_label}:
+                return Decline("the gate G is not laid out like q/k (per key channel or per head) on both sides")
+            if not _is(G, (torch.cumsum,), ("cumsum",)) or set(G.kwargs) - {"dim"}:
+                return Decline(f"the decays exp(±G) use `{G.name}`, not a cumulative sum of log gates")
+            dim = _arg(G, 1, "dim")
+            if not isinstance(dim, int) or dim % len(lp) != lp.index(t):
+                return Decline("G is a cumulative sum over another axis than time")
+            args["g"] = G.args[0]
+            lays["g"] = lay(pos[0], t, k_label if k_label in lp else None)
+            lays["gate"] = "log"
+            if _call(args["g"], F.logsigmoid):  # cumsum(logsigmoid(x)): a decay, ≤ 0 by construction
+                args["g"], lays["gate"] = args["g"].args[0], "sigmoid"
+            gdesc = ("per-channel" if k_label in lp else "per-head") + " log gate"
+            if all(u in region for u in G.users):
+                region.add(G)
+        scale = r.coef
+        if not isinstance(scale, (int, float)):
+            return Decline("the scale is not a constant number")
+        for n in region:
+            if n is match.root:
+                continue
+            outside = [u for u in n.users if u not in region]
+            if outside:
+                return Decline(f"`{n.name}` of the causal linear attention is used outside it (by `{outside[0].name}`)")
+        for f in causal:
+            region |= set(causal_mask(f.base, keep=True) or causal_mask(f.base, keep=False) or [])
+        kernel_axes = ["b0", "T", "b1", "v"]
+        roles = {batch[0]: "b0", t: "T", v_label: "v"}
+        if len(batch) == 2:
+            roles[batch[1]] = "b1"
+        real = [roles[l] for l in r.out if l is not None]
+        out_perm = [kernel_axes.index(x) for x in real] + ([] if len(batch) == 2 else [2])
+        metas = {n: tensor_meta(args[n]) for n in args}
+        shapes = {n: (_bthd_shape(metas[n], lays[n]), metas[n].dtype) for n in args}
+        impl = _impl_for(config, metas["q"].device, shapes, lays.get("gate"))
+        if isinstance(impl, Decline):
+            return impl
+        root = tensor_meta(match.root)
+        kwargs = dict(args, layout={k: lays[k] for k in ("q", "k", "v", "g") if k in lays}, gate=lays.get("gate"),
+                      scale=float(scale), out_perm=out_perm, out_shape=[hint_int(x) for x in root.shape],
+                      out_dtype=root.dtype, impl=impl)
+        extra = [n for n in region if n is not match.root]
+        return Selected(gla_call, kwargs, f"gla::chunk_gla[{impl}] (parallel form, {gdesc})", extra)

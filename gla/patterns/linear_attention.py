@@ -59,9 +59,13 @@ def causal_product(scores, v):
     return torch.matmul(scores, v)
 
 
+def causal_product_einsum(eq, scores, v):
+    return torch.einsum(eq, scores, v)
+
+
 register_pattern(
     "gla_parallel",
-    search=causal_product,
+    search=[causal_product, causal_product_einsum],
     replacement=ParallelLowering(),
     kind="linear_attention",
     priority=25,

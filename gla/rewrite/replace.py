@@ -61,12 +61,19 @@ def insert_call(graph: fx.Graph, before: fx.Node, fn: Callable, kwargs: dict[str
     """Trace ``fn(**kwargs)`` into ``graph`` just before ``before``; nodes in kwargs become proxies."""
     tracer = GraphAppendingTracer(graph)
     wrap = lambda a: Proxy(a, tracer) if isinstance(a, fx.Node) else a
-    with graph.inserting_before(before):
-        first_new = before.prev
-        if getattr(fn, "_gla_leaf", False):
-            out = Proxy(graph.call_function(fn, (), dict(kwargs)), tracer)
-        else:
-            out = fn(**tree_map(wrap, kwargs))
+    first_new = before.prev
+    try:
+        with graph.inserting_before(before):
+            if getattr(fn, "_gla_leaf", False):
+                out = Proxy(graph.call_function(fn, (), dict(kwargs)), tracer)
+            else:
+                out = fn(**tree_map(wrap, kwargs))
+    except Exception as e:  # a replacement that cannot be traced is declined, not a compile crash
+        for node in reversed(list(_nodes_between(first_new, before))):
+            if not node.users:
+                graph.erase_node(node)
+        raise ReplacementError(f"replacement {getattr(fn, '__name__', fn)} failed while being traced: "
+                               f"{type(e).__name__}: {str(e)[:200]}") from e
     if not isinstance(out, Proxy):
         raise ReplacementError(f"replacement {getattr(fn, '__name__', fn)} returned {type(out).__name__}, not a tensor")
     fake_mode = fake_mode_of(graph)
@@ -81,6 +88,13 @@ def insert_call(graph: fx.Graph, before: fx.Node, fn: Callable, kwargs: dict[str
                 pass
         node = node.next
     return out.node
+
+
+def _nodes_between(first: fx.Node, stop: fx.Node):
+    node = first.next
+    while node is not stop:
+        yield node
+        node = node.next
 
 
 def replace_match(graph: fx.Graph, match: Match, fn: Callable, kwargs: dict[str, Any]) -> fx.Node:

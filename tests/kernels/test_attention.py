@@ -320,6 +320,89 @@ def test_opcheck(impl):
 
 
 # ----------------------------------------------------------------------------------------------
+# Host-side paths: the eager fast path vs the torch.library ops, config override
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["causal-gqa2-d64-elementwise", "cross-q17-k63-keymask-empty",
+                                  "causal-window16-bias-b-1-1-k"])
+def test_eager_fast_path_matches_op_path(case, monkeypatch):
+    """gated_attention(impl="triton") in eager skips the custom ops (autograd.Function); the op
+    path (GLA_ATTN_EAGER_OP=1) must give bit-identical outputs and gradients."""
+    import gla.kernels.attention.op as op_mod
+
+    q, k, v, kw, dout = make_case(**CASES[case])
+    fast, fast_grads = _run("triton", q, k, v, kw, dout)
+    monkeypatch.setattr(op_mod, "_FORCE_OP", True)
+    slow, slow_grads = _run("triton", q, k, v, kw, dout)
+    assert torch.equal(fast, slow) and fast.stride() == slow.stride()
+    for a, b in zip(fast_grads, slow_grads):
+        assert torch.equal(a, b)
+
+
+def test_dispatch_mode_sees_the_op():
+    """Under a dispatch mode (tracing, fake tensors ...) the call goes through gla::attention."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, kw, dout = make_case(causal=True, gate="headwise")
+    with Record():
+        gated_attention(q, k, v, gate=kw["gate"], causal=True, impl="triton")
+    assert "gla.attention.default" in seen
+
+
+def test_gated_no_grad_forward_skips_ungated_output():
+    q, k, v, kw, _ = make_case(causal=True, gate="elementwise", Hq=2, Hkv=1)
+    with torch.no_grad():
+        out = gated_attention(q, k, v, gate=kw["gate"], causal=True, impl="triton")
+    ref = attention_reference(q.double(), k.double(), v.double(), gate=kw["gate"].double(),
+                              causal=True)
+    assert rel_rms_error(out, ref) <= 1e-5
+    _, _, o_ung = flash.attention_forward(q, k, v, kw["gate"], None, None, 0.2, True, 0,
+                                          save_ungated=False)
+    assert o_ung.numel() == 0
+
+
+def test_backward_through_out_only_materializes_nothing():
+    """Autograd must not build zero grads for lse / o_ungated (no aten::zeros in the backward)."""
+    q, k, v, kw, dout = make_case(causal=True, gate="elementwise", Tq=16, Tk=16, D=16)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, kw["gate"])]
+    out, _, _ = torch.ops.gla.attention(*leaves, None, None, 0.25, True, 0, "triton")
+    with torch.profiler.profile() as prof:
+        torch.autograd.grad(out, leaves, dout)
+    names = {e.name for e in prof.events()}
+    assert "gla::attention_backward" in names and "aten::zeros" not in names
+
+
+def test_config_override_parser(monkeypatch):
+    parse = flash._parse_config_override
+    assert parse(None) == {}
+    got = parse("fwd=128,128,8,2; dq@64=64,32,4,3")
+    assert got[("fwd", None)] == dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
+    assert got[("dq", 64)] == dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
+    with pytest.raises(ValueError, match="GLA_ATTN_CONFIG"):
+        parse("fwd=128,128")
+    with pytest.raises(ValueError, match="kernel must be"):
+        parse("bwd=1,2,3,4")
+    monkeypatch.setattr(flash, "CONFIG_OVERRIDE", got)
+    flash._configs_cached.cache_clear()
+    try:
+        c64 = flash.attention_configs(64, 64, torch.bfloat16, True, 4096, interpret=False)
+        c128 = flash.attention_configs(128, 128, torch.bfloat16, True, 4096, interpret=False)
+        assert c64["fwd"]["BLOCK_N"] == 128 and c64["dq"]["BLOCK_N"] == 32
+        assert c128["fwd"]["BLOCK_N"] == 128 and c128["dq"]["BLOCK_N"] == 64
+        c64["fwd"]["BLOCK_N"] = 1  # callers get copies
+        assert flash.attention_configs(64, 64, torch.bfloat16, True, 4096,
+                                       interpret=False)["fwd"]["BLOCK_N"] == 128
+    finally:
+        flash._configs_cached.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------
 GPU_CASES = {
