@@ -205,3 +205,25 @@ def test_gated_attention(gate_form):
     g = torch.randn(B, T, H, 1 if gate_form == "headwise" else D)
     r = check(block, *qkv(), g, expect={"gated_attention": 1, "attention": 0, "gate": 0})
     assert ("headwise" if gate_form == "headwise" else "elementwise") in r.rewrites[0].kernel
+
+
+def test_causal_proof_through_masked_fill():
+    def attn(q, k, v):
+        i = torch.arange(q.shape[-2])
+        w = (q @ k.transpose(-2, -1) * 0.1).masked_fill(i[None, :] > i[:, None], float("-inf"))
+        return torch.softmax(w, -1) @ v
+
+    r = check(attn, *qkv(), expect={"attention": 1})
+    assert "causal" in r.rewrites[0].kernel
+
+
+def test_rows_eager_leaves_undefined_do_not_block_the_rewrite():
+    # tiny T: random masks in verification often mask a whole row, where eager gives NaN
+    def attn(q, k, v, pad):
+        w = (q @ k.transpose(-2, -1)).masked_fill(pad[:, None, None, :], float("-inf"))
+        return torch.softmax(w, -1) @ v
+
+    q, k, v = (torch.randn(1, 2, 2, 8) for _ in range(3))
+    pad = torch.tensor([[False, True]])
+    r = check(attn, q, k, v, pad, expect={"attention": 1})
+    assert r.rewrites[0].verification["rel_rms"] <= 1e-5

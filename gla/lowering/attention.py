@@ -10,7 +10,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..config import Config
 from ..rewrite import Match, leaf, ops
 from ..rewrite.graph import tensor_meta
-from .masks import NEG_LIMIT, keep_form, mask_form
+from .masks import NEG_LIMIT, keep_form, mask_form, masked_form
 from .select import Decline, Selected
 
 MAX_HEAD_DIM = 256
@@ -138,7 +138,11 @@ class AttentionLowering:
                 else:
                     kwargs.update(keep=c["keep"], fill=float(fill))
             else:
-                kwargs.update(masked=c["mask"], fill=float(fill))
+                form = masked_form(c["mask"], scores) if tq.dim() == 4 else None
+                if form:
+                    causal, window, extra = True, form.window, list(form.nodes)
+                else:
+                    kwargs.update(masked=c["mask"], fill=float(fill))
         elif bias is not None:
             tb = tensor_meta(bias)
             if tb is None or not tb.dtype.is_floating_point:

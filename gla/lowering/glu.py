@@ -77,7 +77,8 @@ class GLULowering:
             return impl
         kwargs = dict(x=c["x"], w_gate=c["w_gate"], b_gate=c["b_gate"], w_up=c["w_up"], b_up=c["b_up"],
                       act=self.act, impl=impl)
-        return Selected(glu_linears_call, kwargs, f"gla::glu[{impl}] ({self.act}, 2 cuBLAS projections)")
+        where = "fused activation-multiply" if impl != "reference" else "plain PyTorch, left to Inductor"
+        return Selected(glu_linears_call, kwargs, f"gla::glu[{impl}] ({self.act}, {where})")
 
 
 class GateLowering:

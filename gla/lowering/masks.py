@@ -163,6 +163,20 @@ def keep_form(keep: fx.Node, scores_shape) -> MaskForm | None:
     return _form(res, ev, keep, scores_shape)
 
 
+def masked_form(masked: fx.Node, scores_shape) -> MaskForm | None:
+    """The same for a boolean "masked out" mask used as ``where(masked, -big, scores)`` / ``masked_fill``.
+
+    Only a single constraint can be negated exactly: ¬(e ≤ 0) ⇔ −e + 1 ≤ 0 over the integers.
+    """
+    ev = _Eval()
+    res = ev(masked)
+    if not isinstance(res, Allowed) or len(res.constraints) != 1:
+        return None
+    (c,) = res.constraints
+    negated = Affine(tuple((ax, -k) for ax, k in c.terms), -c.const + 1, c.rank, c.lengths)
+    return _form(Allowed((negated,)), ev, masked, scores_shape)
+
+
 def _form(allowed: Allowed, ev: _Eval, node: fx.Node, scores_shape) -> MaskForm | None:
     tq, tk = scores_shape[-2], scores_shape[-1]
     if not statically_known_true(tq == tk):
