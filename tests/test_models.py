@@ -15,17 +15,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTS = {"inner": "aot_eager"}
 
 
-def _model(family, impl):
+def _model(family, impl, dropout=None):
     torch.manual_seed(0)
+    drop = {} if dropout is None else {"llama": {"attention_dropout": dropout},
+                                       "gpt2": {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout},
+                                       "bert": {"hidden_dropout_prob": dropout,
+                                                "attention_probs_dropout_prob": dropout}}[family]
     if family == "llama":
         cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **drop)
         m = transformers.LlamaForCausalLM(cfg)
     elif family == "gpt2":
-        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4))
+        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, **drop))
     else:
         m = transformers.BertModel(transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                                           num_attention_heads=4, intermediate_size=96))
+                                                           num_attention_heads=4, intermediate_size=96, **drop))
     m.set_attn_implementation(impl)
     return m
 
@@ -50,24 +54,35 @@ def test_transformers_inference(family, glu, impl, batch):
     assert rel_rms_error(out, ref) <= 1e-5
 
 
-def test_llama_training_step_matches_eager():
-    m = _model("llama", "eager").train()
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family, glu", [("llama", 2), ("gpt2", 0), ("bert", 0)])
+def test_training_step_matches_eager(family, glu, impl):
+    m = _model(family, impl, dropout=0.0).train()
     ids = torch.randint(0, 128, (2, 11))
-    loss_fn = lambda: m(ids, labels=ids, use_cache=False).loss
+    if family == "bert":
+        mask = torch.ones(2, 11, dtype=torch.long)
+        mask[1, -3:] = 0
+        w = torch.randn(2, 11, 64)  # LayerNorm output squared is ~constant: weight it, or grads are noise
+        loss_fn = lambda: (m(ids, attention_mask=mask).last_hidden_state * w).mean()
+    else:
+        loss_fn = lambda: m(ids, labels=ids, use_cache=False).loss
     loss_ref = loss_fn()
     loss_ref.backward()
-    grads_ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    grads_ref = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
     report = gla.explain(loss_fn, options=OPTS)
-    assert report.counts["attention"] == 2 and report.counts["glu"] == 2, str(report)
+    assert report.counts["attention"] == 2 and report.counts["glu"] == glu, str(report)
     torch._dynamo.reset()
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
     loss = torch.compile(loss_fn, backend="gla", options=OPTS)()
     loss.backward()
     opt.step()
-    assert abs(loss.item() - loss_ref.item()) < 1e-5
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * max(1.0, abs(loss_ref.item()))
+    scale = max(g.norm() for g in grads_ref.values())
     for n, p in m.named_parameters():
-        assert rel_rms_error(p.grad, grads_ref[n]) <= 1e-5, n
+        if n in grads_ref:  # relative error, except for gradients that are zero up to rounding (key bias)
+            err = (p.grad - grads_ref[n]).norm()
+            assert err <= 1e-5 * grads_ref[n].norm() or err <= 1e-7 * scale, (n, rel_rms_error(p.grad, grads_ref[n]))
 
 
 @pytest.mark.parametrize("case", ["mha", "mha_masks", "encoder_layer", "need_weights"])
