@@ -50,8 +50,16 @@ class Miss:
     root: fx.Node
     depth: int
     at: fx.Node | None
-    expected: str
-    found: str
+    _expected: Any
+    _found: Any
+
+    @property
+    def expected(self) -> str:
+        return self._expected() if callable(self._expected) else self._expected
+
+    @property
+    def found(self) -> str:
+        return self._found() if callable(self._found) else self._found
 
 
 def describe_target(node: Any) -> str:
@@ -86,7 +94,8 @@ class _State:
         s.depth, s.miss = self.depth, self.miss
         return s
 
-    def fail(self, at, expected: str, found: str) -> bool:
+    def fail(self, at, expected, found) -> bool:
+        """Record the deepest failure; messages are thunks, formatted only if a near miss is reported."""
         if self.miss is None or self.depth >= self.miss[0]:
             self.miss = (self.depth, at, expected, found)
         return False
@@ -109,9 +118,9 @@ def _match_arg(p: Any, t: Any, st: _State) -> bool:
         return _match_node(p, t, st)
     if isinstance(p, (list, tuple)):
         if not isinstance(t, (list, tuple)) or len(p) != len(t):
-            return st.fail(None, repr(p), repr(t))
+            return st.fail(None, lambda: repr(p), lambda: repr(t))
         return all(_match_arg(a, b, st) for a, b in zip(p, t))
-    return _same_literal(p, t) or st.fail(None, repr(p), repr(t))
+    return _same_literal(p, t) or st.fail(None, lambda: repr(p), lambda: repr(t))
 
 
 def _match_node(p: fx.Node, t: Any, st: _State) -> bool:
@@ -119,24 +128,24 @@ def _match_node(p: fx.Node, t: Any, st: _State) -> bool:
         name = p.target
         if name in st.env:
             bound = st.env[name]
-            return (bound is t) or _same_literal(bound, t) or st.fail(t, f"the same {name!r} as before", describe_target(t))
+            return (bound is t) or _same_literal(bound, t) or st.fail(t, lambda: f"the same {name!r} as before", lambda: describe_target(t))
         st.env[name] = t
         return True
     if not isinstance(t, fx.Node):
-        return st.fail(None, describe_target(p), repr(t))
+        return st.fail(None, lambda: describe_target(p), lambda: repr(t))
     if p.op == "get_attr":
-        return st.fail(t, "a constant", describe_target(t))
+        return st.fail(t, lambda: "a constant", lambda: describe_target(t))
     if t.op != p.op or t.target != p.target:
         if _transparent(t) and not (p.op == t.op and p.target == t.target):
             st.nodes.append(t)
             return _match_node(p, t.args[0], st)
-        return st.fail(t, describe_target(p), describe_target(t))
+        return st.fail(t, lambda: describe_target(p), lambda: describe_target(t))
     st.nodes.append(t)
     st.depth += 1
     if set(p.kwargs) != set(t.kwargs):
-        return st.fail(t, f"{describe_target(p)} with kwargs {sorted(p.kwargs)}", f"kwargs {sorted(t.kwargs)}")
+        return st.fail(t, lambda: f"{describe_target(p)} with kwargs {sorted(p.kwargs)}", lambda: f"kwargs {sorted(t.kwargs)}")
     if len(p.args) != len(t.args):
-        return st.fail(t, f"{describe_target(p)} with {len(p.args)} args", f"{len(t.args)} args")
+        return st.fail(t, lambda: f"{describe_target(p)} with {len(p.args)} args", lambda: f"{len(t.args)} args")
     if p.op == "call_function" and p.target in COMMUTATIVE:
         first = st.copy()
         if all(_match_arg(a, b, first) for a, b in zip(p.args, t.args)):
@@ -150,7 +159,7 @@ def _match_node(p: fx.Node, t: Any, st: _State) -> bool:
     pairs = list(zip(p.args, t.args)) + [(p.kwargs[k], t.kwargs[k]) for k in p.kwargs]
     for a, b in pairs:
         if not isinstance(a, (fx.Node, list, tuple)) and not _same_literal(a, b):
-            return st.fail(t, f"{describe_target(p)} with argument {a!r}", f"{b!r}")
+            return st.fail(t, lambda: f"{describe_target(p)} with argument {a!r}", lambda: f"{b!r}")
         if not _match_arg(a, b, st):
             return False
     return True
