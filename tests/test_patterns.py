@@ -227,3 +227,24 @@ def test_rows_eager_leaves_undefined_do_not_block_the_rewrite():
     pad = torch.tensor([[False, True]])
     r = check(attn, q, k, v, pad, expect={"attention": 1})
     assert r.rewrites[0].verification["rel_rms"] <= 1e-5
+
+
+def test_gated_attention_gate_split_per_kv_group():
+    """The paper's layout: q_proj columns grouped per KV head as [q heads of the group | their gates]."""
+    hkv, n_rep, d, t = 2, 2, 16, 11
+    h = hkv * n_rep
+    q_proj = torch.nn.Linear(32, 2 * h * d, bias=False)
+    k_proj, v_proj = torch.nn.Linear(32, hkv * d, bias=False), torch.nn.Linear(32, hkv * d, bias=False)
+
+    def block(x):
+        b = x.shape[0]
+        qg = q_proj(x).view(b, t, hkv, 2 * n_rep * d)
+        q, g = torch.split(qg, [n_rep * d, n_rep * d], dim=-1)
+        q = q.reshape(b, t, h, d).transpose(1, 2)
+        g = g.reshape(b, t, h * d)
+        k = k_proj(x).view(b, t, hkv, d).transpose(1, 2)
+        v = v_proj(x).view(b, t, hkv, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return o.transpose(1, 2).reshape(b, t, h * d) * torch.sigmoid(g)
+
+    check(block, torch.randn(2, t, 32), expect={"gated_attention": 1, "gate": 0})
