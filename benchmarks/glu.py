@@ -217,7 +217,8 @@ def _elementwise(sz: Sizes, device: str, bench: _Bench, notes: list[str]) -> str
 
 
 def _mlp(sz: Sizes, device: str, bench: _Bench, notes: list[str]) -> str:
-    from gla.kernels.glu import glu_linear
+    from gla.backend import gla_backend
+    from gla.kernels.glu import glu, glu_linear
 
     dtype = torch.bfloat16
     N, d, Fh = sz.tokens, sz.d, sz.ffn
@@ -245,9 +246,14 @@ def _mlp(sz: Sizes, device: str, bench: _Bench, notes: list[str]) -> str:
     def gla_fused_recompute(x):
         return F.linear(glu_linear(x, w_gu, None, "silu", impl="triton", recompute=True), w_d)
 
+    def gla_two_cublas(x):  # what the GLU lowering emits for two projections
+        return F.linear(glu(F.linear(x, w_g), F.linear(x, w_u), "silu", impl="triton"), w_d)
+
     variants: dict[str, Callable] = {
         "eager (3 linears)": eager,
         "torch.compile": torch.compile(eager),
+        "torch.compile(backend='gla')": torch.compile(eager, backend=gla_backend),
+        "gla 2 cuBLAS + glu + down (the lowering)": gla_two_cublas,
         "gla fused glu_linear + down": gla_fused,
         "gla fused, recompute h": gla_fused_recompute,
         "gla cuBLAS gate_up + glu + down": gla_cublas,
