@@ -28,6 +28,13 @@ def _inputs(B, T, Hq, H, K, V, gate="channel", n=1.0, dtype=torch.float32, h0=Fa
     return [cast(t) for t in (q, k, v, g)] + [None if s0 is None else s0.to(device)]
 
 
+@pytest.fixture(params=["parallel", "sequential"])
+def kernel(request, monkeypatch):
+    """Runs a test with each chunked implementation (``GLA_LINEAR_KERNEL``)."""
+    monkeypatch.setenv("GLA_LINEAR_KERNEL", request.param)
+    return request.param
+
+
 def _fp64(ts):
     return [None if t is None else t.detach().double() for t in ts]
 
@@ -116,7 +123,7 @@ FWD_CASES = [
 
 
 @pytest.mark.parametrize("case", FWD_CASES)
-def test_triton_forward_matches_recurrence(case, monkeypatch):
+def test_triton_forward_matches_recurrence(case, kernel, monkeypatch):
     B, T, Hq, H, K, V, gate, n = case
     q, k, v, g, h0 = _inputs(B, T, Hq, H, K, V, gate=gate, n=n, h0=True, seed=FWD_CASES.index(case))
     h0 = h0.float()
@@ -195,7 +202,7 @@ BWD_CASES = [
 
 
 @pytest.mark.parametrize("case", BWD_CASES)
-def test_triton_backward_matches_recurrence(case, monkeypatch):
+def test_triton_backward_matches_recurrence(case, kernel, monkeypatch):
     B, T, Hq, H, K, V, gate, n, h0, final = case
     ins = _inputs(B, T, Hq, H, K, V, gate=gate, n=n, h0=h0, seed=50 + BWD_CASES.index(case))
     if ins[4] is not None:
@@ -204,7 +211,7 @@ def test_triton_backward_matches_recurrence(case, monkeypatch):
     _check_grads(ins, final=final)
 
 
-def test_triton_backward_column_loop(monkeypatch):
+def test_triton_backward_column_loop(kernel, monkeypatch):
     from gla.kernels.linear_attention import chunk
 
     monkeypatch.setattr(chunk, "DIAG_3D_OVERRIDE", False)
@@ -235,11 +242,47 @@ def test_triton_compiled_aot_eager():
         assert rel_rms_error(a.grad, b.grad) < 1e-4
 
 
+@pytest.mark.parametrize("cu", [None, [0, 7, 7, 40, 100]])
+def test_parallel_small_blocks_column_loop(cu, monkeypatch):
+    """The chunk-parallel kernels with several K/V blocks (masked tails: 40 = 32 + 8 = 16 + 16 + 8),
+    the GPU's column-loop diagonal, GQA, per-channel gates, initial and final states, all grads."""
+    from gla.kernels.linear_attention import chunk, chunk_parallel
+
+    monkeypatch.setenv("GLA_LINEAR_KERNEL", "parallel")
+    if cu is None:   # the column loop is slow in the interpreter: once is enough
+        monkeypatch.setattr(chunk, "DIAG_3D_OVERRIDE", False)
+    monkeypatch.setattr(chunk_parallel, "BLOCK_OVERRIDE", (32, 16))
+    ins = _inputs(1, 100, 4, 2, 40, 40, gate="channel", n=0.3, h0=True, seed=13)
+    N = 1 if cu is None else len(cu) - 1
+    ins[4] = torch.randn(N, 2, 40, 40)
+    _poisoned_empty(monkeypatch)
+    _check_grads(ins, cu=None if cu is None else torch.tensor(cu))
+
+
+def test_kernel_and_dot_env(monkeypatch):
+    from gla.kernels.linear_attention import chunk, chunk_parallel
+
+    q, k, v, g, _ = _inputs(1, 8, 2, 2, 16, 16, seed=41)
+    monkeypatch.setenv("GLA_LINEAR_KERNEL", "nope")
+    with pytest.raises(ValueError, match="GLA_LINEAR_KERNEL"):
+        chunk_gla(q, k, v, g, impl="triton")
+    monkeypatch.setenv("GLA_LINEAR_KERNEL", "parallel")
+    monkeypatch.setenv("GLA_LINEAR_DOT", "dqk=tf32x3,o=tf32")
+    modes = chunk_parallel._dot_modes()
+    assert modes["dqk"] == "tf32x3" and modes["o"] == "tf32" and modes["h"] == "native"
+    monkeypatch.setenv("GLA_LINEAR_DOT", "ieee")
+    assert set(chunk_parallel._dot_modes().values()) == {"ieee"}
+    monkeypatch.setenv("GLA_LINEAR_DOT", "o=fast")
+    with pytest.raises(ValueError, match="GLA_LINEAR_DOT"):
+        chunk_gla(q, k, v, g, impl="triton")
+    assert chunk.kernel_choice() == "parallel"
+
+
 # ----------------------------------------------------------------------------------------------
 # Variable-length sequences (cu_seqlens): forward and backward both through Triton
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gate", ["channel", "scalar", None])
-def test_triton_cu_seqlens(gate, monkeypatch):
+def test_triton_cu_seqlens(gate, kernel, monkeypatch):
     cu = torch.tensor([0, 5, 5, 75, 100], dtype=torch.int32)   # includes an empty sequence
     ins = _inputs(1, 100, 2, 1, 16, 16, gate=gate, n=0.5, seed=21)
     ins[4] = torch.randn(4, 1, 16, 16)

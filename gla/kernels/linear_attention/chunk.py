@@ -1,5 +1,13 @@
 """Chunked GLA in Triton: forward and backward.
 
+``chunk_gla_fwd`` / ``chunk_gla_bwd`` (bottom of this file) dispatch on ``GLA_LINEAR_KERNEL``
+(read at each call): ``parallel`` (default) runs ``chunk_parallel.py`` (sequential only over the
+``K×V`` state, one program per chunk for the rest: the fla structure); ``sequential`` runs the
+kernels below (``sequential_fwd`` / ``sequential_bwd``), kept for comparison. The gate cumsum,
+the helpers and ``DIAG_3D_OVERRIDE`` here are shared by both.
+
+The sequential kernels:
+
 Layout: tensors are made contiguous ``[B, T, H, D]`` and addressed as ``[B·T, H, D]`` rows, so a
 sequence is the row range ``[bos, eos)`` (``bos = b·T`` or ``cu_seqlens[n]``). Every kernel is one
 program per (column block, sequence·head) walking the sequence's chunks of ``BT = 64`` rows in
@@ -30,6 +38,8 @@ take fp32 operands: ``input_precision="ieee"`` for fp32 inputs (and on CPU); for
 inputs on CUDA ``"tf32"`` in the forward and ``"tf32x3"`` in the backward (see ``_dot_cfg``).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -270,8 +280,8 @@ def _blocks(K: int, V: int):
     return BK, 16, 8
 
 
-def chunk_gla_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state,
-                  gc=None):
+def sequential_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state,
+                   gc=None):
     """Returns ``(o [B,T,Hq,V] v.dtype, final_state [N,H,K,V] fp32 or empty)``."""
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
@@ -567,7 +577,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
                  dS, mask=mk[:, None] & mv[None, :])
 
 
-def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, scale):
+def sequential_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, scale):
     """Returns ``(dq, dk, dv, dg or None, dh0 or None)`` in the dtypes of their inputs.
 
     dg from the identity (B = sequence-wide cumsum of g, q' = q ⊙ exp(B), k' = k ⊙ exp(−B)):
@@ -632,3 +642,35 @@ def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, s
         dg = dgf.to(g.dtype)
     dh = dh0.to(initial_state.dtype) if h0 is not None else None
     return dq32.to(q.dtype), dk32.to(k.dtype), dv, dg, dh
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points: GLA_LINEAR_KERNEL=parallel (default, chunk_parallel.py) or sequential (above)
+# ----------------------------------------------------------------------------------------------
+KERNELS = ("parallel", "sequential")
+
+
+def kernel_choice() -> str:
+    name = os.environ.get("GLA_LINEAR_KERNEL", "parallel").strip() or "parallel"
+    if name not in KERNELS:
+        raise ValueError(f"GLA_LINEAR_KERNEL={name!r}: must be one of {KERNELS}")
+    return name
+
+
+def chunk_gla_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state):
+    """Returns ``(o [B,T,Hq,V] v.dtype, final_state [N,H,K,V] fp32 or empty)``."""
+    if kernel_choice() == "sequential":
+        return sequential_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state)
+    from . import chunk_parallel
+    return chunk_parallel.chunk_gla_fwd(q, k, v, g, initial_state, cu_seqlens, scale,
+                                        output_final_state)
+
+
+def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, scale):
+    """Returns ``(dq, dk, dv, dg or None, dh0 or None)`` in the dtypes of their inputs."""
+    if kernel_choice() == "sequential":
+        return sequential_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state,
+                              scale)
+    from . import chunk_parallel
+    return chunk_parallel.chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens,
+                                        final_state, scale)

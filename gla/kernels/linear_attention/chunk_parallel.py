@@ -1,0 +1,798 @@
+"""Chunk-parallel GLA in Triton (the GLA paper's / fla's structure): forward and backward.
+
+Only the state recurrences walk the chunks in order (one ``K×V`` update per chunk); everything
+that is O(T·BT·D) runs with one program per chunk. Layout and gate conventions are those of
+``chunk.py`` (rows of ``[B·T, heads, D]``, chunks of ``BT = 64`` rows, sub-blocks of ``BS = 16``,
+``b`` = chunk-local cumsum of ``g`` from ``chunk.gate_cumsum``, every exponent ≤ 0).
+
+Chunks are numbered globally: ``i_c = n·NT + c`` (``NT = cdiv(T, BT)``), or with ``cu_seqlens``
+``i_c = coff[n] + c`` where ``coff`` = exclusive cumsum of ``cdiv(L_n, BT)``; the per-chunk grids
+have ``NTG = cdiv(T_total, BT) + N`` programs (an upper bound known from shapes) and a small
+device map ``cmap[i_c] = (n, c)`` (built with torch ops, no host sync); the spare programs exit.
+
+Forward (``chunk_gla_fwd``)::
+
+    b      = gate_cumsum(g)                                     (chunk.py)
+    h      : _h_kernel   grid (N·H, K/BK, V/BV)   sequential over chunks: stores the state at each
+             chunk start, h[c] (and after the last chunk), S ← exp(b_l) ⊙ S + (k ⊙ exp(b_l − b))ᵀ v
+    A      : _A_kernel   grid (NTG·BT/BS, Hq)     A_ij = Σ_c q_ic k_jc exp(b_ic − b_jc), j ≤ i
+    o      : _o_kernel   grid (NTG·V/BV, Hq)      o = scale · ((q ⊙ exp(b)) h[c] + A v)
+
+``h`` holds ``NC + 1`` states per sequence (index ``i_c + n``); its dtype is the operand dtype of
+the dots that read it (bf16 when those dots are ``native`` — the dot would round it anyway — else
+fp32). ``A`` (unscaled, fp32 ``[B·T, Hq, BT]``): row sub-block ``I`` takes the keys of the earlier
+sub-blocks in one dot with the reference row ``r`` = last row of sub-block ``I − 1``
+(``exp(b_i − b_j) = exp(b_i − b_r)·exp(b_r − b_j)``, both ≤ 1 for ``j ≤ r < i``) and its diagonal
+``BS × BS`` block elementwise (column loop on CUDA, ``[BS, BS, BK]`` broadcast on CPU).
+
+Backward (``chunk_gla_bwd``) recomputes ``b``, ``h`` and ``A``, then::
+
+    dh  : _dh_kernel   grid (N·H, K/BK, V/BV)  reverse pass, dh[c] = ∂L/∂(state at the END of chunk
+          c), dS ← exp(b_l) ⊙ dS + scale · Σ_group (q ⊙ exp(b))ᵀ do; d initial_state = final dS
+    dA  : _dA_kernel   grid (NTG, Hq)          dA_ij = scale · do_i · v_j (j ≤ i)
+    dv  : _dv_kernel   grid (NTG·V/BV, H)      dv = (k ⊙ exp(b_l − b)) dh[c] + scale Σ_group Aᵀ do
+    dq, dk, dg : _dqkg_kernel grid (NTG·K/BK, H), sub-blocks in reverse order:
+          dq = scale (do h[c]ᵀ) ⊙ exp(b) + Σ_j dA_ij k_j ⊙ exp(b_i − b_j)
+          dk = (v dh[c]ᵀ) ⊙ exp(b_l − b) + Σ_group Σ_i dA_ij q_i ⊙ exp(b_i − b_j)
+          dg_t = Σ_{u ≥ t, same chunk} (Σ_group q_u ⊙ dq_u − k_u ⊙ dk_u) + Σ_v dh[c] ⊙ h[c+1]
+
+dg: the identity of ``chunk.py`` (∂L/∂B_u = q ⊙ dq − k ⊙ dk for the sequence-wide cumsum B, plus
+the final-state term) applied to one chunk's local cumsum ``b``: the last row's ``b_l`` also
+scales the whole end-of-chunk state, which adds ``Σ_v dS_end ⊙ S_end = Σ_v dh[c] ⊙ h[c+1]``
+(for the last chunk ``dht ⊙ ht``: the old final-state term). Summed over chunks it is the same
+sequence-wide reverse cumsum, but the reverse cumsum runs over ≤ 64 rows, so the rounding error
+of dq/dk is no longer amplified by ~√T (the reason the sequential kernel needs tf32x3).
+
+Dot operand precision (``GLA_LINEAR_DOT``, read at each call): per kernel, ``name=mode`` pairs
+separated by commas, or one mode for all, e.g. ``GLA_LINEAR_DOT=native`` or
+``GLA_LINEAR_DOT=h=native,o=native,A=tf32,dqk=tf32x3``. Kernels: ``h``, ``A``, ``o`` (forward),
+``bh`` (the backward's recompute of h), ``dh``, ``dA``, ``dv``, ``dqk`` (the backward's recompute
+of A uses ``A``). Modes:
+``native`` (operands in the input dtype bf16/fp16, fp32 accumulation), ``tf32``, ``tf32x3``,
+``ieee`` (fp32 operands). Only bf16/fp16 inputs on CUDA use it: fp32 inputs and the CPU
+interpreter always use ``ieee``. Defaults: see ``_DEFAULT_DOT``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.standard import _sum_combine
+
+from .chunk import BS, BT, _diag_3d, _next_pow2, _seq_bounds, _sum, gate_cumsum
+
+NS = BT // BS
+
+# bf16/fp16 inputs on CUDA. The forward follows fla (bf16 h and o dots, fp32-operand A): a torch
+# emulation of its roundings gives o rel RMS 2.4e-3 vs fp64 at T=1000, D=64/128 (1.7e-3 of which
+# is the bf16 output itself). The backward keeps fp32 operands (tf32) wherever the result feeds
+# dg (recomputed h: "bh", dh, dq/dk); dA's operands (do, v) are exact in bf16; dv as o.
+_DEFAULT_DOT = {"h": "native", "A": "tf32", "o": "native", "bh": "tf32",
+                "dh": "tf32", "dA": "native", "dv": "native", "dqk": "tf32"}
+_MODES = ("native", "tf32", "tf32x3", "ieee")
+_KERNELS = ("h", "dh", "A", "o", "dA", "dv", "dqk")
+
+# None: the heuristic block sizes; tests set (BK, BV) to exercise several blocks on CPU.
+BLOCK_OVERRIDE = None
+
+
+def _dot_modes() -> dict:
+    modes = dict(_DEFAULT_DOT)
+    spec = os.environ.get("GLA_LINEAR_DOT", "").strip()
+    if not spec:
+        return modes
+    if "=" not in spec:
+        if spec not in _MODES:
+            raise ValueError(f"GLA_LINEAR_DOT={spec!r}: mode must be one of {_MODES}")
+        return {k: spec for k in modes}
+    for item in spec.split(","):
+        name, _, mode = item.partition("=")
+        name, mode = name.strip(), mode.strip()
+        if name not in modes or mode not in _MODES:
+            raise ValueError(f"GLA_LINEAR_DOT item {item!r}: need name=mode with name in "
+                             f"{tuple(modes)} and mode in {_MODES}")
+        modes[name] = mode
+    return modes
+
+
+def _dot_cfg(kernel: str, dtype: torch.dtype, device: torch.device, modes=None):
+    """(operand dtype, input_precision) of the dots of ``kernel`` (see the module docstring)."""
+    if dtype == torch.float32 or device.type != "cuda":
+        return tl.float32, "ieee"
+    mode = (modes or _dot_modes())[kernel]
+    if mode == "native":
+        return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"
+    return tl.float32, mode
+
+
+def _state_dtype(dt, dtype: torch.dtype):
+    """Storage dtype of h / dh: the operand dtype of the dots reading it."""
+    return dtype if dt in (tl.bfloat16, tl.float16) else torch.float32
+
+
+def _blocks(K: int, V: int, device: torch.device, NH: int) -> dict:
+    """kernel -> (BK, BV, num_warps, num_stages); no autotuning (first call = compile only).
+
+    CUDA (picked with ``ptxas -v`` for sm_90, K = V = 128, bf16: no spills except a few bytes in
+    ``dqkg``): the per-chunk kernels take BK = 32 (their [BT, BK] fp32 tiles and 64-bit pointer
+    tiles otherwise exceed 255 registers and spill) and BV = 64; the two sequential state
+    kernels take 64 × 64 state tiles (8 warps), or 32 × 32 (4 warps) when there are few
+    sequences·heads (the tiles are independent, so more programs shorten the sequential
+    critical path). The interpreter takes whole dimensions (few, big programs)."""
+    if BLOCK_OVERRIDE is not None:
+        bk, bv = BLOCK_OVERRIDE
+        return {n: (bk, bv, 4, 1) for n in _KERNELS}
+    if device.type != "cuda":
+        bk, bv = _next_pow2(K), _next_pow2(V)
+        return {n: (bk, bv, 4, 1) for n in _KERNELS}
+    bk, bv = min(_next_pow2(K), 32), min(_next_pow2(V), 64)
+    bks, bvs = min(_next_pow2(K), 64), min(_next_pow2(V), 64)
+    if NH * triton.cdiv(K, bks) * triton.cdiv(V, bvs) < 264:
+        bks, bvs = min(bks, 32), min(bvs, 32)
+    nws = 8 if bks * bvs > 32 * 32 else 4
+    return {"h": (bks, bvs, nws, 2), "dh": (bks, bvs, nws, 2), "A": (bk, bv, 4, 2),
+            "o": (bk, bv, 4, 2), "dA": (bk, bv, 8, 2), "dv": (bk, bv, 8, 2),
+            "dqk": (bk, bv, 8, 1)}
+
+
+def _chunk_index(cu_seqlens, T_total: int, N: int, device):
+    """(NTG, NT, cmap [NTG, 2] int32 or None, coff [N + 1] int32 or None)."""
+    if cu_seqlens is None:
+        NT = triton.cdiv(T_total, BT)
+        return N * NT, NT, None, None
+    cu = cu_seqlens.to(torch.int64)
+    cnt = (cu[1:] - cu[:-1] + BT - 1) // BT
+    coff = torch.zeros(N + 1, dtype=torch.int64, device=device)
+    coff[1:] = torch.cumsum(cnt, 0)
+    NTG = triton.cdiv(T_total, BT) + N
+    j = torch.arange(NTG, device=device, dtype=torch.int64)
+    n = torch.searchsorted(coff[1:].contiguous(), j, right=True).clamp_max(N - 1)
+    c = j - coff[n]
+    cmap = torch.stack([n, c], 1).to(torch.int32).contiguous()
+    return NTG, 0, cmap, coff.to(torch.int32)
+
+
+@triton.jit
+def _chunk_pos(i_c, cu_ptr, cmap_ptr, T, NT, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Global chunk index -> (sequence n, first row offset cs in it, bos, L)."""
+    if IS_VARLEN:
+        i_n = tl.load(cmap_ptr + i_c * 2).to(tl.int32)
+        c = tl.load(cmap_ptr + i_c * 2 + 1).to(tl.int32)
+    else:
+        i_n = i_c // NT
+        c = i_c % NT
+    bos, eos = _seq_bounds(cu_ptr, i_n, T, IS_VARLEN)
+    return i_n, c * BT, bos, eos - bos
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequential state passes
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _h_kernel(k_ptr, v_ptr, gc_ptr, h_ptr, h0_ptr, ht_ptr, cu_ptr, coff_ptr, T, NT, H,
+              K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              BT: tl.constexpr, HAS_G: tl.constexpr, USE_H0: tl.constexpr,
+              STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
+              PREC: tl.constexpr):
+    """h[i_c + n] = state at the start of chunk c (c = 0..NC; c = NC: after the last chunk)."""
+    i_nh = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_v = tl.program_id(2)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, eos = _seq_bounds(cu_ptr, i_n, T, IS_VARLEN)
+    L = eos - bos
+    if IS_VARLEN:
+        base = tl.load(coff_ptr + i_n).to(tl.int32) + i_n
+    else:
+        base = i_n * (NT + 1)
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mk = o_k < K
+    mv = o_v < V
+    mkv = mk[:, None] & mv[None, :]
+    sk = H * K
+    sv = H * V
+    hoff = i_h * K * V + o_k[:, None] * V + o_v[None, :]
+    S = tl.full([BK, BV], 0.0, tl.float32)
+    if USE_H0:
+        S += tl.load(h0_ptr + i_n * H * K * V + hoff, mask=mkv, other=0.0).to(tl.float32)
+    NC = (L + BT - 1) // BT
+    for c in range(0, NC):
+        tl.store(h_ptr + (base + c).to(tl.int64) * (H * K * V) + hoff,
+                 S.to(h_ptr.dtype.element_ty), mask=mkv)
+        cs = c * BT
+        r = cs + o_t
+        m = r < L
+        t = bos + r
+        kT = tl.load(k_ptr + t[None, :] * sk + i_h * K + o_k[:, None],
+                     mask=mk[:, None] & m[None, :], other=0.0).to(tl.float32)    # [BK, BT]
+        vv = tl.load(v_ptr + t[:, None] * sv + i_h * V + o_v[None, :],
+                     mask=m[:, None] & mv[None, :], other=0.0)
+        if HAS_G:
+            last = tl.minimum(cs + BT, L) - 1
+            bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
+            bT = tl.load(gc_ptr + t[None, :] * sk + i_h * K + o_k[:, None],
+                         mask=mk[:, None] & m[None, :], other=0.0)
+            kT = kT * tl.exp(tl.minimum(bl[:, None] - bT, 0.0))
+            S = S * tl.exp(tl.minimum(bl, 0.0))[:, None]
+        S += tl.dot(kT.to(DT), vv.to(DT), input_precision=PREC)
+    tl.store(h_ptr + (base + NC).to(tl.int64) * (H * K * V) + hoff,
+             S.to(h_ptr.dtype.element_ty), mask=mkv)
+    if STORE_HT:
+        tl.store(ht_ptr + i_n * H * K * V + hoff, S.to(ht_ptr.dtype.element_ty), mask=mkv)
+
+
+@triton.jit
+def _dh_kernel(q_ptr, do_ptr, gc_ptr, dh_ptr, dht_ptr, dh0_ptr, cu_ptr, coff_ptr, scale, T, NT,
+               H, G, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               BT: tl.constexpr, HAS_G: tl.constexpr, USE_DHT: tl.constexpr,
+               STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
+               PREC: tl.constexpr):
+    """dh[i_c] = ∂L/∂(state at the end of chunk c), summed over the G query heads."""
+    i_nh = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_v = tl.program_id(2)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    HQ = H * G
+    bos, eos = _seq_bounds(cu_ptr, i_n, T, IS_VARLEN)
+    L = eos - bos
+    if IS_VARLEN:
+        base = tl.load(coff_ptr + i_n).to(tl.int32)
+    else:
+        base = i_n * NT
+    scale = tl.cast(scale, tl.float32)
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mk = o_k < K
+    mv = o_v < V
+    mkv = mk[:, None] & mv[None, :]
+    sq = HQ * K
+    sk = H * K
+    sdo = HQ * V
+    hoff = i_h * K * V + o_k[:, None] * V + o_v[None, :]
+    dS = tl.full([BK, BV], 0.0, tl.float32)
+    if USE_DHT:
+        dS += tl.load(dht_ptr + i_n * H * K * V + hoff, mask=mkv, other=0.0).to(tl.float32)
+    NC = (L + BT - 1) // BT
+    for ii in range(0, NC):
+        c = NC - 1 - ii
+        tl.store(dh_ptr + (base + c).to(tl.int64) * (H * K * V) + hoff,
+                 dS.to(dh_ptr.dtype.element_ty), mask=mkv)
+        cs = c * BT
+        r = cs + o_t
+        m = r < L
+        t = bos + r
+        if HAS_G:
+            last = tl.minimum(cs + BT, L) - 1
+            bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
+            bT = tl.load(gc_ptr + t[None, :] * sk + i_h * K + o_k[:, None],
+                         mask=mk[:, None] & m[None, :], other=0.0)
+            eT = tl.exp(tl.minimum(bT, 0.0))
+        upd = tl.full([BK, BV], 0.0, tl.float32)
+        for gq in range(G):
+            i_hq = i_h * G + gq
+            qT = tl.load(q_ptr + t[None, :] * sq + i_hq * K + o_k[:, None],
+                         mask=mk[:, None] & m[None, :], other=0.0).to(tl.float32)
+            if HAS_G:
+                qT = qT * eT
+            dd = tl.load(do_ptr + t[:, None] * sdo + i_hq * V + o_v[None, :],
+                         mask=m[:, None] & mv[None, :], other=0.0)
+            upd += tl.dot(qT.to(DT), dd.to(DT), input_precision=PREC)
+        if HAS_G:
+            dS = dS * tl.exp(tl.minimum(bl, 0.0))[:, None]
+        dS += upd * scale
+    if STORE_DH0:
+        tl.store(dh0_ptr + i_n * H * K * V + hoff, dS.to(dh0_ptr.dtype.element_ty), mask=mkv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-chunk forward kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _A_kernel(q_ptr, k_ptr, gc_ptr, A_ptr, cu_ptr, cmap_ptr, T, NT, H, G,
+              K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+              HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
+              PREC: tl.constexpr, DIAG_3D: tl.constexpr):
+    """Rows of sub-block I of A (unscaled, causal, fp32 [B·T, Hq, BT])."""
+    NSUB: tl.constexpr = BT // BS
+    i_c = tl.program_id(0) // NSUB         # sub-blocks of one chunk are neighbours (L2 reuse)
+    i_i = tl.program_id(0) % NSUB
+    i_hq = tl.program_id(1)
+    i_h = i_hq // G
+    HQ = H * G
+    i_n, cs, bos, L = _chunk_pos(i_c, cu_ptr, cmap_ptr, T, NT, BT, IS_VARLEN)
+    if cs + i_i * BS >= L:
+        return
+    o_t = tl.arange(0, BT)
+    o_s = tl.arange(0, BS)
+    rI = cs + i_i * BS + o_s
+    mI = rI < L
+    tI = bos + rI
+    rA = cs + o_t
+    mA = rA < L
+    tA = bos + rA
+    sq = HQ * K
+    sk = H * K
+    i0 = i_i * BS
+    # reference row: last row of sub-block I - 1 (clamped for I = 0, where nothing is kept)
+    rr = cs + tl.maximum(i0 - 1, 0)
+    Aoff = tl.full([BS, BT], 0.0, tl.float32)
+    Ad = tl.full([BS, BS], 0.0, tl.float32)
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        mk = o_k < K
+        qI = tl.load(q_ptr + tI[:, None] * sq + i_hq * K + o_k[None, :],
+                     mask=mI[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        kA = tl.load(k_ptr + tA[:, None] * sk + i_h * K + o_k[None, :],
+                     mask=mA[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        if HAS_G:
+            bI = tl.load(gc_ptr + tI[:, None] * sk + i_h * K + o_k[None, :],
+                         mask=mI[:, None] & mk[None, :], other=0.0)
+            bA = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :],
+                         mask=mA[:, None] & mk[None, :], other=0.0)
+            br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k, mask=mk, other=0.0)
+            qa = qI * tl.exp(tl.minimum(bI - br[None, :], 0.0))          # b_i − b_r ≤ 0
+            ka = kA * tl.exp(tl.minimum(br[None, :] - bA, 0.0))          # b_r − b_j ≤ 0 (j ≤ r)
+            Aoff += tl.dot(qa.to(DT), tl.trans(ka.to(DT)), input_precision=PREC)
+            kI = tl.load(k_ptr + tI[:, None] * sk + i_h * K + o_k[None, :],
+                         mask=mI[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            if DIAG_3D:
+                e3 = tl.exp(tl.minimum(bI[:, None, :] - bI[None, :, :], 0.0))
+                Ad += _sum(qI[:, None, :] * kI[None, :, :] * e3, 2)
+            else:
+                for j in range(BS):
+                    rj = cs + i0 + j
+                    tj = bos + rj
+                    mj = mk & ((o_k * 0 + rj) < L)
+                    kj = tl.load(k_ptr + tj * sk + i_h * K + o_k, mask=mj,
+                                 other=0.0).to(tl.float32)
+                    bj = tl.load(gc_ptr + tj * sk + i_h * K + o_k, mask=mj, other=0.0)
+                    sc = _sum(qI * kj[None, :] * tl.exp(tl.minimum(bI - bj[None, :], 0.0)), 1)
+                    Ad += tl.where(o_s[None, :] == j, sc[:, None], 0.0)
+        else:
+            Aoff += tl.dot(qI.to(DT), tl.trans(kA.to(DT)), input_precision=PREC)
+    row = i0 + o_s
+    if HAS_G:
+        Aoff = tl.where(o_t[None, :] < i0, Aoff, 0.0)
+        Ad = tl.where(o_s[:, None] >= o_s[None, :], Ad, 0.0)
+        outside = (o_t < i0) | (o_t >= i0 + BS)
+        tl.store(A_ptr + tI[:, None] * (HQ * BT) + i_hq * BT + o_t[None, :], Aoff,
+                 mask=mI[:, None] & outside[None, :])
+        tl.store(A_ptr + tI[:, None] * (HQ * BT) + i_hq * BT + i0 + o_s[None, :], Ad,
+                 mask=mI[:, None])
+    else:
+        Aoff = tl.where(o_t[None, :] <= row[:, None], Aoff, 0.0)
+        tl.store(A_ptr + tI[:, None] * (HQ * BT) + i_hq * BT + o_t[None, :], Aoff,
+                 mask=mI[:, None])
+
+
+@triton.jit
+def _o_kernel(q_ptr, v_ptr, gc_ptr, h_ptr, A_ptr, o_ptr, cu_ptr, cmap_ptr, scale, T, NT, H, G,
+              K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              BT: tl.constexpr, HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+              DT: tl.constexpr, PREC: tl.constexpr):
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_c = tl.program_id(0) // NV           # V-blocks of one chunk are neighbours (L2 reuse)
+    i_v = tl.program_id(0) % NV
+    i_hq = tl.program_id(1)
+    i_h = i_hq // G
+    HQ = H * G
+    i_n, cs, bos, L = _chunk_pos(i_c, cu_ptr, cmap_ptr, T, NT, BT, IS_VARLEN)
+    if cs >= L:
+        return
+    scale = tl.cast(scale, tl.float32)
+    o_t = tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mv = o_v < V
+    r = cs + o_t
+    m = r < L
+    t = bos + r
+    sq = HQ * K
+    sk = H * K
+    hbase = h_ptr + (i_c + i_n).to(tl.int64) * (H * K * V) + i_h * K * V
+    acc = tl.full([BT, BV], 0.0, tl.float32)
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        mk = o_k < K
+        qq = tl.load(q_ptr + t[:, None] * sq + i_hq * K + o_k[None, :],
+                     mask=m[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        if HAS_G:
+            bb = tl.load(gc_ptr + t[:, None] * sk + i_h * K + o_k[None, :],
+                         mask=m[:, None] & mk[None, :], other=0.0)
+            qq = qq * tl.exp(tl.minimum(bb, 0.0))
+        hh = tl.load(hbase + o_k[:, None] * V + o_v[None, :], mask=mk[:, None] & mv[None, :],
+                     other=0.0)
+        acc += tl.dot(qq.to(DT), hh.to(DT), input_precision=PREC)
+    aa = tl.load(A_ptr + t[:, None] * (HQ * BT) + i_hq * BT + o_t[None, :], mask=m[:, None],
+                 other=0.0)
+    vv = tl.load(v_ptr + t[:, None] * (H * V) + i_h * V + o_v[None, :],
+                 mask=m[:, None] & mv[None, :], other=0.0)
+    acc += tl.dot(aa.to(DT), vv.to(DT), input_precision=PREC)
+    tl.store(o_ptr + t[:, None] * (HQ * V) + i_hq * V + o_v[None, :],
+             (acc * scale).to(o_ptr.dtype.element_ty), mask=m[:, None] & mv[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-chunk backward kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dA_kernel(do_ptr, v_ptr, dA_ptr, cu_ptr, cmap_ptr, scale, T, NT, H, G,
+               V: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr,
+               DT: tl.constexpr, PREC: tl.constexpr):
+    """dA_ij = scale · do_i · v_j for j ≤ i (fp32 [B·T, Hq, BT], 0 above the diagonal)."""
+    i_c = tl.program_id(0)
+    i_hq = tl.program_id(1)
+    i_h = i_hq // G
+    HQ = H * G
+    i_n, cs, bos, L = _chunk_pos(i_c, cu_ptr, cmap_ptr, T, NT, BT, IS_VARLEN)
+    if cs >= L:
+        return
+    scale = tl.cast(scale, tl.float32)
+    o_t = tl.arange(0, BT)
+    r = cs + o_t
+    m = r < L
+    t = bos + r
+    acc = tl.full([BT, BT], 0.0, tl.float32)
+    for i_v in range(0, V, BV):
+        o_v = i_v + tl.arange(0, BV)
+        mv = o_v < V
+        dd = tl.load(do_ptr + t[:, None] * (HQ * V) + i_hq * V + o_v[None, :],
+                     mask=m[:, None] & mv[None, :], other=0.0)
+        vv = tl.load(v_ptr + t[:, None] * (H * V) + i_h * V + o_v[None, :],
+                     mask=m[:, None] & mv[None, :], other=0.0)
+        acc += tl.dot(dd.to(DT), tl.trans(vv.to(DT)), input_precision=PREC)
+    acc = tl.where(o_t[:, None] >= o_t[None, :], acc * scale, 0.0)
+    tl.store(dA_ptr + t[:, None] * (HQ * BT) + i_hq * BT + o_t[None, :], acc, mask=m[:, None])
+
+
+@triton.jit
+def _dv_kernel(k_ptr, gc_ptr, do_ptr, dh_ptr, A_ptr, dv_ptr, cu_ptr, cmap_ptr, scale, T, NT, H,
+               G, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               BT: tl.constexpr, HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+               DT: tl.constexpr, PREC: tl.constexpr):
+    """dv = (k ⊙ exp(b_l − b)) dh[c] + scale · Σ_group Aᵀ do."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_c = tl.program_id(0) // NV
+    i_v = tl.program_id(0) % NV
+    i_h = tl.program_id(1)
+    HQ = H * G
+    i_n, cs, bos, L = _chunk_pos(i_c, cu_ptr, cmap_ptr, T, NT, BT, IS_VARLEN)
+    if cs >= L:
+        return
+    scale = tl.cast(scale, tl.float32)
+    o_t = tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mv = o_v < V
+    r = cs + o_t
+    m = r < L
+    t = bos + r
+    sk = H * K
+    last = tl.minimum(cs + BT, L) - 1
+    dhbase = dh_ptr + i_c.to(tl.int64) * (H * K * V) + i_h * K * V
+    acc = tl.full([BT, BV], 0.0, tl.float32)
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        mk = o_k < K
+        kk = tl.load(k_ptr + t[:, None] * sk + i_h * K + o_k[None, :],
+                     mask=m[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        if HAS_G:
+            bb = tl.load(gc_ptr + t[:, None] * sk + i_h * K + o_k[None, :],
+                         mask=m[:, None] & mk[None, :], other=0.0)
+            bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
+            kk = kk * tl.exp(tl.minimum(bl[None, :] - bb, 0.0))
+        dh = tl.load(dhbase + o_k[:, None] * V + o_v[None, :], mask=mk[:, None] & mv[None, :],
+                     other=0.0)
+        acc += tl.dot(kk.to(DT), dh.to(DT), input_precision=PREC)
+    intra = tl.full([BT, BV], 0.0, tl.float32)
+    for gq in range(G):
+        i_hq = i_h * G + gq
+        aa = tl.load(A_ptr + t[:, None] * (HQ * BT) + i_hq * BT + o_t[None, :],
+                     mask=m[:, None], other=0.0)
+        dd = tl.load(do_ptr + t[:, None] * (HQ * V) + i_hq * V + o_v[None, :],
+                     mask=m[:, None] & mv[None, :], other=0.0)
+        intra += tl.dot(tl.trans(aa.to(DT)), dd.to(DT), input_precision=PREC)
+    acc += intra * scale
+    tl.store(dv_ptr + t[:, None] * (H * V) + i_h * V + o_v[None, :],
+             acc.to(dv_ptr.dtype.element_ty), mask=m[:, None] & mv[None, :])
+
+
+@triton.jit
+def _dqkg_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, h_ptr, dh_ptr, dA_ptr, dq_ptr, dk_ptr,
+                 dg_ptr, cu_ptr, cmap_ptr, scale, T, NT, H, G,
+                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 BT: tl.constexpr, BS: tl.constexpr, HAS_G: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                 DIAG_3D: tl.constexpr):
+    """dq (each query head of the group), dk and dg of one chunk, K-block and kv head; the
+    sub-blocks run last to first so that dg's in-chunk reverse cumsum is a running sum."""
+    NK: tl.constexpr = (K + BK - 1) // BK
+    i_c = tl.program_id(0) // NK
+    i_k = tl.program_id(0) % NK
+    i_h = tl.program_id(1)
+    HQ = H * G
+    i_n, cs, bos, L = _chunk_pos(i_c, cu_ptr, cmap_ptr, T, NT, BT, IS_VARLEN)
+    if cs >= L:
+        return
+    scale = tl.cast(scale, tl.float32)
+    o_t = tl.arange(0, BT)
+    o_s = tl.arange(0, BS)
+    o_k = i_k * BK + tl.arange(0, BK)
+    mk = o_k < K
+    rA = cs + o_t
+    mA = rA < L
+    tA = bos + rA
+    sq = HQ * K
+    sk = H * K
+    sv = H * V
+    sdo = HQ * V
+    sA = HQ * BT
+    last = tl.minimum(cs + BT, L) - 1
+    hbase = h_ptr + (i_c + i_n).to(tl.int64) * (H * K * V) + i_h * K * V
+    dhbase = dh_ptr + i_c.to(tl.int64) * (H * K * V) + i_h * K * V
+    if HAS_G:
+        bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
+        # Σ_v dh[c] ⊙ h[c + 1]: ∂L/∂b_last through the whole end-of-chunk state
+        carry = tl.full([BK], 0.0, tl.float32)
+        for i_v in range(0, V, BV):
+            o_v = i_v + tl.arange(0, BV)
+            mkv = mk[:, None] & (o_v < V)[None, :]
+            hn = tl.load(hbase + H * K * V + o_k[:, None] * V + o_v[None, :], mask=mkv,
+                         other=0.0).to(tl.float32)
+            dh = tl.load(dhbase + o_k[:, None] * V + o_v[None, :], mask=mkv,
+                         other=0.0).to(tl.float32)
+            carry += _sum(hn * dh, 1)
+        suffix = carry
+    for ii in range(BT // BS):
+        I = (BT // BS) - 1 - ii
+        # (re)loaded per sub-block: kept live across the loop they spill (ptxas -v, sm_90)
+        kA = tl.load(k_ptr + tA[:, None] * sk + i_h * K + o_k[None, :],
+                     mask=mA[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        if HAS_G:
+            bA = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :],
+                         mask=mA[:, None] & mk[None, :], other=0.0)
+        i0 = I * BS
+        rI = cs + i0 + o_s
+        mI = rI < L
+        tI = bos + rI
+        mIk = mI[:, None] & mk[None, :]
+        kI = tl.load(k_ptr + tI[:, None] * sk + i_h * K + o_k[None, :], mask=mIk,
+                     other=0.0).to(tl.float32)
+        if HAS_G:
+            bI = tl.load(gc_ptr + tI[:, None] * sk + i_h * K + o_k[None, :], mask=mIk,
+                         other=0.0)
+            rr = cs + tl.maximum(i0 - 1, 0)          # last row of sub-block I − 1
+            br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k, mask=mk, other=0.0)
+            rn = cs + i0 + BS                        # first row of sub-block I + 1
+            bn = tl.load(gc_ptr + (bos + rn) * sk + i_h * K + o_k, mask=mk & ((o_k * 0 + rn) < L),
+                         other=0.0)
+            # k side of dq's off-diagonal part, q side of dk's: ≤ 1 where kept
+            ka = kA * tl.exp(tl.minimum(br[None, :] - bA, 0.0))        # rows j < i0
+            eI_n = tl.exp(tl.minimum(bn[None, :] - bI, 0.0))           # b_n − b_j, j ∈ I
+        # ---- dk: inter part (v dh[c]ᵀ) ⊙ exp(b_l − b)
+        dkI = tl.full([BS, BK], 0.0, tl.float32)
+        for i_v in range(0, V, BV):
+            o_v = i_v + tl.arange(0, BV)
+            mv = o_v < V
+            vI = tl.load(v_ptr + tI[:, None] * sv + i_h * V + o_v[None, :],
+                         mask=mI[:, None] & mv[None, :], other=0.0)
+            dh = tl.load(dhbase + o_k[:, None] * V + o_v[None, :],
+                         mask=mk[:, None] & mv[None, :], other=0.0)
+            dkI += tl.dot(vI.to(DT), tl.trans(dh.to(DT)), input_precision=PREC)
+        if HAS_G:
+            dkI = dkI * tl.exp(tl.minimum(bl[None, :] - bI, 0.0))
+        dBq = tl.full([BS, BK], 0.0, tl.float32)
+        dk_off = tl.full([BS, BK], 0.0, tl.float32)
+        for gq in range(G):
+            i_hq = i_h * G + gq
+            qI = tl.load(q_ptr + tI[:, None] * sq + i_hq * K + o_k[None, :], mask=mIk,
+                         other=0.0).to(tl.float32)
+            # ---- dq: inter part scale (do h[c]ᵀ) ⊙ exp(b)
+            dqI = tl.full([BS, BK], 0.0, tl.float32)
+            for i_v in range(0, V, BV):
+                o_v = i_v + tl.arange(0, BV)
+                mv = o_v < V
+                dd = tl.load(do_ptr + tI[:, None] * sdo + i_hq * V + o_v[None, :],
+                             mask=mI[:, None] & mv[None, :], other=0.0)
+                hh = tl.load(hbase + o_k[:, None] * V + o_v[None, :],
+                             mask=mk[:, None] & mv[None, :], other=0.0)
+                dqI += tl.dot(dd.to(DT), tl.trans(hh.to(DT)), input_precision=PREC)
+            dqI = dqI * scale
+            if HAS_G:
+                dqI = dqI * tl.exp(tl.minimum(bI, 0.0))
+            # ---- dq off-diagonal: (dA[I, j < i0] (k ⊙ exp(b_r − b))) ⊙ exp(b_I − b_r)
+            dAr = tl.load(dA_ptr + tI[:, None] * sA + i_hq * BT + o_t[None, :],
+                          mask=mI[:, None] & (o_t < i0)[None, :], other=0.0)
+            if HAS_G:
+                dqI += tl.dot(dAr.to(DT), ka.to(DT), input_precision=PREC) * \
+                    tl.exp(tl.minimum(bI - br[None, :], 0.0))
+            else:
+                dqI += tl.dot(dAr.to(DT), kA.to(DT), input_precision=PREC)
+            # ---- dk off-diagonal: (dA[i ≥ i0 + BS, I]ᵀ (q ⊙ exp(b − b_n))) ⊙ exp(b_n − b_I)
+            qA = tl.load(q_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :],
+                         mask=mA[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            dAc = tl.load(dA_ptr + tA[:, None] * sA + i_hq * BT + i0 + o_s[None, :],
+                          mask=(mA & (o_t >= i0 + BS))[:, None], other=0.0)      # [BT, BS]
+            if HAS_G:
+                qn = qA * tl.exp(tl.minimum(bA - bn[None, :], 0.0))
+                dk_off += tl.dot(tl.trans(dAc.to(DT)), qn.to(DT), input_precision=PREC)
+            else:
+                dk_off += tl.dot(tl.trans(dAc.to(DT)), qA.to(DT), input_precision=PREC)
+            # ---- diagonal sub-block
+            if DIAG_3D or (not HAS_G):
+                dAd = tl.load(dA_ptr + tI[:, None] * sA + i_hq * BT + i0 + o_s[None, :],
+                              mask=mI[:, None], other=0.0)                        # [i, j]
+                if HAS_G:
+                    e3 = tl.exp(tl.minimum(bI[:, None, :] - bI[None, :, :], 0.0))
+                    dqI += _sum(dAd[:, :, None] * kI[None, :, :] * e3, 1)
+                    dkI += _sum(dAd[:, :, None] * qI[:, None, :] * e3, 0)
+                else:
+                    dqI += tl.dot(dAd.to(DT), kI.to(DT), input_precision=PREC)
+                    dkI += tl.dot(tl.trans(dAd.to(DT)), qI.to(DT), input_precision=PREC)
+            else:
+                for j in range(BS):
+                    rj = cs + i0 + j
+                    tj = bos + rj
+                    mj = mk & ((o_k * 0 + rj) < L)
+                    kj = tl.load(k_ptr + tj * sk + i_h * K + o_k, mask=mj,
+                                 other=0.0).to(tl.float32)
+                    bj = tl.load(gc_ptr + tj * sk + i_h * K + o_k, mask=mj, other=0.0)
+                    dAj = tl.load(dA_ptr + tI * sA + i_hq * BT + i0 + j, mask=mI,
+                                  other=0.0)                                     # dA[i, j]
+                    e = tl.exp(tl.minimum(bI - bj[None, :], 0.0))                # [i, K]
+                    dqI += dAj[:, None] * kj[None, :] * e
+                    dkj = _sum(dAj[:, None] * qI * e, 0)                         # [K]
+                    dkI += tl.where(o_s[:, None] == j, dkj[None, :], 0.0)
+            tl.store(dq_ptr + tI[:, None] * sq + i_hq * K + o_k[None, :],
+                     dqI.to(dq_ptr.dtype.element_ty), mask=mIk)
+            dBq += qI * dqI
+        if HAS_G:
+            dkI += dk_off * eI_n
+        else:
+            dkI += dk_off
+        tl.store(dk_ptr + tI[:, None] * sk + i_h * K + o_k[None, :],
+                 dkI.to(dk_ptr.dtype.element_ty), mask=mIk)
+        if HAS_G:
+            # dg_t = Σ_{u ≥ t in this chunk} dB_u + Σ_v dh[c] ⊙ h[c+1]
+            dB = dBq - kI * dkI
+            tot = _sum(dB, 0)
+            dgI = tot[None, :] - tl.associative_scan(dB, 0, _sum_combine) + dB + suffix[None, :]
+            suffix += tot
+            tl.store(dg_ptr + tI[:, None] * sk + i_h * K + o_k[None, :],
+                     dgI.to(dg_ptr.dtype.element_ty), mask=mIk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+class _Setup:
+    """Shapes, chunk index, block sizes and dot configs shared by the forward and backward."""
+
+    def __init__(self, q, k, v, cu_seqlens):
+        B, T, HQ, K = q.shape
+        self.B, self.T, self.HQ, self.K = B, T, HQ, K
+        self.H, self.V = k.shape[2], v.shape[3]
+        self.G = HQ // self.H
+        self.N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        self.dev = q.device
+        self.varlen = cu_seqlens is not None
+        self.NTG, self.NT, self.cmap, self.coff = _chunk_index(cu_seqlens, B * T, self.N,
+                                                               self.dev)
+        self.cu = cu_seqlens if cu_seqlens is not None else q
+        if self.cmap is None:
+            self.cmap = self.coff = q
+        self.blocks = _blocks(K, self.V, self.dev, self.N * self.H)
+        self.modes = _dot_modes()
+        self.d3 = _diag_3d(self.dev)
+
+    def cfg(self, kernel, dtype):
+        return _dot_cfg(kernel, dtype, self.dev, self.modes)
+
+
+def _states(s, k, v, gc, h0, output_final_state, hdtype, DT, PREC):
+    """h [NTG + N, H, K, V] (state at each chunk start, plus after the last) and ht."""
+    K, V, H, N = s.K, s.V, s.H, s.N
+    h = torch.empty(s.NTG + N, H, K, V, dtype=hdtype, device=s.dev)
+    ht = (torch.empty(N, H, K, V, dtype=torch.float32, device=s.dev) if output_final_state
+          else torch.empty(0, dtype=torch.float32, device=s.dev))
+    BK, BV, nw, ns = s.blocks["h"]
+    grid = (N * H, triton.cdiv(K, BK), triton.cdiv(V, BV))
+    _h_kernel[grid](k, v, gc if gc is not None else k, h, h0 if h0 is not None else k, ht,
+                    s.cu, s.coff, s.T, s.NT, H, K=K, V=V, BK=BK, BV=BV, BT=BT,
+                    HAS_G=gc is not None, USE_H0=h0 is not None, STORE_HT=output_final_state,
+                    IS_VARLEN=s.varlen, DT=DT, PREC=PREC, num_warps=nw, num_stages=ns)
+    return h, ht
+
+
+def _intra_A(s, q, k, gc):
+    A = torch.empty(s.B, s.T, s.HQ, BT, dtype=torch.float32, device=s.dev)
+    DT, PREC = s.cfg("A", q.dtype)
+    BK, _, nw, ns = s.blocks["A"]
+    _A_kernel[(s.NTG * NS, s.HQ)](
+        q, k, gc if gc is not None else q, A, s.cu, s.cmap, s.T, s.NT, s.H, s.G,
+        K=s.K, BK=BK, BT=BT, BS=BS, HAS_G=gc is not None, IS_VARLEN=s.varlen, DT=DT,
+        PREC=PREC, DIAG_3D=s.d3, num_warps=nw, num_stages=ns)
+    return A
+
+
+def chunk_gla_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state, gc=None):
+    """Returns ``(o [B,T,Hq,V] v.dtype, final_state [N,H,K,V] fp32 or empty)``."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    s = _Setup(q, k, v, cu_seqlens)
+    if g is not None and gc is None:
+        gc = gate_cumsum(g, k, cu_seqlens, s.N)
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    DTo, PRECo = s.cfg("o", q.dtype)
+    DTh, PRECh = s.cfg("h", q.dtype)
+    h, ht = _states(s, k, v, gc, h0, output_final_state, _state_dtype(DTo, q.dtype), DTh, PRECh)
+    A = _intra_A(s, q, k, gc)
+    o = torch.empty(s.B, s.T, s.HQ, s.V, dtype=v.dtype, device=s.dev)
+    BK, BV, nw, ns = s.blocks["o"]
+    _o_kernel[(s.NTG * triton.cdiv(s.V, BV), s.HQ)](
+        q, v, gc if gc is not None else q, h, A, o, s.cu, s.cmap, scale, s.T, s.NT, s.H, s.G,
+        K=s.K, V=s.V, BK=BK, BV=BV, BT=BT, HAS_G=gc is not None, IS_VARLEN=s.varlen,
+        DT=DTo, PREC=PRECo, num_warps=nw, num_stages=ns)
+    return o, ht
+
+
+def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, scale):
+    """Returns ``(dq, dk, dv, dg or None, dh0 or None)`` in the dtypes of their inputs
+    (``final_state`` is not needed: h is recomputed)."""
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    s = _Setup(q, k, v, cu_seqlens)
+    dev = s.dev
+    gc = gate_cumsum(g, k, cu_seqlens, s.N) if g is not None else None
+    gcx = gc if gc is not None else q
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    DTq, PRECq = s.cfg("dqk", q.dtype)
+    DTh, PRECh = s.cfg("bh", q.dtype)
+    DTv, PRECv = s.cfg("dv", q.dtype)
+    # h is read by the dqk kernel only; dh by dv and dqk: stored in the finer of their dtypes
+    h, _ = _states(s, k, v, gc, h0, False, _state_dtype(DTq, q.dtype), DTh, PRECh)
+    A = _intra_A(s, q, k, gc)
+    K, V, H, N = s.K, s.V, s.H, s.N
+    dhdt = (q.dtype if _state_dtype(DTq, q.dtype) != torch.float32
+            and _state_dtype(DTv, q.dtype) != torch.float32 else torch.float32)
+    dh = torch.empty(s.NTG, H, K, V, dtype=dhdt, device=dev)
+    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else dh
+    dht_c = dht.contiguous() if dht is not None else None
+    DT, PREC = s.cfg("dh", q.dtype)
+    BK, BV, nw, ns = s.blocks["dh"]
+    _dh_kernel[(N * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
+        q, do, gcx, dh, dht_c if dht_c is not None else q, dh0, s.cu, s.coff, scale, s.T,
+        s.NT, H, s.G, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_G=gc is not None,
+        USE_DHT=dht_c is not None, STORE_DH0=h0 is not None, IS_VARLEN=s.varlen, DT=DT,
+        PREC=PREC, num_warps=nw, num_stages=ns)
+    dA = torch.empty(s.B, s.T, s.HQ, BT, dtype=torch.float32, device=dev)
+    DT, PREC = s.cfg("dA", q.dtype)
+    _, BV, nw, ns = s.blocks["dA"]
+    _dA_kernel[(s.NTG, s.HQ)](
+        do, v, dA, s.cu, s.cmap, scale, s.T, s.NT, H, s.G, V=V, BV=BV, BT=BT,
+        IS_VARLEN=s.varlen, DT=DT, PREC=PREC, num_warps=nw, num_stages=ns)
+    dv = torch.empty_like(v)
+    BK, BV, nw, ns = s.blocks["dv"]
+    _dv_kernel[(s.NTG * triton.cdiv(V, BV), H)](
+        k, gcx, do, dh, A, dv, s.cu, s.cmap, scale, s.T, s.NT, H, s.G, K=K, V=V, BK=BK,
+        BV=BV, BT=BT, HAS_G=gc is not None, IS_VARLEN=s.varlen, DT=DTv, PREC=PRECv,
+        num_warps=nw, num_stages=ns)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    if g is not None:
+        dgdt = g.dtype if g.dim() == 4 else torch.float32
+        dg = torch.empty(s.B, s.T, H, K, dtype=dgdt, device=dev)
+    else:
+        dg = q
+    BK, BV, nw, ns = s.blocks["dqk"]
+    _dqkg_kernel[(s.NTG * triton.cdiv(K, BK), H)](
+        q, k, v, gcx, do, h, dh, dA, dq, dk, dg, s.cu, s.cmap, scale, s.T, s.NT, H, s.G,
+        K=K, V=V, BK=BK, BV=BV, BT=BT, BS=BS, HAS_G=gc is not None, IS_VARLEN=s.varlen,
+        DT=DTq, PREC=PRECq, DIAG_3D=s.d3, num_warps=nw, num_stages=ns)
+    if g is not None and g.dim() == 3:
+        dg = dg.sum(-1).to(g.dtype)
+    dh0_out = dh0.to(initial_state.dtype) if h0 is not None else None
+    return dq, dk, dv, (dg if g is not None else None), dh0_out
