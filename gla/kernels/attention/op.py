@@ -14,7 +14,6 @@ Both ops allocate fresh outputs, never sync with the host, and so are CUDA-graph
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from typing import Optional
@@ -22,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..recompute import autograd_reenabled
 from . import flash
 from .naive import attention_reference, visible_positions
 
@@ -201,19 +201,6 @@ def _attention_fake(q, k, v, gate, bias, key_mask, scale, causal, window, impl):
     return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0)
 
 
-@contextlib.contextmanager
-def _autograd_reenabled():
-    """Grad mode plus the autograd dispatch keys, which the custom-op machinery excludes while
-    an op body runs: the recomputing backward differentiates its forward with torch autograd."""
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
-                torch._C.DispatchKey.AutogradNestedTensor):
-        exclude = exclude.remove(key)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
-        with torch.enable_grad():
-            yield
-
-
 @torch.library.custom_op("gla::attention_backward", mutates_args=())
 def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           o: torch.Tensor, lse: torch.Tensor, gate: Optional[torch.Tensor],
@@ -232,7 +219,7 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
             dout, q, k, v, o, lse, o if gate is not None else None, gate, bias, key_mask, scale,
             causal, window)
         return dq, dk, dv, dgate if dgate is not None else q.new_empty(0), q.new_empty(0)
-    with _autograd_reenabled():
+    with autograd_reenabled():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         g = gate.detach().requires_grad_() if gate is not None else None
         b = bias.detach().requires_grad_(bias_requires_grad) if bias is not None else None

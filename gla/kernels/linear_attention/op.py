@@ -14,11 +14,12 @@ The ops allocate fresh outputs and never sync with the host (the reference path 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Optional
 
 import torch
+
+from ..recompute import autograd_reenabled
 
 from .naive import gla_chunk_reference
 
@@ -106,19 +107,6 @@ def triton_unsupported_reason(q, k, v, g=None, initial_state=None, cu_seqlens=No
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _autograd_reenabled():
-    """Grad mode plus the autograd dispatch keys, which the custom-op machinery excludes while
-    an op body runs: the recomputing backward differentiates its forward with torch autograd."""
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
-                torch._C.DispatchKey.AutogradNestedTensor):
-        exclude = exclude.remove(key)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
-        with torch.enable_grad():
-            yield
-
-
 def _final_state_like(q, k, v, cu_seqlens, output_final_state):
     if not output_final_state:
         return q.new_empty(0, dtype=_state_dtype(q))
@@ -200,7 +188,7 @@ def chunk_gla_backward_op(do: torch.Tensor, dht: Optional[torch.Tensor], q: torc
                                                       cu_seqlens, final_state, scale)
             return (dq, dk, dv, dg if dg is not None else q.new_empty(0),
                     dh0 if dh0 is not None else q.new_empty(0))
-    with _autograd_reenabled():
+    with autograd_reenabled():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         gl = g.detach().requires_grad_() if g is not None else None
         h0 = initial_state.detach().requires_grad_() if initial_state is not None else None
