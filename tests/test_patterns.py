@@ -248,3 +248,10 @@ def test_gated_attention_gate_split_per_kv_group():
         return o.transpose(1, 2).reshape(b, t, h * d) * torch.sigmoid(g)
 
     check(block, torch.randn(2, t, 32), expect={"gated_attention": 1, "gate": 0})
+
+
+def test_gate_indexed_after_the_activation():
+    se = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 8))
+    check(lambda x: torch.sigmoid(se(x.mean((2, 3))))[:, :, None, None] * x, torch.randn(2, 8, 5, 5),
+          expect={"gate": 1})
+    check(lambda g, y: torch.sigmoid(g).unsqueeze(-1) * y, torch.randn(3, 4), torch.randn(3, 4, 6), expect={"gate": 1})

@@ -14,6 +14,7 @@ Canonical spellings:
   scale         ``x * c``  (``x / c``, ``torch.mul``, ``torch.div``, ``.mul``)
   add           ``x + y``  (``torch.add``, ``.add``)
   where         ``torch.where(mask, value, x)``  (``masked_fill``)
+  views         an elementwise activation whose only use is a view moves after it
   activations   ``torch.sigmoid``, ``F.silu(x)`` (also ``x * sigmoid(x)``), ``F.gelu(x, approximate=…)``,
                 ``torch.relu``, ``torch.tanh``
   linear        ``F.linear(x, w, b)``
@@ -276,6 +277,28 @@ def _glu(node):
     return None
 
 
+_ELEMENTWISE = (torch.sigmoid, F.silu, torch.tanh, torch.relu, F.gelu)
+
+
+def _view_like(node: fx.Node) -> bool:
+    if _method(node, "unsqueeze", "view", "reshape", "expand") or _is_call(node, torch.unsqueeze, torch.reshape):
+        return True
+    if _is_call(node, operator.getitem) and isinstance(node.args[1], tuple):
+        return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in node.args[1])
+    return False
+
+
+def _activation_after_view(node):
+    """``sigmoid(g)[:, :, None]`` → ``sigmoid(g[:, :, None])``: an elementwise activation moves after a
+    view of its output (the same values), so gates and GLUs match whatever indexing follows them."""
+    if not _view_like(node) or not isinstance(node.args[0], fx.Node):
+        return None
+    act = node.args[0]
+    if not _is_call(act, *_ELEMENTWISE) or len(act.users) != 1 or len(act.args) != 1:
+        return None
+    return ("swap_activation", (act,), {})
+
+
 def _linear(node):
     if _is_call(node, torch._C._nn.linear, F.linear):
         x, w = node.args[0], _arg(node, 1, "weight")
@@ -414,6 +437,7 @@ RULES: tuple[Rule, ...] = (
     Rule("mul/add/div-by-scalar", _arith),
     Rule("activation spellings", _activation),
     Rule("linear spellings", _linear),
+    Rule("activation after a view", _activation_after_view),
     Rule("F.glu dim", _glu),
     Rule("masked_fill as where", _masked_fill),
     Rule("repeat_kv as repeat_heads", _repeat_heads),
@@ -479,6 +503,17 @@ def _apply(graph: fx.Graph, node: fx.Node, result, fake_mode) -> None:
             if t is None or t.dtype != dtype:
                 x = _emit(graph, ops.cast, (x, dtype), {}, fake_mode, node)
             new = _emit(graph, torch.softmax, (x, d), {}, fake_mode, node, final=True)
+        elif target == "swap_activation":
+            (act,) = args
+            view = _emit(graph, node.target, (act.args[0], *node.args[1:]), node.kwargs, fake_mode, node) \
+                if node.op == "call_function" else None
+            if view is None:  # a call_method view: re-emit as a method call on the activation's input
+                view = graph.call_method(node.target, (act.args[0], *node.args[1:]), dict(node.kwargs))
+                try:
+                    propagate(view, fake_mode)
+                except Exception:
+                    pass
+            new = _emit(graph, act.target, (view,), act.kwargs, fake_mode, node, final=True)
         elif target == "reciprocal_mul":
             x, c = args
             inv = _emit(graph, operator.truediv, (1.0, c), {}, fake_mode, node)
