@@ -255,3 +255,37 @@ def test_gate_indexed_after_the_activation():
     check(lambda x: torch.sigmoid(se(x.mean((2, 3))))[:, :, None, None] * x, torch.randn(2, 8, 5, 5),
           expect={"gate": 1})
     check(lambda g, y: torch.sigmoid(g).unsqueeze(-1) * y, torch.randn(3, 4), torch.randn(3, 4, 6), expect={"gate": 1})
+
+
+@pytest.mark.parametrize("form", ["triu_full", "tril_ones_keep"])
+def test_causal_proof_from_triangular_masks_built_in_the_graph(form):
+    def attn(q, k, v):
+        t = q.shape[-2]
+        w = q @ k.transpose(-2, -1) * 0.1
+        if form == "triu_full":
+            w = w + torch.triu(torch.full((t, t), float("-inf")), 1)
+        else:
+            w = torch.where(torch.tril(torch.ones(t, t, dtype=torch.bool)), w, float("-inf"))
+        return torch.softmax(w, -1) @ v
+
+    r = check(attn, *qkv(), expect={"attention": 1})
+    assert "causal" in r.rewrites[0].kernel
+
+
+def test_causal_proof_holds_under_dynamic_shapes():
+    def attn(q, k, v):
+        i = torch.arange(q.shape[-2])
+        mask = torch.where(i[None, :] <= i[:, None], 0.0, float("-inf"))
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.1 + mask, -1) @ v
+
+    import functools
+
+    from gla.backend import gla_backend
+    from gla.report import collect
+
+    with collect() as rep, torch.no_grad():
+        f = torch.compile(attn, backend=functools.partial(gla_backend, options=OPTS), dynamic=True)
+        for t in (17, 40):
+            q, k, v = (torch.randn(1, 2, t, 16) for _ in range(3))
+            assert rel_rms_error(f(q, k, v), attn(q, k, v)) <= 1e-5
+    assert len(rep.rewrites) == 1 and "causal" in rep.rewrites[0].kernel, str(rep)

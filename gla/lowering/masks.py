@@ -42,6 +42,14 @@ class Allowed:
 
 
 @dataclass(frozen=True)
+class _Filled:
+    """``torch.full((Tq, Tk), value)`` / ``torch.ones(Tq, Tk)``: the input of ``triu``/``tril``."""
+
+    value: object
+    lengths: tuple[tuple[int, object], ...]
+
+
+@dataclass(frozen=True)
 class MaskForm:
     causal: bool
     window: int
@@ -88,7 +96,8 @@ class _Eval:
         if n.op == "call_function" and t is torch.arange:
             if len(a) != 1 or set(n.kwargs) - {"device", "dtype"}:
                 return None
-            return Affine(((-1, 1),), 0, 1, ((-1, a[0]),))
+            length = a[0].meta.get("example_value") if isinstance(a[0], fx.Node) else a[0]  # SymInt under dynamic shapes
+            return Affine(((-1, 1),), 0, 1, ((-1, length),))
         if n.op == "call_function" and t in (operator.add, operator.sub):
             x, y = self(a[0]), self(a[1])
             sign = 1 if t is operator.add else -1
@@ -134,6 +143,23 @@ class _Eval:
             x, y = self(a[0]), self(a[1])
             if isinstance(x, Allowed) and isinstance(y, Allowed):
                 return Allowed(x.constraints + y.constraints)
+            return None
+        if n.op == "call_function" and t in (torch.full, torch.ones) and not (set(n.kwargs) - {"device", "dtype"}):
+            size = a[0] if t is torch.ones and len(a) == 1 else (a[0] if t is torch.full else a)
+            value = 1 if t is torch.ones else (a[1] if len(a) > 1 else None)
+            if not isinstance(size, (tuple, list)) or len(size) != 2 or not isinstance(value, (int, float, bool)):
+                return None
+            sizes = [x.meta.get("example_value") if isinstance(x, fx.Node) else x for x in size]
+            return _Filled(value, ((-2, sizes[0]), (-1, sizes[1])))
+        if n.op == "call_function" and t in (torch.triu, torch.tril) or (n.op == "call_method" and t in ("triu", "tril")):
+            x = self(a[0])
+            d = a[1] if len(a) > 1 else n.kwargs.get("diagonal", 0)
+            if not isinstance(x, _Filled) or not isinstance(d, int):
+                return None
+            if t in (torch.triu, "triu") and _neg(x.value):   # -big where k - q >= d: allowed k - q - (d - 1) <= 0
+                return ("bias", Allowed((Affine(((-2, -1), (-1, 1)), -(d - 1), 2, x.lengths),)))
+            if t in (torch.tril, "tril") and x.value:          # nonzero where k - q <= d: a keep mask
+                return Allowed((Affine(((-2, -1), (-1, 1)), -d, 2, x.lengths),))
             return None
         if n.op == "call_function" and t is torch.where and len(a) == 3:
             cond = self(a[0])
