@@ -18,3 +18,17 @@ def autograd_reenabled():
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
         with torch.enable_grad():
             yield
+
+
+def owned_grads(inputs, grads):
+    """Gradients as fresh tensors (zeros where autograd gave None): a custom op's outputs may not
+    alias its inputs or each other."""
+    out = []
+    for t, g in zip(inputs, grads):
+        buf = torch.empty_like(t)
+        if g is None:
+            buf.zero_()
+        else:
+            buf.copy_(g)
+        out.append(buf)
+    return out

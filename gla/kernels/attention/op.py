@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..recompute import autograd_reenabled
+from ..recompute import autograd_reenabled, owned_grads
 from . import flash
 from .naive import attention_reference, visible_positions
 
@@ -227,14 +227,7 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                                 causal=causal, window=window)
         wrt = leaves + ([g] if g is not None else []) + ([b] if bias_requires_grad else [])
         grads = torch.autograd.grad(res, wrt, dout, allow_unused=True)
-    outs = []
-    for t, gr in zip(wrt, grads):
-        buf = torch.empty_like(t)
-        if gr is None:
-            buf.zero_()
-        else:
-            buf.copy_(gr)
-        outs.append(buf)
+    outs = owned_grads(wrt, grads)
     dq, dk, dv = outs[:3]
     dgate = outs[3] if gate is not None else q.new_empty(0)  # distinct empties: no aliasing
     dbias = outs[-1] if bias_requires_grad else q.new_empty(0)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..recompute import autograd_reenabled
+from ..recompute import autograd_reenabled, owned_grads
 
 from .naive import gla_chunk_reference
 
@@ -200,14 +200,7 @@ def chunk_gla_backward_op(do: torch.Tensor, dht: Optional[torch.Tensor], q: torc
             outs.append(ht)
             gouts.append(dht.to(ht.dtype))
         grads = torch.autograd.grad(outs, wrt, gouts, allow_unused=True)
-    res = []
-    for t, gr in zip(wrt, grads):
-        buf = torch.empty_like(t)
-        if gr is None:
-            buf.zero_()
-        else:
-            buf.copy_(gr)
-        res.append(buf)
+    res = owned_grads(wrt, grads)
     dq, dk, dv = res[:3]
     i = 3
     dg = empty
