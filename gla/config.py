@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-FAMILIES = ("attention", "gated_attention", "glu", "gate", "linear_attention", "custom")
+from .rewrite.pattern import KINDS as FAMILIES
 
 _CHOICES = {
     "verify": ("once", "always", "off"),

@@ -12,9 +12,9 @@ from typing import Any, Iterator
 
 import torch.fx as fx
 
-log = logging.getLogger("gla")
+from .rewrite.pattern import KINDS
 
-KINDS = ("attention", "gated_attention", "glu", "gate", "linear_attention", "custom")
+log = logging.getLogger("gla")
 
 
 def source_location(node: fx.Node) -> str:
