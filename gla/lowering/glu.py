@@ -77,7 +77,7 @@ class GLULowering:
             return impl
         kwargs = dict(x=c["x"], w_gate=c["w_gate"], b_gate=c["b_gate"], w_up=c["w_up"], b_up=c["b_up"],
                       act=self.act, impl=impl)
-        where = "fused activation-multiply" if impl != "reference" else "plain PyTorch, left to Inductor"
+        where = "fused activation-multiply" if impl != "reference" else "left to Inductor"
         return Selected(glu_linears_call, kwargs, f"gla::glu[{impl}] ({self.act}, {where})")
 
 
