@@ -70,7 +70,7 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
                     miss(root, pattern.kind, pattern.name, selected.reason)
                     continue
                 m.extra_nodes = list(selected.extra_nodes)
-                reason = convexity_reason(m, graph)
+                reason = convexity_reason(m, graph) or _subclass_reason(m)
                 if reason:
                     miss(root, pattern.kind, pattern.name, reason)
                     continue
@@ -109,7 +109,7 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
 def _subclass_reason(m: Match) -> str | None:
     """gla's ops have no DTensor sharding rules (nor rules for other tensor subclasses): a match
     that reads a DTensor (tensor parallelism; FSDP2 only when its hooks are traced) keeps the original."""
-    for n in m.nodes:
+    for n in (*m.nodes, *m.extra_nodes):
         for a in (n, *n.all_input_nodes):
             t = tensor_meta(a)
             if t is not None and is_traceable_wrapper_subclass(t):
