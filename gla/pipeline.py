@@ -37,10 +37,8 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
 
     def miss(root: fx.Node, kind: str, pattern: str, reason: str, depth: int = 99):
         prev = misses.get(root)
-        if prev is None or depth > prev._depth:
-            nm = NearMiss(kind, pattern, source_location(root), reason)
-            nm._depth = depth
-            misses[root] = nm
+        if prev is None or depth > prev.depth:
+            misses[root] = NearMiss(kind, pattern, source_location(root), reason, depth)
 
     for pattern in registered_patterns(config.patterns):
         for alt in range(len(pattern.search)):
@@ -92,7 +90,7 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
                 claimed[new] = pattern.name
                 misses.pop(root, None)
                 record = Rewrite(pattern.kind, pattern.name, where, shapes, dtypes, selected.kernel, figures)
-                for absorbed in getattr(selected, "absorbs", ()):  # a gated attention counts once
+                for absorbed in selected.absorbs:  # a gated attention counts once
                     if absorbed in rewrite_of:
                         record.location = rewrite_of[absorbed].location
                         report.rewrites.remove(rewrite_of.pop(absorbed))

@@ -56,6 +56,7 @@ class NearMiss:
     pattern: str
     location: str
     reason: str
+    depth: int = field(default=99, repr=False, compare=False)  # how far a partial match got; deepest wins
 
 
 @dataclass

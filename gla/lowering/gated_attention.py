@@ -97,6 +97,5 @@ class GatedAttentionLowering:
         kwargs.update(gate=g, layout=layout)
         impl = kwargs.get("impl")
         kind = "elementwise" if full else "headwise"
-        sel = Selected(gated_attention_call, kwargs, f"gla::attention[{impl}] (+{kind} sigmoid gate)", chain + [node])
-        sel.absorbs = [node]
-        return sel
+        return Selected(gated_attention_call, kwargs, f"gla::attention[{impl}] (+{kind} sigmoid gate)",
+                        extra_nodes=chain + [node], absorbs=[node])

@@ -17,6 +17,7 @@ class Selected:
     kwargs: dict[str, Any]            # fx.Nodes and literals
     kernel: str                       # what runs, for the report: "gla::attention[triton]"
     extra_nodes: list[fx.Node] = field(default_factory=list)  # nodes the lowering consumed (a mask)
+    absorbs: list[fx.Node] = field(default_factory=list)  # earlier gla rewrites this one re-emits (counted once)
 
 
 @dataclass
