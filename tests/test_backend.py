@@ -146,3 +146,21 @@ def test_graph_breaks_are_fine():
     x, w1, w3 = torch.randn(3, 8), torch.randn(12, 8), torch.randn(12, 8)
     report = gla.explain(f, x, w1, w3, options={"inner": "aot_eager"})
     assert report.graphs == 2 and report.counts["glu"] == 2
+
+
+def test_forced_triton_kernels_through_the_backend():
+    """kernels="triton": the model's rewrites run the very Triton kernels GPUs run (the interpreter here)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    from tiny_llama import TinyLlama, TinyLlamaConfig
+
+    from gla.testing import assert_rewrites
+
+    torch.manual_seed(0)
+    model = TinyLlama(TinyLlamaConfig(vocab_size=64, hidden=64, layers=1, heads=4, kv_heads=2, ffn=96))
+    ids = torch.randint(0, 64, (1, 20))
+    report = assert_rewrites(model, ids, expect={"gated_attention": 1, "glu": 1}, grad=True,
+                             options={"inner": "aot_eager", "kernels": "triton"})
+    assert all("[triton]" in r.kernel for r in report.rewrites), str(report)
