@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..device import triton_device_reason
 from ..recompute import autograd_reenabled, owned_grads
 from . import flash
 from .naive import attention_reference, visible_positions
@@ -85,15 +86,9 @@ def triton_unsupported_reason(q, k, v, gate=None, bias=None, key_mask=None, caus
     Looks only at shapes, dtypes, devices and ``requires_grad`` (works on Fake/meta tensors).
     Assumes the arguments are otherwise valid (``gated_attention`` checks that first).
     """
-    dev = q.device
-    if dev.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return "tensors on cpu: Triton needs CUDA (or TRITON_INTERPRET=1)"
-    elif dev.type != "cuda":
-        return f"tensors on {dev.type}: the Triton attention kernel needs CUDA"
-    others = [t for t in (k, v, gate, bias, key_mask) if t is not None]
-    if any(t.device != dev for t in others):
-        return "q, k, v, gate, bias, key_mask are not all on one device"
+    reason = triton_device_reason(q, k, v, gate, bias, key_mask, kernel="attention")
+    if reason:
+        return reason
     if q.dtype not in _TRITON_DTYPES:
         return f"{str(q.dtype).replace('torch.', '')} unsupported by the Triton attention kernel"
     if k.dtype != q.dtype or v.dtype != q.dtype:

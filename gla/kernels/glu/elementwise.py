@@ -12,12 +12,12 @@ interpreter right for bfloat16. The backward recomputes act(a) from a: only a an
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..device import interpreting, triton_device_reason
 from .naive import ACTIVATIONS
 
 ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2, sigmoid 3, relu 4
@@ -26,10 +26,6 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Every output the kernels write is allocated here (tests swap in a NaN-filled allocator to check
 # that each element is written).
 _alloc = torch.empty
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def triton_unsupported_reason(*tensors, act: str = "silu") -> str | None:
@@ -44,17 +40,7 @@ def triton_unsupported_reason(*tensors, act: str = "silu") -> str | None:
     for t in present:
         if t.dtype not in _TRITON_DTYPES:
             return f"{str(t.dtype).replace('torch.', '')} unsupported by the Triton GLU kernel"
-    for t in present:
-        kind = t.device.type
-        if kind == "cuda":
-            continue
-        if kind == "cpu" and interpreting():
-            continue
-        return f"tensors on {kind}: Triton needs CUDA (or TRITON_INTERPRET=1)"
-    devices = {t.device for t in present}
-    if len(devices) > 1:
-        return f"tensors on several devices ({', '.join(sorted(map(str, devices)))})"
-    return None
+    return triton_device_reason(*present, kernel="GLU")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ The ops allocate fresh outputs and never sync with the host (the reference path 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
+from ..device import triton_device_reason
 from ..recompute import autograd_reenabled, owned_grads
 
 from .naive import gla_chunk_reference
@@ -77,15 +77,9 @@ def triton_unsupported_reason(q, k, v, g=None, initial_state=None, cu_seqlens=No
 
     Looks only at shapes, dtypes and devices (works on Fake/meta tensors).
     """
-    dev = q.device
-    if dev.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return "tensors on cpu: Triton needs CUDA (or TRITON_INTERPRET=1)"
-    elif dev.type != "cuda":
-        return f"tensors on {dev.type}: the Triton GLA kernel needs CUDA"
-    others = [t for t in (k, v, g, initial_state, cu_seqlens) if t is not None]
-    if any(t.device != dev for t in others):
-        return "q, k, v, g, initial_state, cu_seqlens are not all on one device"
+    reason = triton_device_reason(q, k, v, g, initial_state, cu_seqlens, kernel="GLA")
+    if reason:
+        return reason
     for name, t in (("q", q), ("k", k), ("v", v), ("g", g)):
         if t is not None and t.dtype not in _TRITON_DTYPES:
             return (f"{str(t.dtype).replace('torch.', '')} unsupported by the Triton GLA kernel "
