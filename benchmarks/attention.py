@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from results_io import require_cuda, write_table
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,17 +35,6 @@ T_LIST = (1024, 2048, 4096, 8192, 16384)
 D_LIST = (128, 64)
 GATED_T_MAX = 8192
 DTYPE = torch.bfloat16
-
-
-def _require_cuda() -> None:
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "benchmarks/attention.py needs a CUDA GPU: torch.cuda.is_available() is False on this "
-            "machine (the Triton interpreter is far too slow to time anything).")
-
-
-def _device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
 def _bench(fn, grad_to_none=None) -> float:
@@ -214,10 +203,7 @@ def run(out_dir: str) -> str:
                 del q, k, v, g
     lines += ["", f"total benchmark time {time.time() - t_start:.0f} s"]
     text = "\n".join(lines) + "\n"
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"attention-{_device_slug(name)}.md")
-    with open(path, "w") as f:
-        f.write(text)
+    write_table(out_dir, "attention", name, text)
     print(text)
     return text
 
@@ -237,7 +223,7 @@ def sweep(ts=(1024, 4096)) -> str:
     """Time candidate block configs of each kernel (causal, bf16, D in D_LIST, T in ``ts``) and
     print one compact line per (D, T, kernel): configs fastest first, ``*`` = current default.
     Ends with the best config per (D, kernel) summed over ``ts``, in attention_configs form."""
-    _require_cuda()
+    require_cuda("attention.py")
     from gla.kernels.attention import flash
 
     lines, best = [], {}
@@ -293,7 +279,7 @@ def sweep(ts=(1024, 4096)) -> str:
 
 
 def main(out_dir: str) -> str:
-    _require_cuda()
+    require_cuda("attention.py")
     return run(out_dir)
 
 

@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+from results_io import write_table
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,10 +35,6 @@ T_LIST = (1024, 2048, 4096)
 D_LIST = (64, 128)
 DTYPE = torch.bfloat16
 N_PROF = 20
-
-
-def _device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
 def _inputs(t, d, gated, grad):
@@ -193,10 +190,7 @@ def run(out_dir: str) -> str:
                     del q, k, v, g, fn
     text = "\n".join(head + [hdr] + rows + ["", "## Kernels per call (GPU µs × count)", ""]
                      + details + ["", f"total {time.time() - t_start:.0f} s"]) + "\n"
-    os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, f"attention-profile-{_device_slug(name)}.md")
-    with open(out, "w") as f:
-        f.write(text)
+    out = write_table(out_dir, "attention-profile", name, text)
     print(f"wrote {out}")
     return text
 

@@ -18,13 +18,13 @@ All timings are triton.testing.do_bench medians. Outputs are checked against eag
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from results_io import require_cuda, write_table
 
 
 @dataclass
@@ -34,14 +34,6 @@ class Sizes:
     tokens: int = 16384
     d: int = 4096
     ffn: int = 11008
-
-
-def _require_cuda() -> None:
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "benchmarks/glu.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
-            "(the Triton interpreter is far too slow to time anything)."
-        )
 
 
 def _liger():
@@ -372,10 +364,6 @@ def _gate_up(sz: Sizes, device: str, bench: _Bench, notes: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
-
-
 def run(out_dir: str, device: str = "cuda", sizes: Sizes | None = None) -> str:
     import triton
 
@@ -400,16 +388,13 @@ def run(out_dir: str, device: str = "cuda", sizes: Sizes | None = None) -> str:
             f"(choose_glu_linear_impl).\n")
     text = "\n\n".join([head, *sections, "Checks and notes:\n\n" + "\n".join(notes),
                         f"total benchmark time {time.perf_counter() - t0:.0f} s"]) + "\n"
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"glu-{_device_slug(name)}.md")
-    with open(path, "w") as f:
-        f.write(text)
+    write_table(out_dir, "glu", name, text)
     print(text)
     return text
 
 
 def main(out_dir: str) -> str:
-    _require_cuda()
+    require_cuda("glu.py")
     return run(out_dir, "cuda")
 
 

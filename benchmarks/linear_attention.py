@@ -20,27 +20,16 @@ shapes are dropped, with a note, once the time budget runs short).
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from results_io import require_cuda, write_table
 
 B, H, D = 2, 16, 128
 TS = (1024, 2048, 4096, 8192, 16384)
 BUDGET_S = 420.0
-
-
-def _require_cuda() -> None:
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "benchmarks/linear_attention.py needs a CUDA GPU: torch.cuda.is_available() is False "
-            "on this machine (the Triton interpreter is far too slow to time anything).")
-
-
-def _device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
 def _fla():
@@ -269,16 +258,13 @@ def run(out_dir: str) -> str:
             "triton.testing.do_bench medians.\n")
     text = "\n\n".join([head, *sections, "Checks and notes:\n\n" + "\n".join(notes),
                         f"total benchmark time {time.perf_counter() - t_start:.0f} s"]) + "\n"
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"linear_attention-{_device_slug(name)}.md")
-    with open(path, "w") as f:
-        f.write(text)
+    write_table(out_dir, "linear_attention", name, text)
     print(text)
     return text
 
 
 def main(out_dir: str) -> str:
-    _require_cuda()
+    require_cuda("linear_attention.py")
     return run(out_dir)
 
 
