@@ -27,6 +27,8 @@ def explain(model_or_fn: Callable, *args: Any, options: dict[str, Any] | None = 
 
     The report lists each rewrite (kind, source location, shapes, dtypes, kernel, verification
     figures) and each near miss with the reason it was declined. ``str(report)`` is a table.
+    It resets Dynamo first (``torch._dynamo.reset()``) so the graph is compiled afresh: other
+    compiled functions in the process recompile on their next call.
     """
     import torch
 
