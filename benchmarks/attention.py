@@ -219,7 +219,7 @@ SWEEP_CANDS = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 }
 
 
-def sweep(ts=(1024, 4096)) -> str:
+def sweep(ts=(1024, 4096), ds=D_LIST, kernels=None) -> str:
     """Time candidate block configs of each kernel (causal, bf16, D in D_LIST, T in ``ts``) and
     print one compact line per (D, T, kernel): configs fastest first, ``*`` = current default.
     Ends with the best config per (D, kernel) summed over ``ts``, in attention_configs form."""
@@ -228,7 +228,7 @@ def sweep(ts=(1024, 4096)) -> str:
 
     lines, best = [], {}
     fmt = lambda c: f"{c[0]}x{c[1]}w{c[2]}s{c[3]}"  # noqa: E731
-    for d in D_LIST:
+    for d in ds:
         base = flash.attention_configs(d, d, DTYPE, True, 4096, interpret=False)
         totals: dict[tuple, float] = {}
         for t in ts:
@@ -238,6 +238,8 @@ def sweep(ts=(1024, 4096)) -> str:
             do = torch.randn_like(o)
             fwd_flops = _fwd_flops(B, H, t, d)
             for kern, lst in SWEEP_CANDS.items():
+                if kernels and kern not in kernels:
+                    continue
                 cur = base[kern]
                 cur_t = (cur["BLOCK_M"], cur["BLOCK_N"], cur["num_warps"], cur["num_stages"])
                 res = []
@@ -284,8 +286,13 @@ def main(out_dir: str) -> str:
 
 
 if __name__ == "__main__":
-    if "--sweep" in sys.argv:
-        sweep()
+    if "--sweep" in sys.argv:  # [--d 128,64] [--t 1024,4096] [--kernels fwd,dq,dkdv]
+        def _opt(flag, default):
+            if flag not in sys.argv:
+                return default
+            return tuple(sys.argv[sys.argv.index(flag) + 1].split(","))
+        sweep(ts=tuple(map(int, _opt("--t", (1024, 4096)))),
+              ds=tuple(map(int, _opt("--d", D_LIST))), kernels=_opt("--kernels", None))
     else:
         args = [a for a in sys.argv[1:] if not a.startswith("--")]
         main(args[0] if args else os.path.join(os.path.dirname(__file__), "results"))

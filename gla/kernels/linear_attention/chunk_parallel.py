@@ -112,6 +112,23 @@ def _state_dtype(dt, dtype: torch.dtype):
     return dtype if dt in (tl.bfloat16, tl.float16) else torch.float32
 
 
+def _parse_blocks_override(text: str | None) -> dict:
+    """``GLA_LINEAR_BLOCKS``: ``"dqk=64,64,8,1;h=32,32,4,2"`` -> {kernel: (BK, BV, warps, stages)}
+    (CUDA only; for block-size experiments, ``benchmarks/linear_attention_profile.py``)."""
+    out = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(";"))):
+        name, _, vals = item.partition("=")
+        try:
+            bk, bv, w, st = (int(x) for x in vals.split(","))
+        except ValueError:
+            raise ValueError(f"GLA_LINEAR_BLOCKS entry {item!r}: expected "
+                             "kernel=BK,BV,num_warps,num_stages") from None
+        if name.strip() not in _KERNELS:
+            raise ValueError(f"GLA_LINEAR_BLOCKS entry {item!r}: kernel must be one of {_KERNELS}")
+        out[name.strip()] = (bk, bv, w, st)
+    return out
+
+
 def _blocks(K: int, V: int, device: torch.device, NH: int) -> dict:
     """kernel -> (BK, BV, num_warps, num_stages); no autotuning (first call = compile only).
 
@@ -132,9 +149,11 @@ def _blocks(K: int, V: int, device: torch.device, NH: int) -> dict:
     if NH * triton.cdiv(K, bks) * triton.cdiv(V, bvs) < 264:
         bks, bvs = min(bks, 32), min(bvs, 32)
     nws = 8 if bks * bvs > 32 * 32 else 4
-    return {"h": (bks, bvs, nws, 2), "dh": (bks, bvs, nws, 2), "A": (bk, bv, 4, 2),
-            "o": (bk, bv, 4, 2), "dA": (bk, bv, 8, 2), "dv": (bk, bv, 8, 2),
-            "dqk": (bk, bv, 8, 1)}
+    blocks = {"h": (bks, bvs, nws, 2), "dh": (bks, bvs, nws, 2), "A": (bk, bv, 4, 2),
+              "o": (bk, bv, 4, 2), "dA": (bk, bv, 8, 2), "dv": (bk, bv, 8, 2),
+              "dqk": (bk, bv, 8, 1)}
+    blocks.update(_parse_blocks_override(os.environ.get("GLA_LINEAR_BLOCKS")))
+    return blocks
 
 
 def _chunk_index(cu_seqlens, T_total: int, N: int, device):
