@@ -32,12 +32,12 @@ SWEEP_CANDS = {
     "h": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 3),
           (128, 32, 8, 2), (128, 64, 8, 2)],
     "dh": [(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
-    "A": [(64, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2)],
+    "A": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3)],
     "o": [(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2)],
     "dA": [(32, 128, 8, 2), (32, 64, 4, 2), (32, 128, 4, 3)],
     "dv": [(64, 64, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2)],
-    "dqk": [(64, 64, 8, 1), (32, 128, 8, 1), (32, 64, 4, 1), (32, 64, 8, 2), (64, 64, 8, 2),
-            (64, 128, 8, 1)],
+    "dqk": [(32, 64, 8, 1), (64, 64, 8, 1), (32, 128, 8, 1), (64, 64, 4, 1), (32, 64, 4, 2),
+            (64, 128, 8, 1), (16, 64, 4, 1)],
 }
 # which launch each sweep entry times (the profiler name of its Triton kernel)
 KERNEL_NAME = {"h": "_h_kernel", "dh": "_dh_kernel", "A": "_A_kernel", "o": "_o_kernel",
@@ -166,6 +166,20 @@ def sweep() -> str:
             f"{t:.0f}" + ("" if e < 1e-3 else f"(err {e:.1e})") for t, c, e in res)
         print(line, flush=True)
         lines.append(line)
+    # the exact sub-block form every chunk takes when its gate span exceeds SPAN_MAX
+    span_max = cp.SPAN_MAX
+    cp.SPAN_MAX = -1.0
+    try:
+        kf, kb = _kernel_times(fwd), _kernel_times(bwd)
+        err = _rel(fwd(), o_ref), _rel(bwd()[0], dq_ref)
+    finally:
+        cp.SPAN_MAX = span_max
+    line = (f"sub-block form everywhere (SPAN_MAX=-1): fwd {sum(t for t, _ in kf.values()):.0f} µs "
+            f"(_A_kernel {kf.get('_A_kernel', (0, 0))[0]:.0f}), bwd {sum(t for t, _ in kb.values()):.0f}"
+            f" µs (_dqkg_kernel {kb.get('_dqkg_kernel', (0, 0))[0]:.0f}); o err {err[0]:.1e}, "
+            f"dq err {err[1]:.1e} vs the default")
+    print(line, flush=True)
+    lines += ["", line]
     lines += ["", f"## Dot precision (GLA_LINEAR_DOT), T={SWEEP_T}: µs per kernel, rel err vs default"]
     for mode in ("native", "tf32", "bh=native,dh=native,dqk=native", "dqk=native"):
         kf = _with_env("GLA_LINEAR_DOT", mode, lambda: _kernel_times(fwd))

@@ -259,6 +259,49 @@ def test_parallel_small_blocks_column_loop(cu, monkeypatch):
     _check_grads(ins, cu=None if cu is None else torch.tensor(cu))
 
 
+def _mixed_span_inputs(T=150, seed=14):
+    """Per-channel gates whose chunk spans straddle ``SPAN_MAX``: chunk 0 gentle (≈ 3 nats),
+    chunk 1 with one channel at 39 nats (just inside the one-dot form: its factors reach
+    exp(±39)), chunk 2 steep (≈ 500 nats: the sub-block form)."""
+    ins = _inputs(1, T, 4, 2, 40, 24, gate="channel", n=1.0, h0=True, seed=seed)
+    g = ins[3]
+    g[:, :64] = g[:, :64] / 16
+    g[:, 64:128] = g[:, 64:128] / 16
+    g[:, 64:128, 0, 3] = -39.0 / 63        # span b_first − b_last = 63 steps · 39/63
+    g[:, 128:] = g[:, 128:] * 10
+    ins[4] = ins[4].float()
+    return ins
+
+
+@pytest.mark.parametrize("span_max", [None, -1.0])
+def test_parallel_one_dot_and_sub_block_forms(span_max, monkeypatch):
+    """Both exact intra-chunk forms (chosen per chunk from the gate span) against the fp64
+    recurrence, forward and every grad; span_max=-1 forces the sub-block form everywhere."""
+    from gla.kernels.linear_attention import chunk_parallel
+
+    monkeypatch.setenv("GLA_LINEAR_KERNEL", "parallel")
+    if span_max is not None:
+        monkeypatch.setattr(chunk_parallel, "SPAN_MAX", span_max)
+    ins = _mixed_span_inputs()
+    _poisoned_empty(monkeypatch)
+    _check_grads(ins)
+
+
+def test_parallel_one_dot_form_runs(monkeypatch):
+    """The default takes the one-dot form on gentle chunks: its sums run in another order than
+    the sub-block form's, so the outputs differ in the last bits (both are checked above)."""
+    from gla.kernels.linear_attention import chunk_parallel
+
+    monkeypatch.setenv("GLA_LINEAR_KERNEL", "parallel")
+    q, k, v, g, _ = _inputs(1, 64, 2, 2, 16, 16, gate="channel", n=16.0, seed=15)
+    o_fast, _ = chunk_gla(q, k, v, g, impl="triton")
+    monkeypatch.setattr(chunk_parallel, "SPAN_MAX", -1.0)
+    o_sub, _ = chunk_gla(q, k, v, g, impl="triton")
+    o_ref, _ = gla_recurrent_reference(*_fp64([q, k, v, g]))
+    assert not torch.equal(o_fast, o_sub)
+    assert rel_rms_error(o_fast, o_ref) < 1e-5 and rel_rms_error(o_sub, o_ref) < 1e-5
+
+
 def test_kernel_and_dot_env(monkeypatch):
     from gla.kernels.linear_attention import chunk, chunk_parallel
 

@@ -3,7 +3,7 @@
 Only the state recurrences walk the chunks in order (one ``K×V`` update per chunk); everything
 that is O(T·BT·D) runs with one program per chunk. Layout and gate conventions are those of
 ``chunk.py`` (rows of ``[B·T, heads, D]``, chunks of ``BT = 64`` rows, sub-blocks of ``BS = 16``,
-``b`` = chunk-local cumsum of ``g`` from ``chunk.gate_cumsum``, every exponent ≤ 0).
+``b`` = chunk-local cumsum of ``g``, non-increasing inside a chunk since ``g ≤ 0``).
 
 Chunks are numbered globally: ``i_c = n·NT + c`` (``NT = cdiv(T, BT)``), or with ``cu_seqlens``
 ``i_c = coff[n] + c`` where ``coff`` = exclusive cumsum of ``cdiv(L_n, BT)``; the per-chunk grids
@@ -12,18 +12,25 @@ device map ``cmap[i_c] = (n, c)`` (built with torch ops, no host sync); the spar
 
 Forward (``chunk_gla_fwd``)::
 
-    b      = gate_cumsum(g)                                     (chunk.py)
+    b      : _gate_cumsum_kernel grid (NTG·K/BK, H) one scan per chunk
     h      : _h_kernel   grid (N·H, K/BK, V/BV)   sequential over chunks: stores the state at each
              chunk start, h[c] (and after the last chunk), S ← exp(b_l) ⊙ S + (k ⊙ exp(b_l − b))ᵀ v
-    A      : _A_kernel   grid (NTG·BT/BS, Hq)     A_ij = Σ_c q_ic k_jc exp(b_ic − b_jc), j ≤ i
+    A      : _A_kernel   grid (NTG, Hq)           A_ij = Σ_c q_ic k_jc exp(b_ic − b_jc), j ≤ i
     o      : _o_kernel   grid (NTG·V/BV, Hq)      o = scale · ((q ⊙ exp(b)) h[c] + A v)
 
 ``h`` holds ``NC + 1`` states per sequence (index ``i_c + n``); its dtype is the operand dtype of
 the dots that read it (bf16 when those dots are ``native`` — the dot would round it anyway — else
-fp32). ``A`` (unscaled, fp32 ``[B·T, Hq, BT]``): row sub-block ``I`` takes the keys of the earlier
-sub-blocks in one dot with the reference row ``r`` = last row of sub-block ``I − 1``
-(``exp(b_i − b_j) = exp(b_i − b_r)·exp(b_r − b_j)``, both ≤ 1 for ``j ≤ r < i``) and its diagonal
-``BS × BS`` block elementwise (column loop on CUDA, ``[BS, BS, BK]`` broadcast on CPU).
+fp32). ``A`` (unscaled, fp32 ``[B·T, Hq, BT]``) and the backward's intra-chunk dq/dk take one of
+two exact forms per chunk, chosen on the device from the chunk's gate span
+``max_c (b_first − b_last)``:
+
+* span ≤ ``SPAN_MAX`` (the common case: GLA's ``logsigmoid/16`` gates span ~3 nats per chunk):
+  one ``[BT, BT]`` dot with the chunk's first row as the reference,
+  ``exp(b_i − b_j) = exp(b_i − b_0)·exp(b_0 − b_j)``, factors within ``exp(±SPAN_MAX)``;
+* otherwise sub-blocks: row sub-block ``I`` takes the keys of the earlier sub-blocks in one dot
+  with the reference row ``r`` = last row of sub-block ``I − 1`` (both factors ≤ 1 for
+  ``j ≤ r < i``) and its diagonal ``BS × BS`` block elementwise (column loop on CUDA,
+  ``[BS, BS, BK]`` broadcast on CPU).
 
 Backward (``chunk_gla_bwd``) recomputes ``b``, ``h`` and ``A``, then::
 
@@ -31,7 +38,7 @@ Backward (``chunk_gla_bwd``) recomputes ``b``, ``h`` and ``A``, then::
           c), dS ← exp(b_l) ⊙ dS + scale · Σ_group (q ⊙ exp(b))ᵀ do; d initial_state = final dS
     dA  : _dA_kernel   grid (NTG, Hq)          dA_ij = scale · do_i · v_j (j ≤ i)
     dv  : _dv_kernel   grid (NTG·V/BV, H)      dv = (k ⊙ exp(b_l − b)) dh[c] + scale Σ_group Aᵀ do
-    dq, dk, dg : _dqkg_kernel grid (NTG·K/BK, H), sub-blocks in reverse order:
+    dq, dk, dg : _dqkg_kernel grid (NTG·K/BK, H), one-dot or sub-block form as A:
           dq = scale (do h[c]ᵀ) ⊙ exp(b) + Σ_j dA_ij k_j ⊙ exp(b_i − b_j)
           dk = (v dh[c]ᵀ) ⊙ exp(b_l − b) + Σ_group Σ_i dA_ij q_i ⊙ exp(b_i − b_j)
           dg_t = Σ_{u ≥ t, same chunk} (Σ_group q_u ⊙ dq_u − k_u ⊙ dk_u) + Σ_v dh[c] ⊙ h[c+1]
@@ -59,11 +66,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.standard import _sum_combine
+from triton.language.standard import _elementwise_max, _sum_combine
 
-from .chunk import BS, BT, _diag_3d, _next_pow2, _seq_bounds, _sum, gate_cumsum
-
-NS = BT // BS
+from .chunk import BS, BT, _diag_3d, _next_pow2, _seq_bounds, _sum
 
 # bf16/fp16 inputs on CUDA. The forward follows fla (bf16 h and o dots, fp32-operand A): a torch
 # emulation of its roundings gives o rel RMS 2.4e-3 vs fp64 at T=1000, D=64/128 (1.7e-3 of which
@@ -76,6 +81,13 @@ _KERNELS = ("h", "dh", "A", "o", "dA", "dv", "dqk")
 
 # None: the heuristic block sizes; tests set (BK, BV) to exercise several blocks on CPU.
 BLOCK_OVERRIDE = None
+
+# A chunk whose gate span max_c (b_first − b_last) is at most SPAN_MAX (nats) takes the one-dot
+# intra-chunk form with the chunk's first row as reference: its factors lie in
+# [exp(−SPAN_MAX), exp(SPAN_MAX)] = [4e-18, 2e17], normal numbers in fp32/tf32/bf16, so each
+# product keeps its relative precision and nothing overflows. Wider spans (decays faster than
+# ~0.6 nats per step on average) take the sub-block form, where every factor is ≤ 1.
+SPAN_MAX = 40.0
 
 
 def _dot_modes() -> dict:
@@ -149,9 +161,12 @@ def _blocks(K: int, V: int, device: torch.device, NH: int) -> dict:
     if NH * triton.cdiv(K, bks) * triton.cdiv(V, bvs) < 264:
         bks, bvs = min(bks, 32), min(bvs, 32)
     nws = 8 if bks * bvs > 32 * 32 else 4
-    blocks = {"h": (bks, bvs, nws, 2), "dh": (bks, bvs, nws, 2), "A": (bk, bv, 4, 2),
-              "o": (bk, bv, 4, 2), "dA": (bk, bv, 8, 2), "dv": (bk, bv, 8, 2),
-              "dqk": (bk, bv, 8, 1)}
+    # measured (benchmarks/results/linear_attention-profile-*.md, B·H = 32, T = 16k): the forward
+    # state pass runs best on 64 × 64 tiles with 4 warps there, the reverse one on 32 × 32
+    h = (min(_next_pow2(K), 64), min(_next_pow2(V), 64), 4, 2) if NH >= 32 else (bks, bvs, nws, 2)
+    blocks = {"h": h, "dh": (bks, bvs, nws, 2), "A": (bk, bv, 4, 2), "o": (bk, bv, 4, 2),
+              "dA": (bk, min(_next_pow2(V), 128), 8, 2),
+              "dv": (min(_next_pow2(K), 64), bv, 4, 2), "dqk": (bk, bv, 4, 1)}
     blocks.update(_parse_blocks_override(os.environ.get("GLA_LINEAR_BLOCKS")))
     return blocks
 
@@ -184,6 +199,44 @@ def _chunk_pos(i_c, cu_ptr, cmap_ptr, T, NT, BT: tl.constexpr, IS_VARLEN: tl.con
         c = i_c % NT
     bos, eos = _seq_bounds(cu_ptr, i_n, T, IS_VARLEN)
     return i_n, c * BT, bos, eos - bos
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunk-local cumulative gate, one program per (chunk, K-block, head)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _gate_cumsum_kernel(g_ptr, gc_ptr, cu_ptr, cmap_ptr, T, NT, H, s_gt, s_gh, s_gk,
+                        K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+                        IS_VARLEN: tl.constexpr):
+    NK: tl.constexpr = (K + BK - 1) // BK
+    i_c = tl.program_id(0) // NK
+    i_k = tl.program_id(0) % NK
+    i_h = tl.program_id(1)
+    i_n, cs, bos, L = _chunk_pos(i_c, cu_ptr, cmap_ptr, T, NT, BT, IS_VARLEN)
+    if cs >= L:
+        return
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    rows = bos + cs + o_t
+    m = ((cs + o_t) < L)[:, None] & (o_k < K)[None, :]
+    gg = tl.load(g_ptr + rows[:, None] * s_gt + i_h * s_gh + o_k[None, :] * s_gk, mask=m,
+                 other=0.0).to(tl.float32)
+    b = tl.associative_scan(gg, 0, _sum_combine)
+    tl.store(gc_ptr + rows[:, None] * (H * K) + i_h * K + o_k[None, :], b, mask=m)
+
+
+def _gate_cumsum(s, g):
+    """b = chunk-local cumsum of g (``[B,T,H,K]`` or ``[B,T,H]``) as fp32 ``[B,T,H,K]``; the same
+    numbers as ``chunk.gate_cumsum`` (one scan per chunk), but chunk-parallel."""
+    g = g.contiguous()
+    H, K = s.H, s.K
+    s_gt, s_gh, s_gk = (H, 1, 0) if g.dim() == 3 else (H * K, K, 1)
+    gc = torch.empty(s.B, s.T, H, K, dtype=torch.float32, device=s.dev)
+    BK = min(_next_pow2(K), 64)
+    _gate_cumsum_kernel[(s.NTG * triton.cdiv(K, BK), H)](
+        g, gc, s.cu, s.cmap, s.T, s.NT, H, s_gt, s_gh, s_gk, K=K, BK=BK, BT=BT,
+        IS_VARLEN=s.varlen, num_warps=4)
+    return gc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,20 +367,79 @@ def _dh_kernel(q_ptr, do_ptr, gc_ptr, dh_ptr, dht_ptr, dh0_ptr, cu_ptr, coff_ptr
 # Per-chunk forward kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _A_kernel(q_ptr, k_ptr, gc_ptr, A_ptr, cu_ptr, cmap_ptr, T, NT, H, G,
+def _chunk_span(gc_ptr, t0, tl_, i_h, sk, K: tl.constexpr, BK: tl.constexpr):
+    """max over the key channels of b(first row) − b(last row) of one chunk: ≥ 0 since g ≤ 0."""
+    span = tl.full([], 0.0, tl.float32)
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        mk = o_k < K
+        b0 = tl.load(gc_ptr + t0 * sk + i_h * K + o_k, mask=mk, other=0.0)
+        bl = tl.load(gc_ptr + tl_ * sk + i_h * K + o_k, mask=mk, other=0.0)
+        span = tl.maximum(span, tl.reduce(b0 - bl, 0, _elementwise_max))
+    return span
+
+
+@triton.jit
+def _A_kernel(q_ptr, k_ptr, gc_ptr, A_ptr, cu_ptr, cmap_ptr, span_max, T, NT, H, G,
               K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
               HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
               PREC: tl.constexpr, DIAG_3D: tl.constexpr):
-    """Rows of sub-block I of A (unscaled, causal, fp32 [B·T, Hq, BT])."""
+    """A of one chunk and query head (unscaled, causal, fp32 [B·T, Hq, BT]).
+
+    Gate span ≤ ``span_max``: one ``[BT, BT]`` dot of ``q ⊙ exp(b − b_0)`` (≤ 1) and
+    ``k ⊙ exp(b_0 − b)`` (≤ exp(span)) with ``b_0`` the chunk's first row. Otherwise the exact
+    sub-block form (:func:`_A_sub_block`), whose every factor is ≤ 1."""
     NSUB: tl.constexpr = BT // BS
-    i_c = tl.program_id(0) // NSUB         # sub-blocks of one chunk are neighbours (L2 reuse)
-    i_i = tl.program_id(0) % NSUB
+    i_c = tl.program_id(0)
     i_hq = tl.program_id(1)
     i_h = i_hq // G
     HQ = H * G
     i_n, cs, bos, L = _chunk_pos(i_c, cu_ptr, cmap_ptr, T, NT, BT, IS_VARLEN)
-    if cs + i_i * BS >= L:
+    if cs >= L:
         return
+    o_t = tl.arange(0, BT)
+    rA = cs + o_t
+    mA = rA < L
+    tA = bos + rA
+    sq = HQ * K
+    sk = H * K
+    span = tl.full([], 0.0, tl.float32)
+    if HAS_G:
+        span = _chunk_span(gc_ptr, bos + cs, bos + tl.minimum(cs + BT, L) - 1, i_h, sk, K, BK)
+    if span <= span_max:
+        acc = tl.full([BT, BT], 0.0, tl.float32)
+        for i_k in range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            mk = o_k < K
+            m2 = mA[:, None] & mk[None, :]
+            qq = tl.load(q_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :], mask=m2,
+                         other=0.0).to(tl.float32)
+            kk = tl.load(k_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=m2,
+                         other=0.0).to(tl.float32)
+            if HAS_G:
+                bb = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=m2,
+                             other=0.0)
+                b0 = tl.load(gc_ptr + (bos + cs) * sk + i_h * K + o_k, mask=mk, other=0.0)
+                qq = qq * tl.exp(tl.minimum(bb - b0[None, :], 0.0))
+                kk = kk * tl.exp(b0[None, :] - bb)
+            acc += tl.dot(qq.to(DT), tl.trans(kk.to(DT)), input_precision=PREC)
+        acc = tl.where(o_t[:, None] >= o_t[None, :], acc, 0.0)
+        tl.store(A_ptr + tA[:, None] * (HQ * BT) + i_hq * BT + o_t[None, :], acc,
+                 mask=mA[:, None])
+    else:
+        for i_i in range(NSUB):
+            if cs + i_i * BS < L:
+                _A_sub_block(q_ptr, k_ptr, gc_ptr, A_ptr, i_i, i_hq, i_h, cs, bos, L, HQ, sq, sk,
+                             K, BK, BT, BS, HAS_G, DT, PREC, DIAG_3D)
+
+
+@triton.jit
+def _A_sub_block(q_ptr, k_ptr, gc_ptr, A_ptr, i_i, i_hq, i_h, cs, bos, L, HQ, sq, sk,
+                 K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+                 HAS_G: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                 DIAG_3D: tl.constexpr):
+    """Rows of sub-block I of A, any gates: the keys of earlier sub-blocks in one dot with the
+    reference row r = last row of sub-block I − 1, the diagonal block elementwise."""
     o_t = tl.arange(0, BT)
     o_s = tl.arange(0, BS)
     rI = cs + i_i * BS + o_s
@@ -336,8 +448,6 @@ def _A_kernel(q_ptr, k_ptr, gc_ptr, A_ptr, cu_ptr, cmap_ptr, T, NT, H, G,
     rA = cs + o_t
     mA = rA < L
     tA = bos + rA
-    sq = HQ * K
-    sk = H * K
     i0 = i_i * BS
     # reference row: last row of sub-block I - 1 (clamped for I = 0, where nothing is kept)
     rr = cs + tl.maximum(i0 - 1, 0)
@@ -523,13 +633,16 @@ def _dv_kernel(k_ptr, gc_ptr, do_ptr, dh_ptr, A_ptr, dv_ptr, cu_ptr, cmap_ptr, s
 
 @triton.jit
 def _dqkg_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, h_ptr, dh_ptr, dA_ptr, dq_ptr, dk_ptr,
-                 dg_ptr, cu_ptr, cmap_ptr, scale, T, NT, H, G,
+                 dg_ptr, cu_ptr, cmap_ptr, scale, span_max, T, NT, H, G,
                  K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  BT: tl.constexpr, BS: tl.constexpr, HAS_G: tl.constexpr,
                  IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                  DIAG_3D: tl.constexpr):
-    """dq (each query head of the group), dk and dg of one chunk, K-block and kv head; the
-    sub-blocks run last to first so that dg's in-chunk reverse cumsum is a running sum."""
+    """dq (each query head of the group), dk and dg of one chunk, K-block and kv head.
+
+    Gate span ≤ ``span_max`` (see ``_A_kernel``): whole-chunk dots with the first row as the
+    reference, ``dq += exp(b − b_0) ⊙ (dA (k ⊙ exp(b_0 − b)))`` and
+    ``dk += exp(b_0 − b) ⊙ (dAᵀ (q ⊙ exp(b − b_0)))``. Otherwise :func:`_dqkg_sub_blocks`."""
     NK: tl.constexpr = (K + BK - 1) // BK
     i_c = tl.program_id(0) // NK
     i_k = tl.program_id(0) % NK
@@ -540,7 +653,6 @@ def _dqkg_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, h_ptr, dh_ptr, dA_ptr, dq_
         return
     scale = tl.cast(scale, tl.float32)
     o_t = tl.arange(0, BT)
-    o_s = tl.arange(0, BS)
     o_k = i_k * BK + tl.arange(0, BK)
     mk = o_k < K
     rA = cs + o_t
@@ -554,10 +666,11 @@ def _dqkg_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, h_ptr, dh_ptr, dA_ptr, dq_
     last = tl.minimum(cs + BT, L) - 1
     hbase = h_ptr + (i_c + i_n).to(tl.int64) * (H * K * V) + i_h * K * V
     dhbase = dh_ptr + i_c.to(tl.int64) * (H * K * V) + i_h * K * V
+    suffix = tl.full([BK], 0.0, tl.float32)
+    span = tl.full([], 0.0, tl.float32)
     if HAS_G:
         bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
         # Σ_v dh[c] ⊙ h[c + 1]: ∂L/∂b_last through the whole end-of-chunk state
-        carry = tl.full([BK], 0.0, tl.float32)
         for i_v in range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             mkv = mk[:, None] & (o_v < V)[None, :]
@@ -565,8 +678,96 @@ def _dqkg_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, h_ptr, dh_ptr, dA_ptr, dq_
                          other=0.0).to(tl.float32)
             dh = tl.load(dhbase + o_k[:, None] * V + o_v[None, :], mask=mkv,
                          other=0.0).to(tl.float32)
-            carry += _sum(hn * dh, 1)
-        suffix = carry
+            suffix += _sum(hn * dh, 1)
+        span = _chunk_span(gc_ptr, bos + cs, bos + last, i_h, sk, K, BK)
+    if span <= span_max:
+        mAk = mA[:, None] & mk[None, :]
+        kk = tl.load(k_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=mAk,
+                     other=0.0).to(tl.float32)
+        # ---- dk: inter part (v dh[c]ᵀ) ⊙ exp(b_l − b)
+        dk = tl.full([BT, BK], 0.0, tl.float32)
+        for i_v in range(0, V, BV):
+            o_v = i_v + tl.arange(0, BV)
+            mv = o_v < V
+            vv = tl.load(v_ptr + tA[:, None] * sv + i_h * V + o_v[None, :],
+                         mask=mA[:, None] & mv[None, :], other=0.0)
+            dh = tl.load(dhbase + o_k[:, None] * V + o_v[None, :],
+                         mask=mk[:, None] & mv[None, :], other=0.0)
+            dk += tl.dot(vv.to(DT), tl.trans(dh.to(DT)), input_precision=PREC)
+        if HAS_G:
+            bb = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=mAk,
+                         other=0.0)
+            b0 = tl.load(gc_ptr + (bos + cs) * sk + i_h * K + o_k, mask=mk, other=0.0)
+            dk = dk * tl.exp(tl.minimum(bl[None, :] - bb, 0.0))
+            kt = kk * tl.exp(b0[None, :] - bb)                       # ≤ |k| exp(span)
+        else:
+            kt = kk
+        dkt = tl.full([BT, BK], 0.0, tl.float32)
+        dBq = tl.full([BT, BK], 0.0, tl.float32)
+        for gq in range(G):
+            i_hq = i_h * G + gq
+            qq = tl.load(q_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :], mask=mAk,
+                         other=0.0).to(tl.float32)
+            # ---- dq: inter part scale (do h[c]ᵀ) ⊙ exp(b)
+            dq = tl.full([BT, BK], 0.0, tl.float32)
+            for i_v in range(0, V, BV):
+                o_v = i_v + tl.arange(0, BV)
+                mv = o_v < V
+                dd = tl.load(do_ptr + tA[:, None] * sdo + i_hq * V + o_v[None, :],
+                             mask=mA[:, None] & mv[None, :], other=0.0)
+                hh = tl.load(hbase + o_k[:, None] * V + o_v[None, :],
+                             mask=mk[:, None] & mv[None, :], other=0.0)
+                dq += tl.dot(dd.to(DT), tl.trans(hh.to(DT)), input_precision=PREC)
+            dq = dq * scale
+            # ---- intra: dA is causal (0 above the diagonal and past the end)
+            dA = tl.load(dA_ptr + tA[:, None] * sA + i_hq * BT + o_t[None, :],
+                         mask=mA[:, None], other=0.0)
+            if HAS_G:
+                dq = dq * tl.exp(tl.minimum(bb, 0.0))
+                eq = tl.exp(tl.minimum(bb - b0[None, :], 0.0))          # ≤ 1
+                dq += tl.dot(dA.to(DT), kt.to(DT), input_precision=PREC) * eq
+                dkt += tl.dot(tl.trans(dA.to(DT)), (qq * eq).to(DT), input_precision=PREC)
+            else:
+                dq += tl.dot(dA.to(DT), kk.to(DT), input_precision=PREC)
+                dkt += tl.dot(tl.trans(dA.to(DT)), qq.to(DT), input_precision=PREC)
+            tl.store(dq_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :],
+                     dq.to(dq_ptr.dtype.element_ty), mask=mAk)
+            dBq += qq * dq
+        if HAS_G:
+            dk += dkt * tl.exp(b0[None, :] - bb)
+        else:
+            dk += dkt
+        tl.store(dk_ptr + tA[:, None] * sk + i_h * K + o_k[None, :],
+                 dk.to(dk_ptr.dtype.element_ty), mask=mAk)
+        if HAS_G:
+            # dg_t = Σ_{u ≥ t in this chunk} dB_u + Σ_v dh[c] ⊙ h[c+1] (rows past L are 0)
+            dB = dBq - kk * dk
+            dg = _sum(dB, 0)[None, :] - tl.associative_scan(dB, 0, _sum_combine) + dB
+            tl.store(dg_ptr + tA[:, None] * sk + i_h * K + o_k[None, :],
+                     (dg + suffix[None, :]).to(dg_ptr.dtype.element_ty), mask=mAk)
+    else:
+        _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr, dg_ptr,
+                         hbase, dhbase, suffix, scale, i_h, cs, bos, L, G, HQ, K, V, BK, BV, BT,
+                         BS, HAS_G, DT, PREC, DIAG_3D, o_k, mk, sq, sk, sv, sdo, sA)
+
+
+@triton.jit
+def _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr, dg_ptr,
+                     hbase, dhbase, suffix, scale, i_h, cs, bos, L, G, HQ,
+                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     BT: tl.constexpr, BS: tl.constexpr, HAS_G: tl.constexpr, DT: tl.constexpr,
+                     PREC: tl.constexpr, DIAG_3D: tl.constexpr, o_k, mk, sq, sk, sv, sdo, sA):
+    """dq, dk, dg of one chunk for any gates: sub-blocks last to first (dg's in-chunk reverse
+    cumsum is a running sum), every exponential ≤ 1: earlier/later sub-blocks in dots with a
+    reference row between them, the diagonal block elementwise."""
+    o_t = tl.arange(0, BT)
+    o_s = tl.arange(0, BS)
+    rA = cs + o_t
+    mA = rA < L
+    tA = bos + rA
+    last = tl.minimum(cs + BT, L) - 1
+    if HAS_G:
+        bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
     for ii in range(BT // BS):
         I = (BT // BS) - 1 - ii
         # (re)loaded per sub-block: kept live across the loop they spill (ptxas -v, sm_90)
@@ -712,6 +913,11 @@ class _Setup:
     def cfg(self, kernel, dtype):
         return _dot_cfg(kernel, dtype, self.dev, self.modes)
 
+    @staticmethod
+    def span_max(dot_dtype) -> float:
+        """Largest chunk gate span taking the one-dot form: fp16 operands (max 65504) never do."""
+        return -1.0 if dot_dtype == tl.float16 else SPAN_MAX
+
 
 def _states(s, k, v, gc, h0, output_final_state, hdtype, DT, PREC):
     """h [NTG + N, H, K, V] (state at each chunk start, plus after the last) and ht."""
@@ -732,8 +938,8 @@ def _intra_A(s, q, k, gc):
     A = torch.empty(s.B, s.T, s.HQ, BT, dtype=torch.float32, device=s.dev)
     DT, PREC = s.cfg("A", q.dtype)
     BK, _, nw, ns = s.blocks["A"]
-    _A_kernel[(s.NTG * NS, s.HQ)](
-        q, k, gc if gc is not None else q, A, s.cu, s.cmap, s.T, s.NT, s.H, s.G,
+    _A_kernel[(s.NTG, s.HQ)](
+        q, k, gc if gc is not None else q, A, s.cu, s.cmap, s.span_max(DT), s.T, s.NT, s.H, s.G,
         K=s.K, BK=BK, BT=BT, BS=BS, HAS_G=gc is not None, IS_VARLEN=s.varlen, DT=DT,
         PREC=PREC, DIAG_3D=s.d3, num_warps=nw, num_stages=ns)
     return A
@@ -744,7 +950,7 @@ def chunk_gla_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_sta
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     s = _Setup(q, k, v, cu_seqlens)
     if g is not None and gc is None:
-        gc = gate_cumsum(g, k, cu_seqlens, s.N)
+        gc = _gate_cumsum(s, g)
     h0 = initial_state.contiguous() if initial_state is not None else None
     DTo, PRECo = s.cfg("o", q.dtype)
     DTh, PRECh = s.cfg("h", q.dtype)
@@ -765,7 +971,7 @@ def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, s
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     s = _Setup(q, k, v, cu_seqlens)
     dev = s.dev
-    gc = gate_cumsum(g, k, cu_seqlens, s.N) if g is not None else None
+    gc = _gate_cumsum(s, g) if g is not None else None
     gcx = gc if gc is not None else q
     h0 = initial_state.contiguous() if initial_state is not None else None
     DTq, PRECq = s.cfg("dqk", q.dtype)
@@ -808,7 +1014,8 @@ def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, s
         dg = q
     BK, BV, nw, ns = s.blocks["dqk"]
     _dqkg_kernel[(s.NTG * triton.cdiv(K, BK), H)](
-        q, k, v, gcx, do, h, dh, dA, dq, dk, dg, s.cu, s.cmap, scale, s.T, s.NT, H, s.G,
+        q, k, v, gcx, do, h, dh, dA, dq, dk, dg, s.cu, s.cmap, scale, s.span_max(DTq), s.T,
+        s.NT, H, s.G,
         K=K, V=V, BK=BK, BV=BV, BT=BT, BS=BS, HAS_G=gc is not None, IS_VARLEN=s.varlen,
         DT=DTq, PREC=PRECq, DIAG_3D=s.d3, num_warps=nw, num_stages=ns)
     if g is not None and g.dim() == 3:
