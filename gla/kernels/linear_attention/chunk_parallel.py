@@ -164,9 +164,10 @@ def _blocks(K: int, V: int, device: torch.device, NH: int) -> dict:
     # measured (benchmarks/results/linear_attention-profile-*.md, B·H = 32, T = 16k): the forward
     # state pass runs best on 64 × 64 tiles with 4 warps there, the reverse one on 32 × 32
     h = (min(_next_pow2(K), 64), min(_next_pow2(V), 64), 4, 2) if NH >= 32 else (bks, bvs, nws, 2)
-    blocks = {"h": h, "dh": (bks, bvs, nws, 2), "A": (bk, bv, 4, 2), "o": (bk, bv, 4, 2),
-              "dA": (bk, min(_next_pow2(V), 128), 8, 2),
-              "dv": (min(_next_pow2(K), 64), bv, 4, 2), "dqk": (bk, bv, 4, 1)}
+    bk64 = min(_next_pow2(K), 64)
+    blocks = {"h": h, "dh": (bks, bvs, nws, 2), "A": (bk, bv, 4, 3), "o": (bk, bv, 4, 2),
+              "dA": (bk, min(_next_pow2(V), 128), 8, 2), "dv": (bk64, bv, 4, 2),
+              "dqk": (bk64, bv, 4, 1)}
     blocks.update(_parse_blocks_override(os.environ.get("GLA_LINEAR_BLOCKS")))
     return blocks
 
@@ -412,17 +413,20 @@ def _A_kernel(q_ptr, k_ptr, gc_ptr, A_ptr, cu_ptr, cmap_ptr, span_max, T, NT, H,
             o_k = i_k + tl.arange(0, BK)
             mk = o_k < K
             m2 = mA[:, None] & mk[None, :]
-            qq = tl.load(q_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :], mask=m2,
-                         other=0.0).to(tl.float32)
-            kk = tl.load(k_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=m2,
-                         other=0.0).to(tl.float32)
+            qq = tl.load(q_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :], mask=m2, other=0.0)
+            kk = tl.load(k_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=m2, other=0.0)
             if HAS_G:
                 bb = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=m2,
                              other=0.0)
                 b0 = tl.load(gc_ptr + (bos + cs) * sk + i_h * K + o_k, mask=mk, other=0.0)
-                qq = qq * tl.exp(tl.minimum(bb - b0[None, :], 0.0))
-                kk = kk * tl.exp(b0[None, :] - bb)
-            acc += tl.dot(qq.to(DT), tl.trans(kk.to(DT)), input_precision=PREC)
+                qg = qq.to(tl.float32) * tl.exp(tl.minimum(bb - b0[None, :], 0.0))
+                kg = kk.to(tl.float32) * tl.exp(b0[None, :] - bb)
+                acc += tl.dot(qg.to(DT), tl.trans(kg.to(DT)), input_precision=PREC)
+            else:
+                # operands as loaded: products of bf16/fp16 values are exact in the fp32
+                # accumulator. (Converting them to fp32 for a tf32 dot gave wrong rows for
+                # K = 128 on an H100 with triton 3.6 — 4 K-blocks, no gate.)
+                acc += tl.dot(qq, tl.trans(kk), input_precision=PREC)
         acc = tl.where(o_t[:, None] >= o_t[None, :], acc, 0.0)
         tl.store(A_ptr + tA[:, None] * (HQ * BT) + i_hq * BT + o_t[None, :], acc,
                  mask=mA[:, None])
