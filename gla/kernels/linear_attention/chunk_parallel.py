@@ -404,37 +404,47 @@ def _A_kernel(q_ptr, k_ptr, gc_ptr, A_ptr, cu_ptr, cmap_ptr, span_max, T, NT, H,
     tA = bos + rA
     sq = HQ * K
     sk = H * K
-    span = tl.full([], 0.0, tl.float32)
     if HAS_G:
         span = _chunk_span(gc_ptr, bos + cs, bos + tl.minimum(cs + BT, L) - 1, i_h, sk, K, BK)
-    if span <= span_max:
-        acc = tl.full([BT, BT], 0.0, tl.float32)
-        for i_k in range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            mk = o_k < K
-            m2 = mA[:, None] & mk[None, :]
-            qq = tl.load(q_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :], mask=m2, other=0.0)
-            kk = tl.load(k_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=m2, other=0.0)
-            if HAS_G:
-                bb = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=m2,
-                             other=0.0)
-                b0 = tl.load(gc_ptr + (bos + cs) * sk + i_h * K + o_k, mask=mk, other=0.0)
-                qg = qq.to(tl.float32) * tl.exp(tl.minimum(bb - b0[None, :], 0.0))
-                kg = kk.to(tl.float32) * tl.exp(b0[None, :] - bb)
-                acc += tl.dot(qg.to(DT), tl.trans(kg.to(DT)), input_precision=PREC)
-            else:
-                # operands as loaded: products of bf16/fp16 values are exact in the fp32
-                # accumulator. (Converting them to fp32 for a tf32 dot gave wrong rows for
-                # K = 128 on an H100 with triton 3.6 — 4 K-blocks, no gate.)
-                acc += tl.dot(qq, tl.trans(kk), input_precision=PREC)
-        acc = tl.where(o_t[:, None] >= o_t[None, :], acc, 0.0)
-        tl.store(A_ptr + tA[:, None] * (HQ * BT) + i_hq * BT + o_t[None, :], acc,
-                 mask=mA[:, None])
-    else:
-        for i_i in range(NSUB):
-            if cs + i_i * BS < L:
-                _A_sub_block(q_ptr, k_ptr, gc_ptr, A_ptr, i_i, i_hq, i_h, cs, bos, L, HQ, sq, sk,
-                             K, BK, BT, BS, HAS_G, DT, PREC, DIAG_3D)
+        if span <= span_max:
+            _A_one_dot(q_ptr, k_ptr, gc_ptr, A_ptr, i_hq, i_h, cs, bos, mA, tA, HQ, sq, sk, K, BK,
+                       BT, HAS_G, DT, PREC)
+        else:
+            for i_i in range(NSUB):
+                if cs + i_i * BS < L:
+                    _A_sub_block(q_ptr, k_ptr, gc_ptr, A_ptr, i_i, i_hq, i_h, cs, bos, L, HQ, sq, sk,
+                                 K, BK, BT, BS, HAS_G, DT, PREC, DIAG_3D)
+    else:   # no gate: nothing to bound
+        _A_one_dot(q_ptr, k_ptr, gc_ptr, A_ptr, i_hq, i_h, cs, bos, mA, tA, HQ, sq, sk, K, BK, BT,
+                   HAS_G, DT, PREC)
+
+
+@triton.jit
+def _A_one_dot(q_ptr, k_ptr, gc_ptr, A_ptr, i_hq, i_h, cs, bos, mA, tA, HQ, sq, sk,
+               K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, HAS_G: tl.constexpr,
+               DT: tl.constexpr, PREC: tl.constexpr):
+    """A of one chunk as one [BT, BT] dot (reference row: the chunk's first)."""
+    o_t = tl.arange(0, BT)
+    acc = tl.full([BT, BT], 0.0, tl.float32)
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        mk = o_k < K
+        m2 = mA[:, None] & mk[None, :]
+        qq = tl.load(q_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :], mask=m2, other=0.0)
+        kk = tl.load(k_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=m2, other=0.0)
+        if HAS_G:
+            bb = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=m2,
+                         other=0.0)
+            b0 = tl.load(gc_ptr + (bos + cs) * sk + i_h * K + o_k, mask=mk, other=0.0)
+            qg = qq.to(tl.float32) * tl.exp(tl.minimum(bb - b0[None, :], 0.0))
+            kg = kk.to(tl.float32) * tl.exp(b0[None, :] - bb)
+            acc += tl.dot(qg.to(DT), tl.trans(kg.to(DT)), input_precision=PREC)
+        else:
+            # operands as loaded: products of bf16/fp16 values are exact in the fp32 accumulator
+            acc += tl.dot(qq, tl.trans(kk), input_precision=PREC)
+    acc = tl.where(o_t[:, None] >= o_t[None, :], acc, 0.0)
+    tl.store(A_ptr + tA[:, None] * (HQ * BT) + i_hq * BT + o_t[None, :], acc,
+             mask=mA[:, None])
 
 
 @triton.jit
@@ -656,12 +666,8 @@ def _dqkg_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, h_ptr, dh_ptr, dA_ptr, dq_
     if cs >= L:
         return
     scale = tl.cast(scale, tl.float32)
-    o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     mk = o_k < K
-    rA = cs + o_t
-    mA = rA < L
-    tA = bos + rA
     sq = HQ * K
     sk = H * K
     sv = H * V
@@ -671,9 +677,7 @@ def _dqkg_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, h_ptr, dh_ptr, dA_ptr, dq_
     hbase = h_ptr + (i_c + i_n).to(tl.int64) * (H * K * V) + i_h * K * V
     dhbase = dh_ptr + i_c.to(tl.int64) * (H * K * V) + i_h * K * V
     suffix = tl.full([BK], 0.0, tl.float32)
-    span = tl.full([], 0.0, tl.float32)
     if HAS_G:
-        bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
         # Σ_v dh[c] ⊙ h[c + 1]: ∂L/∂b_last through the whole end-of-chunk state
         for i_v in range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
@@ -684,75 +688,98 @@ def _dqkg_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, h_ptr, dh_ptr, dA_ptr, dq_
                          other=0.0).to(tl.float32)
             suffix += _sum(hn * dh, 1)
         span = _chunk_span(gc_ptr, bos + cs, bos + last, i_h, sk, K, BK)
-    if span <= span_max:
-        mAk = mA[:, None] & mk[None, :]
-        kk = tl.load(k_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=mAk,
+        if span <= span_max:
+            _dqkg_one_dot(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr, dg_ptr,
+                          hbase, dhbase, suffix, scale, i_h, cs, bos, L, G, HQ, K, V, BK, BV, BT,
+                          HAS_G, DT, PREC, o_k, mk, sq, sk, sv, sdo, sA)
+        else:
+            _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr, dg_ptr,
+                             hbase, dhbase, suffix, scale, i_h, cs, bos, L, G, HQ, K, V, BK, BV, BT,
+                             BS, HAS_G, DT, PREC, DIAG_3D, o_k, mk, sq, sk, sv, sdo, sA)
+    else:   # no gate: nothing to bound
+        _dqkg_one_dot(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr, dg_ptr, hbase,
+                      dhbase, suffix, scale, i_h, cs, bos, L, G, HQ, K, V, BK, BV, BT, HAS_G, DT,
+                      PREC, o_k, mk, sq, sk, sv, sdo, sA)
+
+
+@triton.jit
+def _dqkg_one_dot(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr, dg_ptr, hbase,
+                  dhbase, suffix, scale, i_h, cs, bos, L, G, HQ, K: tl.constexpr,
+                  V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                  HAS_G: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, o_k, mk, sq, sk,
+                  sv, sdo, sA):
+    """dq, dk, dg of one chunk with whole-chunk dots (reference row: the chunk's first)."""
+    o_t = tl.arange(0, BT)
+    rA = cs + o_t
+    mA = rA < L
+    tA = bos + rA
+    if HAS_G:
+        last = tl.minimum(cs + BT, L) - 1
+        bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
+    mAk = mA[:, None] & mk[None, :]
+    kk = tl.load(k_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=mAk,
+                 other=0.0).to(tl.float32)
+    # ---- dk: inter part (v dh[c]ᵀ) ⊙ exp(b_l − b)
+    dk = tl.full([BT, BK], 0.0, tl.float32)
+    for i_v in range(0, V, BV):
+        o_v = i_v + tl.arange(0, BV)
+        mv = o_v < V
+        vv = tl.load(v_ptr + tA[:, None] * sv + i_h * V + o_v[None, :],
+                     mask=mA[:, None] & mv[None, :], other=0.0)
+        dh = tl.load(dhbase + o_k[:, None] * V + o_v[None, :],
+                     mask=mk[:, None] & mv[None, :], other=0.0)
+        dk += tl.dot(vv.to(DT), tl.trans(dh.to(DT)), input_precision=PREC)
+    if HAS_G:
+        bb = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=mAk,
+                     other=0.0)
+        b0 = tl.load(gc_ptr + (bos + cs) * sk + i_h * K + o_k, mask=mk, other=0.0)
+        dk = dk * tl.exp(tl.minimum(bl[None, :] - bb, 0.0))
+        kt = kk * tl.exp(b0[None, :] - bb)                       # ≤ |k| exp(span)
+    else:
+        kt = kk
+    dkt = tl.full([BT, BK], 0.0, tl.float32)
+    dBq = tl.full([BT, BK], 0.0, tl.float32)
+    for gq in range(G):
+        i_hq = i_h * G + gq
+        qq = tl.load(q_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :], mask=mAk,
                      other=0.0).to(tl.float32)
-        # ---- dk: inter part (v dh[c]ᵀ) ⊙ exp(b_l − b)
-        dk = tl.full([BT, BK], 0.0, tl.float32)
+        # ---- dq: inter part scale (do h[c]ᵀ) ⊙ exp(b)
+        dq = tl.full([BT, BK], 0.0, tl.float32)
         for i_v in range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             mv = o_v < V
-            vv = tl.load(v_ptr + tA[:, None] * sv + i_h * V + o_v[None, :],
+            dd = tl.load(do_ptr + tA[:, None] * sdo + i_hq * V + o_v[None, :],
                          mask=mA[:, None] & mv[None, :], other=0.0)
-            dh = tl.load(dhbase + o_k[:, None] * V + o_v[None, :],
+            hh = tl.load(hbase + o_k[:, None] * V + o_v[None, :],
                          mask=mk[:, None] & mv[None, :], other=0.0)
-            dk += tl.dot(vv.to(DT), tl.trans(dh.to(DT)), input_precision=PREC)
+            dq += tl.dot(dd.to(DT), tl.trans(hh.to(DT)), input_precision=PREC)
+        dq = dq * scale
+        # ---- intra: dA is causal (0 above the diagonal and past the end)
+        dA = tl.load(dA_ptr + tA[:, None] * sA + i_hq * BT + o_t[None, :],
+                     mask=mA[:, None], other=0.0)
         if HAS_G:
-            bb = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=mAk,
-                         other=0.0)
-            b0 = tl.load(gc_ptr + (bos + cs) * sk + i_h * K + o_k, mask=mk, other=0.0)
-            dk = dk * tl.exp(tl.minimum(bl[None, :] - bb, 0.0))
-            kt = kk * tl.exp(b0[None, :] - bb)                       # ≤ |k| exp(span)
+            dq = dq * tl.exp(tl.minimum(bb, 0.0))
+            eq = tl.exp(tl.minimum(bb - b0[None, :], 0.0))          # ≤ 1
+            dq += tl.dot(dA.to(DT), kt.to(DT), input_precision=PREC) * eq
+            dkt += tl.dot(tl.trans(dA.to(DT)), (qq * eq).to(DT), input_precision=PREC)
         else:
-            kt = kk
-        dkt = tl.full([BT, BK], 0.0, tl.float32)
-        dBq = tl.full([BT, BK], 0.0, tl.float32)
-        for gq in range(G):
-            i_hq = i_h * G + gq
-            qq = tl.load(q_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :], mask=mAk,
-                         other=0.0).to(tl.float32)
-            # ---- dq: inter part scale (do h[c]ᵀ) ⊙ exp(b)
-            dq = tl.full([BT, BK], 0.0, tl.float32)
-            for i_v in range(0, V, BV):
-                o_v = i_v + tl.arange(0, BV)
-                mv = o_v < V
-                dd = tl.load(do_ptr + tA[:, None] * sdo + i_hq * V + o_v[None, :],
-                             mask=mA[:, None] & mv[None, :], other=0.0)
-                hh = tl.load(hbase + o_k[:, None] * V + o_v[None, :],
-                             mask=mk[:, None] & mv[None, :], other=0.0)
-                dq += tl.dot(dd.to(DT), tl.trans(hh.to(DT)), input_precision=PREC)
-            dq = dq * scale
-            # ---- intra: dA is causal (0 above the diagonal and past the end)
-            dA = tl.load(dA_ptr + tA[:, None] * sA + i_hq * BT + o_t[None, :],
-                         mask=mA[:, None], other=0.0)
-            if HAS_G:
-                dq = dq * tl.exp(tl.minimum(bb, 0.0))
-                eq = tl.exp(tl.minimum(bb - b0[None, :], 0.0))          # ≤ 1
-                dq += tl.dot(dA.to(DT), kt.to(DT), input_precision=PREC) * eq
-                dkt += tl.dot(tl.trans(dA.to(DT)), (qq * eq).to(DT), input_precision=PREC)
-            else:
-                dq += tl.dot(dA.to(DT), kk.to(DT), input_precision=PREC)
-                dkt += tl.dot(tl.trans(dA.to(DT)), qq.to(DT), input_precision=PREC)
-            tl.store(dq_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :],
-                     dq.to(dq_ptr.dtype.element_ty), mask=mAk)
-            dBq += qq * dq
-        if HAS_G:
-            dk += dkt * tl.exp(b0[None, :] - bb)
-        else:
-            dk += dkt
-        tl.store(dk_ptr + tA[:, None] * sk + i_h * K + o_k[None, :],
-                 dk.to(dk_ptr.dtype.element_ty), mask=mAk)
-        if HAS_G:
-            # dg_t = Σ_{u ≥ t in this chunk} dB_u + Σ_v dh[c] ⊙ h[c+1] (rows past L are 0)
-            dB = dBq - kk * dk
-            dg = _sum(dB, 0)[None, :] - tl.associative_scan(dB, 0, _sum_combine) + dB
-            tl.store(dg_ptr + tA[:, None] * sk + i_h * K + o_k[None, :],
-                     (dg + suffix[None, :]).to(dg_ptr.dtype.element_ty), mask=mAk)
+            dq += tl.dot(dA.to(DT), kk.to(DT), input_precision=PREC)
+            dkt += tl.dot(tl.trans(dA.to(DT)), qq.to(DT), input_precision=PREC)
+        tl.store(dq_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :],
+                 dq.to(dq_ptr.dtype.element_ty), mask=mAk)
+        dBq += qq * dq
+    if HAS_G:
+        dk += dkt * tl.exp(b0[None, :] - bb)
     else:
-        _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr, dg_ptr,
-                         hbase, dhbase, suffix, scale, i_h, cs, bos, L, G, HQ, K, V, BK, BV, BT,
-                         BS, HAS_G, DT, PREC, DIAG_3D, o_k, mk, sq, sk, sv, sdo, sA)
+        dk += dkt
+    tl.store(dk_ptr + tA[:, None] * sk + i_h * K + o_k[None, :],
+             dk.to(dk_ptr.dtype.element_ty), mask=mAk)
+    if HAS_G:
+        # dg_t = Σ_{u ≥ t in this chunk} dB_u + Σ_v dh[c] ⊙ h[c+1] (rows past L are 0)
+        dB = dBq - kk * dk
+        dg = _sum(dB, 0)[None, :] - tl.associative_scan(dB, 0, _sum_combine) + dB
+        tl.store(dg_ptr + tA[:, None] * sk + i_h * K + o_k[None, :],
+                 (dg + suffix[None, :]).to(dg_ptr.dtype.element_ty), mask=mAk)
 
 
 @triton.jit
