@@ -302,6 +302,61 @@ def test_parallel_one_dot_form_runs(monkeypatch):
     assert rel_rms_error(o_fast, o_ref) < 1e-5 and rel_rms_error(o_sub, o_ref) < 1e-5
 
 
+def _grads_of(ins, use_final, monkeypatch, force_op):
+    if force_op:
+        monkeypatch.setenv("GLA_EAGER_OP", "1")
+    else:
+        monkeypatch.delenv("GLA_EAGER_OP", raising=False)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in ins]
+    o, ht = chunk_gla(*leaves[:4], initial_state=leaves[4], output_final_state=True,
+                      impl="triton")
+    gen = torch.Generator().manual_seed(5)
+    loss = (o * torch.randn(o.shape, generator=gen)).sum()
+    if use_final:   # else the final state is requested but left unused
+        loss = loss + (ht * torch.randn(ht.shape, generator=gen)).sum()
+    loss.backward()
+    return [o] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("use_final", [False, True])
+@pytest.mark.parametrize("kernel_name", ["parallel", "sequential"])
+def test_eager_fast_path_matches_op_path(kernel_name, use_final, monkeypatch):
+    """chunk_gla(impl="triton") in plain eager skips the custom ops (an autograd.Function); the
+    op path (GLA_EAGER_OP=1) gives bit-identical outputs and gradients, also with a final state
+    requested but unused (no zero gradient materialized for it)."""
+    monkeypatch.setenv("GLA_LINEAR_KERNEL", kernel_name)
+    ins = _inputs(1, 40, 4, 2, 16, 24, gate="channel", n=2.0, h0=True, seed=16)
+    ins[4] = ins[4].float()
+    fast = _grads_of(ins, use_final, monkeypatch, force_op=False)
+    slow = _grads_of(ins, use_final, monkeypatch, force_op=True)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_dispatch_mode_and_compile_see_the_ops():
+    """Under a dispatch mode (tracing, fake tensors ...) the calls go through gla::chunk_gla and
+    gla::fused_recurrent_gla; eager no-grad decode launches directly."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, g, _ = _inputs(1, 8, 2, 2, 16, 16, seed=17)
+    with Record():
+        chunk_gla(q, k, v, g, impl="triton")
+        fused_recurrent_gla(q[:, :1], k[:, :1], v[:, :1], g[:, :1], impl="triton")
+    assert "gla.chunk_gla.default" in seen and "gla.fused_recurrent_gla.default" in seen
+    seen.clear()
+    with torch.no_grad():
+        o, _ = fused_recurrent_gla(q[:, :1], k[:, :1], v[:, :1], g[:, :1], impl="triton")
+    o2, _ = gla_recurrent_reference(*_fp64([q[:, :1], k[:, :1], v[:, :1], g[:, :1]]))
+    assert rel_rms_error(o, o2) < 1e-5
+
+
 def test_kernel_and_dot_env(monkeypatch):
     from gla.kernels.linear_attention import chunk, chunk_parallel
 

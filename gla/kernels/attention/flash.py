@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import cdiv as _cdiv, next_pow2 as _next_pow2
+
 LOG2E = 1.4426950408889634  # written out as a literal inside the kernels
 # Finite biases below this are clamped before scaling by log2(e), so finfo(float32).min stays
 # finite (a row masked only by finfo.min is a softmax, not an empty row); -inf stays -inf.
@@ -539,18 +541,8 @@ def _attn_bwd_dq(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DQ, sm_scale,
 INTERPRETED = type(_attn_fwd).__name__ == "InterpretedFunction"
 
 
-def _next_pow2(n: int) -> int:
-    # plain Python: triton.next_power_of_2 / triton.cdiv are ``constexpr_function`` objects in
-    # recent Triton, whose host-side call unwraps every argument (µs per call, several per launch)
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
 def _pow2(n: int) -> int:
     return max(16, _next_pow2(n))
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _parse_config_override(text: str | None) -> dict:

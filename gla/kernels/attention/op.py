@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..device import triton_device_reason
+from ..launch import eager_ok
 from ..recompute import autograd_reenabled, owned_grads
 from . import flash
 from .naive import attention_reference, visible_positions
@@ -296,19 +297,12 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, dgate, None, None, None, None, None
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-# GLA_ATTN_EAGER_OP=1: always go through the torch.library ops (to compare the two paths).
+# GLA_ATTN_EAGER_OP=1 (or GLA_EAGER_OP=1): always go through the torch.library ops.
 _FORCE_OP = os.environ.get("GLA_ATTN_EAGER_OP", "0") == "1"
 
 
 def _eager_ok(*ts) -> bool:
-    """Plain eager call on real tensors: not being traced or compiled, no dispatch mode (fake,
-    proxy, functionalization, cross-ref ...), no functorch transform, no tensor subclass."""
-    if _FORCE_OP or torch.compiler.is_compiling():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
-        return False
-    return all(t is None or type(t) in _PLAIN for t in ts)
+    return eager_ok(*ts, force_op=_FORCE_OP)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,13 +46,15 @@ import triton
 import triton.language as tl
 from triton.language.standard import _sum_combine
 
+from ..launch import cdiv, next_pow2
+
 BT = 64      # chunk length
 BS = 16      # sub-block length
 NS = BT // BS
 
 
 def _next_pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(int(x)))
+    return max(16, next_pow2(x))
 
 
 # None: the [BS, BS, K] broadcast on CPU (interpreter), column loops on CUDA. Tests set it.
@@ -138,7 +140,7 @@ def gate_cumsum(g: torch.Tensor, k: torch.Tensor, cu_seqlens, N: int) -> torch.T
     gc = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
     BK = min(_next_pow2(K), 64)
     cu = cu_seqlens if cu_seqlens is not None else gc
-    _gate_cumsum_kernel[(triton.cdiv(K, BK), N * H)](
+    _gate_cumsum_kernel[(cdiv(K, BK), N * H)](
         g, gc, cu, T, H, s_gt, s_gh, s_gk, K=K, BK=BK, BT=BT,
         IS_VARLEN=cu_seqlens is not None)
     return gc
@@ -298,7 +300,7 @@ def sequential_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_st
     h0 = initial_state.contiguous() if initial_state is not None else None
     BK, BV, NW = _blocks(K, V)
     DT, PREC = _dot_cfg(q.dtype, q.device)
-    _fwd_kernel[(triton.cdiv(V, BV), N * HQ)](
+    _fwd_kernel[(cdiv(V, BV), N * HQ)](
         q, k, v, gc if gc is not None else q, o, h0 if h0 is not None else q, ht,
         cu_seqlens if cu_seqlens is not None else q, scale, T, H, G,
         K=K, V=V, BK=BK, BV=BV, BT=BT, BS=BS, HAS_G=g is not None, USE_H0=h0 is not None,
@@ -592,7 +594,7 @@ def sequential_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, 
     dev = q.device
     gc = gate_cumsum(g, k, cu_seqlens, N) if g is not None else None
     BK, BV, NW = _blocks(K, V)
-    NV = triton.cdiv(V, BV)
+    NV = cdiv(V, BV)
     DT, PREC = _dot_cfg(q.dtype, dev, backward=True)
     d3 = _diag_3d(dev)
     NTOK = B * T

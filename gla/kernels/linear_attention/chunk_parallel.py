@@ -61,6 +61,7 @@ interpreter always use ``ieee``. Defaults: see ``_DEFAULT_DOT``.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -68,6 +69,7 @@ import triton
 import triton.language as tl
 from triton.language.standard import _elementwise_max, _sum_combine
 
+from ..launch import cdiv
 from .chunk import BS, BT, _diag_3d, _next_pow2, _seq_bounds, _sum
 
 # bf16/fp16 inputs on CUDA. The forward follows fla (bf16 h and o dots, fp32-operand A): a torch
@@ -91,8 +93,13 @@ SPAN_MAX = 40.0
 
 
 def _dot_modes() -> dict:
+    return dict(_dot_modes_cached(os.environ.get("GLA_LINEAR_DOT", "")))
+
+
+@functools.lru_cache(maxsize=16)
+def _dot_modes_cached(spec: str) -> dict:
     modes = dict(_DEFAULT_DOT)
-    spec = os.environ.get("GLA_LINEAR_DOT", "").strip()
+    spec = spec.strip()
     if not spec:
         return modes
     if "=" not in spec:
@@ -142,46 +149,50 @@ def _parse_blocks_override(text: str | None) -> dict:
 
 
 def _blocks(K: int, V: int, device: torch.device, NH: int) -> dict:
-    """kernel -> (BK, BV, num_warps, num_stages); no autotuning (first call = compile only).
+    """kernel -> (BK, BV, num_warps, num_stages); no autotuning (first call = compile only)."""
+    return _blocks_cached(K, V, device.type, NH, os.environ.get("GLA_LINEAR_BLOCKS"),
+                          BLOCK_OVERRIDE)
 
-    CUDA (picked with ``ptxas -v`` for sm_90, K = V = 128, bf16: no spills except a few bytes in
-    ``dqkg``): the per-chunk kernels take BK = 32 (their [BT, BK] fp32 tiles and 64-bit pointer
-    tiles otherwise exceed 255 registers and spill) and BV = 64; the two sequential state
-    kernels take 64 × 64 state tiles (8 warps), or 32 × 32 (4 warps) when there are few
-    sequences·heads (the tiles are independent, so more programs shorten the sequential
-    critical path). The interpreter takes whole dimensions (few, big programs)."""
-    if BLOCK_OVERRIDE is not None:
-        bk, bv = BLOCK_OVERRIDE
+
+@functools.lru_cache(maxsize=64)
+def _blocks_cached(K: int, V: int, device_type: str, NH: int, override: str | None,
+                   block_override) -> dict:
+    """CUDA: the per-chunk kernels take BK = 32 (A, o, dA) or 64 (dv, dqk) and BV = 64 (dA: 128);
+    the reverse state pass takes 64 × 64 tiles (8 warps), or 32 × 32 (4 warps) when there are few
+    sequences·heads (the tiles are independent, so more programs shorten the sequential critical
+    path); the forward state pass 64 × 64 (4 warps) from 32 sequences·heads. Measured at B·H = 32,
+    T = 16k (benchmarks/results/linear_attention-profile-*.md; ``--sweep``). The interpreter
+    takes whole dimensions (few, big programs)."""
+    if block_override is not None:
+        bk, bv = block_override
         return {n: (bk, bv, 4, 1) for n in _KERNELS}
-    if device.type != "cuda":
+    if device_type != "cuda":
         bk, bv = _next_pow2(K), _next_pow2(V)
         return {n: (bk, bv, 4, 1) for n in _KERNELS}
     bk, bv = min(_next_pow2(K), 32), min(_next_pow2(V), 64)
     bks, bvs = min(_next_pow2(K), 64), min(_next_pow2(V), 64)
-    if NH * triton.cdiv(K, bks) * triton.cdiv(V, bvs) < 264:
+    if NH * cdiv(K, bks) * cdiv(V, bvs) < 264:
         bks, bvs = min(bks, 32), min(bvs, 32)
     nws = 8 if bks * bvs > 32 * 32 else 4
-    # measured (benchmarks/results/linear_attention-profile-*.md, B·H = 32, T = 16k): the forward
-    # state pass runs best on 64 × 64 tiles with 4 warps there, the reverse one on 32 × 32
     h = (min(_next_pow2(K), 64), min(_next_pow2(V), 64), 4, 2) if NH >= 32 else (bks, bvs, nws, 2)
     bk64 = min(_next_pow2(K), 64)
     blocks = {"h": h, "dh": (bks, bvs, nws, 2), "A": (bk, bv, 4, 3), "o": (bk, bv, 4, 2),
               "dA": (bk, min(_next_pow2(V), 128), 8, 2), "dv": (bk64, bv, 4, 2),
               "dqk": (bk64, bv, 4, 1)}
-    blocks.update(_parse_blocks_override(os.environ.get("GLA_LINEAR_BLOCKS")))
+    blocks.update(_parse_blocks_override(override))
     return blocks
 
 
 def _chunk_index(cu_seqlens, T_total: int, N: int, device):
     """(NTG, NT, cmap [NTG, 2] int32 or None, coff [N + 1] int32 or None)."""
     if cu_seqlens is None:
-        NT = triton.cdiv(T_total, BT)
+        NT = cdiv(T_total, BT)
         return N * NT, NT, None, None
     cu = cu_seqlens.to(torch.int64)
     cnt = (cu[1:] - cu[:-1] + BT - 1) // BT
     coff = torch.zeros(N + 1, dtype=torch.int64, device=device)
     coff[1:] = torch.cumsum(cnt, 0)
-    NTG = triton.cdiv(T_total, BT) + N
+    NTG = cdiv(T_total, BT) + N
     j = torch.arange(NTG, device=device, dtype=torch.int64)
     n = torch.searchsorted(coff[1:].contiguous(), j, right=True).clamp_max(N - 1)
     c = j - coff[n]
@@ -234,7 +245,7 @@ def _gate_cumsum(s, g):
     s_gt, s_gh, s_gk = (H, 1, 0) if g.dim() == 3 else (H * K, K, 1)
     gc = torch.empty(s.B, s.T, H, K, dtype=torch.float32, device=s.dev)
     BK = min(_next_pow2(K), 64)
-    _gate_cumsum_kernel[(s.NTG * triton.cdiv(K, BK), H)](
+    _gate_cumsum_kernel[(s.NTG * cdiv(K, BK), H)](
         g, gc, s.cu, s.cmap, s.T, s.NT, H, s_gt, s_gh, s_gk, K=K, BK=BK, BT=BT,
         IS_VARLEN=s.varlen, num_warps=4)
     return gc
@@ -957,7 +968,7 @@ def _states(s, k, v, gc, h0, output_final_state, hdtype, DT, PREC):
     ht = (torch.empty(N, H, K, V, dtype=torch.float32, device=s.dev) if output_final_state
           else torch.empty(0, dtype=torch.float32, device=s.dev))
     BK, BV, nw, ns = s.blocks["h"]
-    grid = (N * H, triton.cdiv(K, BK), triton.cdiv(V, BV))
+    grid = (N * H, cdiv(K, BK), cdiv(V, BV))
     _h_kernel[grid](k, v, gc if gc is not None else k, h, h0 if h0 is not None else k, ht,
                     s.cu, s.coff, s.T, s.NT, H, K=K, V=V, BK=BK, BV=BV, BT=BT,
                     HAS_G=gc is not None, USE_H0=h0 is not None, STORE_HT=output_final_state,
@@ -993,7 +1004,7 @@ def chunk_gla_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_sta
     A = _intra_A(s, q, k, gc)
     o = torch.empty(s.B, s.T, s.HQ, s.V, dtype=v.dtype, device=s.dev)
     BK, BV, nw, ns = s.blocks["o"]
-    _o_kernel[(s.NTG * triton.cdiv(s.V, BV), s.HQ)](
+    _o_kernel[(s.NTG * cdiv(s.V, BV), s.HQ)](
         q, v, gc if gc is not None else q, h, A, o, s.cu, s.cmap, scale, s.T, s.NT, s.H, s.G,
         K=s.K, V=s.V, BK=BK, BV=BV, BT=BT, HAS_G=gc is not None, IS_VARLEN=s.varlen,
         DT=DTo, PREC=PRECo, num_warps=nw, num_stages=ns)
@@ -1023,7 +1034,7 @@ def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, s
     dht_c = dht.contiguous() if dht is not None else None
     DT, PREC = s.cfg("dh", q.dtype)
     BK, BV, nw, ns = s.blocks["dh"]
-    _dh_kernel[(N * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
+    _dh_kernel[(N * H, cdiv(K, BK), cdiv(V, BV))](
         q, do, gcx, dh, dht_c if dht_c is not None else q, dh0, s.cu, s.coff, scale, s.T,
         s.NT, H, s.G, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_G=gc is not None,
         USE_DHT=dht_c is not None, STORE_DH0=h0 is not None, IS_VARLEN=s.varlen, DT=DT,
@@ -1036,7 +1047,7 @@ def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, s
         IS_VARLEN=s.varlen, DT=DT, PREC=PREC, num_warps=nw, num_stages=ns)
     dv = torch.empty_like(v)
     BK, BV, nw, ns = s.blocks["dv"]
-    _dv_kernel[(s.NTG * triton.cdiv(V, BV), H)](
+    _dv_kernel[(s.NTG * cdiv(V, BV), H)](
         k, gcx, do, dh, A, dv, s.cu, s.cmap, scale, s.T, s.NT, H, s.G, K=K, V=V, BK=BK,
         BV=BV, BT=BT, HAS_G=gc is not None, IS_VARLEN=s.varlen, DT=DTv, PREC=PRECv,
         num_warps=nw, num_stages=ns)
@@ -1048,7 +1059,7 @@ def chunk_gla_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, s
     else:
         dg = q
     BK, BV, nw, ns = s.blocks["dqk"]
-    _dqkg_kernel[(s.NTG * triton.cdiv(K, BK), H)](
+    _dqkg_kernel[(s.NTG * cdiv(K, BK), H)](
         q, k, v, gcx, do, h, dh, dA, dq, dk, dg, s.cu, s.cmap, scale, s.span_max(DTq), s.T,
         s.NT, H, s.G,
         K=K, V=V, BK=BK, BV=BV, BT=BT, BS=BS, HAS_G=gc is not None, IS_VARLEN=s.varlen,

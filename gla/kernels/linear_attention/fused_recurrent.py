@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import cdiv, next_pow2
 from .chunk import _sum
 
 
@@ -76,9 +77,9 @@ def fused_recurrent_gla_fwd(q, k, v, g, initial_state, scale, output_final_state
     else:
         ht = torch.empty(0, dtype=torch.float32, device=dev)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(max(16, triton.next_power_of_2(V)), 32 if BK > 64 else 64)
-    _fused_recurrent_fwd_kernel[(triton.cdiv(V, BV), B * HQ)](
+    BK = max(16, next_pow2(K))
+    BV = min(max(16, next_pow2(V)), 32 if BK > 64 else 64)
+    _fused_recurrent_fwd_kernel[(cdiv(V, BV), B * HQ)](
         q, k, v, g if g is not None else q, o, h0 if h0 is not None else q, ht, scale, T, H, G,
         s_gt, s_gh, s_gk, K=K, V=V, BK=BK, BV=BV, HAS_G=g is not None, USE_H0=h0 is not None,
         STORE_HT=output_final_state, num_warps=4)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..device import triton_device_reason
+from ..launch import eager_ok
 from ..recompute import autograd_reenabled, owned_grads
 
 from .naive import gla_chunk_reference
@@ -228,6 +229,7 @@ def _setup_chunk(ctx, inputs, output):
     q, k, v, g, h0, cu, scale, output_final_state, impl = inputs
     ctx.save_for_backward(q, k, v, g, h0, cu, output[1])
     ctx.args = (scale, impl)
+    ctx.set_materialize_grads(False)   # an unused output costs no zero-filled gradient
 
 
 def _backward_chunk(ctx, do, dht):
@@ -239,6 +241,7 @@ def _setup_recurrent(ctx, inputs, output):
     q, k, v, g, h0, scale, output_final_state, impl = inputs
     ctx.save_for_backward(q, k, v, g, h0, None, output[1])
     ctx.args = (scale, impl)
+    ctx.set_materialize_grads(False)
 
 
 def _backward_recurrent(ctx, do, dht):
@@ -249,6 +252,40 @@ def _backward_recurrent(ctx, do, dht):
 torch.library.register_autograd("gla::chunk_gla", _backward_chunk, setup_context=_setup_chunk)
 torch.library.register_autograd("gla::fused_recurrent_gla", _backward_recurrent,
                                 setup_context=_setup_recurrent)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager fast path for impl="triton"
+# ----------------------------------------------------------------------------------------------
+class _TritonChunkGLA(torch.autograd.Function):
+    """``gla::chunk_gla`` + ``gla::chunk_gla_backward`` for impl="triton" without the custom-op
+    dispatch (tens of µs of host time per step, which bounds short sequences). Plain eager calls
+    only (:func:`gla.kernels.launch.eager_ok`); compiled graphs and dispatch modes see the ops."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, h0, cu, scale, output_final_state):
+        from . import chunk
+        o, ht = chunk.chunk_gla_fwd(q, k, v, g, h0, cu, scale, output_final_state)
+        ctx.save_for_backward(q, k, v, g, h0, cu, ht)
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        from . import chunk
+        q, k, v, g, h0, cu, ht = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(_o_like(q, v))
+        if dht is not None and dht.numel() == 0:
+            dht = None
+        dq, dk, dv, dg, dh0 = chunk.chunk_gla_bwd(do, dht, q, k, v, g, h0, cu,
+                                                  ht if ht.numel() else None, ctx.scale)
+        return dq, dk, dv, dg, dh0, None, None, None
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +328,15 @@ def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     _check_args(q, k, v, g, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     impl = _resolve(impl, q, k, v, g, initial_state, cu_seqlens)
+    if impl == "triton" and eager_ok(q, k, v, g, initial_state, cu_seqlens):
+        if _needs_grad(q, k, v, g, initial_state):
+            o, ht = _TritonChunkGLA.apply(q, k, v, g, initial_state, cu_seqlens, scale,
+                                          bool(output_final_state))
+        else:
+            from . import chunk
+            o, ht = chunk.chunk_gla_fwd(q, k, v, g, initial_state, cu_seqlens, scale,
+                                        bool(output_final_state))
+        return o, (ht if output_final_state else None)
     o, ht = torch.ops.gla.chunk_gla(q, k, v, g, initial_state, cu_seqlens, scale,
                                     bool(output_final_state), impl)
     return o, (ht if output_final_state else None)
@@ -306,6 +352,12 @@ def fused_recurrent_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_args(q, k, v, g, initial_state, None)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     impl = _resolve(impl, q, k, v, g, initial_state, None)
+    if (impl == "triton" and eager_ok(q, k, v, g, initial_state)
+            and not _needs_grad(q, k, v, g, initial_state)):   # decode: no dispatch cost
+        from . import fused_recurrent
+        o, ht = fused_recurrent.fused_recurrent_gla_fwd(q, k, v, g, initial_state, scale,
+                                                        bool(output_final_state))
+        return o, (ht if output_final_state else None)
     o, ht = torch.ops.gla.fused_recurrent_gla(q, k, v, g, initial_state, scale,
                                               bool(output_final_state), impl)
     return o, (ht if output_final_state else None)
