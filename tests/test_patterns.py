@@ -289,3 +289,38 @@ def test_causal_proof_holds_under_dynamic_shapes():
             q, k, v = (torch.randn(1, 2, t, 16) for _ in range(3))
             assert rel_rms_error(f(q, k, v), attn(q, k, v)) <= 1e-5
     assert len(rep.rewrites) == 1 and "causal" in rep.rewrites[0].kernel, str(rep)
+
+
+def test_single_key_attention_training_is_rewritten():
+    """T=1 in training: dq and dk are exactly zero; the rewrite is verified (fwd and bwd) and the
+    compiled gradients match eager."""
+    def fn(q, k, v, bias):
+        return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias).softmax(-1) @ v
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 8, 1, 16, generator=gen).requires_grad_() for _ in range(3))
+    bias = torch.randn(2, 1, 1, 1, generator=gen)
+    report = gla.explain(fn, q, k, v, bias, options=OPTS)
+    assert report.counts["attention"] == 1, str(report)
+    out = torch.compile(fn, backend="gla", options=OPTS, fullgraph=True)(q, k, v, bias)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref = torch.autograd.grad(fn(q, k, v, bias).sum(), (q, k, v))
+    assert rel_rms_error(out, fn(q, k, v, bias)) < 1e-5
+    assert rel_rms_error(grads[2], ref[2]) < 1e-5
+    assert grads[0].abs().max() < 1e-5 and grads[1].abs().max() < 1e-5
+
+
+def test_verification_measures_zero_gradients_against_the_gradient_scale():
+    """A gradient that is zero in float64 (dq, dk of attention over one key) cannot be matched
+    relatively in fp32: its noise is measured against the largest input gradient. A nonzero
+    gradient is still compared relatively, and a wrong one still fails."""
+    from gla.lowering.verify import gradient_error
+
+    gen = torch.Generator().manual_seed(0)
+    zero = torch.zeros(4, 16, dtype=torch.float64)
+    noise = 1e-7 * torch.randn(4, 16, generator=gen)
+    assert gradient_error(noise, zero, scale=8.0, tol=1e-5) < 1e-6          # ‖noise‖ ≈ 8e-7
+    assert gradient_error(torch.full((4, 16), float("nan")), zero, scale=8.0, tol=1e-5) == math.inf
+    assert gradient_error(0.5 * torch.ones(4, 16), zero, scale=8.0, tol=1e-5) > 1e-2
+    small = 1e-3 * torch.randn(4, 16, generator=gen, dtype=torch.float64)   # above tol · scale
+    assert gradient_error((2 * small).float(), small, scale=8.0, tol=1e-5) > 0.5

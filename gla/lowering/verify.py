@@ -180,6 +180,18 @@ def _single_tensor(out: Any) -> torch.Tensor:
     return out
 
 
+def gradient_error(grad: torch.Tensor, ref: torch.Tensor, scale: float, tol: float) -> float:
+    """Error of one input's gradient against its float64 reference: relative RMS, except for a
+    gradient that is zero at the dtype's resolution (‖ref‖ ≤ tol · ``scale``, the largest input
+    gradient's norm; e.g. dq and dk of attention over a single key). No computation in that dtype
+    can match zero relatively, so its rounding noise is measured against ``scale`` instead."""
+    if scale > 0 and float(ref.norm()) <= tol * scale:
+        if not torch.isfinite(grad).all():
+            return math.inf
+        return float((grad.to(torch.float64) - ref).norm()) / scale
+    return rel_rms_error(grad, ref)
+
+
 def _compare(gm, match, selected, region, leaves) -> dict[str, Any] | Decline:
     gen = torch.Generator().manual_seed(len(_verified) + 1234)
     sizes = _shrink_map(region, leaves)
@@ -234,13 +246,15 @@ def _compare(gm, match, selected, region, leaves) -> dict[str, Any] | Decline:
         idx = [i for i, g in enumerate(need_grad) if g]
         grads = lambda out, args: torch.autograd.grad(out, [args[i] for i in idx], cot.to(out.dtype), allow_unused=True)
         g_ref, g_orig, g_new = grads(ref, ref_args), grads(orig, orig_args), grads(new, new_args)
+        scale = max((float(gr.norm()) for gr in g_ref if gr is not None), default=0.0)
         worst = 0.0
         for i, gr, go, gn in zip(idx, g_ref, g_orig, g_new):
             if gr is None:
                 continue
             if gn is None:
                 return Decline(f"replacement has no gradient for input {i}")
-            e_new, e_orig = rel_rms_error(gn, gr), rel_rms_error(go, gr) if go is not None else 0.0
+            e_new = gradient_error(gn, gr, scale, tol)
+            e_orig = gradient_error(go, gr, scale, tol) if go is not None else 0.0
             worst = max(worst, e_new)
             if not ok(e_new, e_orig):
                 return Decline(f"replacement gradient differs: rel RMS {e_new:.2e} > {tol:.0e} for input {i} "
