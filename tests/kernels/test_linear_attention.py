@@ -379,6 +379,18 @@ def test_kernel_and_dot_env(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Variable-length sequences (cu_seqlens): forward and backward both through Triton
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gate", ["channel", "scalar"])
+def test_triton_cu_seqlens_one_dot_form(gate, monkeypatch):
+    """Gentle gates (the one-dot intra-chunk form) with packed sequences, partial chunks, an
+    empty sequence, GQA and initial states: forward and every grad."""
+    monkeypatch.setenv("GLA_LINEAR_KERNEL", "parallel")
+    cu = torch.tensor([0, 70, 70, 75, 150], dtype=torch.int32)
+    ins = _inputs(1, 150, 4, 2, 24, 16, gate=gate, n=16.0, seed=23)
+    ins[4] = torch.randn(4, 2, 24, 16)
+    _poisoned_empty(monkeypatch)
+    _check_grads(ins, cu=cu)
+
+
 @pytest.mark.parametrize("gate", ["channel", "scalar", None])
 def test_triton_cu_seqlens(gate, kernel, monkeypatch):
     cu = torch.tensor([0, 5, 5, 75, 100], dtype=torch.int32)   # includes an empty sequence
