@@ -13,7 +13,7 @@ sequence is the row range ``[bos, eos)`` (``bos = b·T`` or ``cu_seqlens[n]``). 
 program per (column block, sequence·head) walking the sequence's chunks of ``BT = 64`` rows in
 order (backward: dk/dv in reverse), with the ``K × BV`` state in fp32 registers.
 
-Gates. ``_gate_cumsum_kernel`` writes ``b`` = the cumulative sum of ``g`` from the start of each
+Gates. ``gate_cumsum`` writes ``b`` = the cumulative sum of ``g`` from the start of each
 chunk (fp32, ``[B·T, H, K]``); ``b`` is ≤ 0 and non-increasing inside a chunk since ``g ≤ 0``. A
 chunk is 4 sub-blocks of 16 rows. Every exponential the kernels take is of a difference that is ≤ 0
 (so in ``(0, 1]``, no overflow; underflow only where the true factor is itself below 1e-38):
@@ -107,43 +107,11 @@ def _seq_bounds(cu_ptr, i_n, T, IS_VARLEN: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # Chunk-local cumulative gate
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _gate_cumsum_kernel(g_ptr, gc_ptr, cu_ptr, T, H, s_gt, s_gh, s_gk,
-                        K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
-                        IS_VARLEN: tl.constexpr):
-    i_k = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, eos = _seq_bounds(cu_ptr, i_n, T, IS_VARLEN)
-    L = eos - bos
-    o_t = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    mk = o_k < K
-    for s in range(0, L, BT):
-        rows = bos + s + o_t
-        m = ((s + o_t) < L)[:, None] & mk[None, :]
-        gg = tl.load(g_ptr + rows[:, None] * s_gt + i_h * s_gh + o_k[None, :] * s_gk, mask=m,
-                     other=0.0).to(tl.float32)
-        b = tl.associative_scan(gg, 0, _sum_combine)
-        tl.store(gc_ptr + rows[:, None] * (H * K) + i_h * K + o_k[None, :], b, mask=m)
-
-
-def gate_cumsum(g: torch.Tensor, k: torch.Tensor, cu_seqlens, N: int) -> torch.Tensor:
-    """Chunk-local cumsum of g (``[B,T,H,K]`` or ``[B,T,H]``) as fp32 ``[B,T,H,K]``."""
-    B, T, H, K = k.shape
-    g = g.contiguous()
-    if g.dim() == 3:
-        s_gt, s_gh, s_gk = H, 1, 0
-    else:
-        s_gt, s_gh, s_gk = H * K, K, 1
-    gc = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
-    BK = min(_next_pow2(K), 64)
-    cu = cu_seqlens if cu_seqlens is not None else gc
-    _gate_cumsum_kernel[(cdiv(K, BK), N * H)](
-        g, gc, cu, T, H, s_gt, s_gh, s_gk, K=K, BK=BK, BT=BT,
-        IS_VARLEN=cu_seqlens is not None)
-    return gc
+def gate_cumsum(g: torch.Tensor, k: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """Chunk-local cumsum of g (``[B,T,H,K]`` or ``[B,T,H]``) as fp32 ``[B,T,H,K]``: the
+    chunk-parallel kernel of ``chunk_parallel.py`` (one scan per chunk, as both kernels need)."""
+    from . import chunk_parallel
+    return chunk_parallel.gate_cumsum(g, k, cu_seqlens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +259,7 @@ def sequential_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_st
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if g is not None and gc is None:
-        gc = gate_cumsum(g, k, cu_seqlens, N)
+        gc = gate_cumsum(g, k, cu_seqlens)
     o = torch.empty(B, T, HQ, V, dtype=v.dtype, device=q.device)
     if output_final_state:
         ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
@@ -592,7 +560,7 @@ def sequential_bwd(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, 
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     dev = q.device
-    gc = gate_cumsum(g, k, cu_seqlens, N) if g is not None else None
+    gc = gate_cumsum(g, k, cu_seqlens) if g is not None else None
     BK, BV, NW = _blocks(K, V)
     NV = cdiv(V, BV)
     DT, PREC = _dot_cfg(q.dtype, dev, backward=True)

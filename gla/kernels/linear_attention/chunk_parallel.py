@@ -238,8 +238,7 @@ def _gate_cumsum_kernel(g_ptr, gc_ptr, cu_ptr, cmap_ptr, T, NT, H, s_gt, s_gh, s
 
 
 def _gate_cumsum(s, g):
-    """b = chunk-local cumsum of g (``[B,T,H,K]`` or ``[B,T,H]``) as fp32 ``[B,T,H,K]``; the same
-    numbers as ``chunk.gate_cumsum`` (one scan per chunk), but chunk-parallel."""
+    """b = chunk-local cumsum of g (``[B,T,H,K]`` or ``[B,T,H]``) as fp32 ``[B,T,H,K]``."""
     g = g.contiguous()
     H, K = s.H, s.K
     s_gt, s_gh, s_gk = (H, 1, 0) if g.dim() == 3 else (H * K, K, 1)
@@ -249,6 +248,11 @@ def _gate_cumsum(s, g):
         g, gc, s.cu, s.cmap, s.T, s.NT, H, s_gt, s_gh, s_gk, K=K, BK=BK, BT=BT,
         IS_VARLEN=s.varlen, num_warps=4)
     return gc
+
+
+def gate_cumsum(g: torch.Tensor, k: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """:func:`_gate_cumsum` for callers without a :class:`_Setup` (the sequential kernels)."""
+    return _gate_cumsum(_Setup(k, k, k, cu_seqlens), g)
 
 
 # ----------------------------------------------------------------------------------------------
