@@ -1,0 +1,189 @@
+"""Registers, spills, shared memory and compile time of gla's Triton kernels for sm_90, without a GPU.
+
+    python benchmarks/kernel_resources.py [OUT_DIR]     # writes {OUT_DIR}/kernel-resources-sm90.md
+
+The launchers run as usual on CPU tensors (bf16, GLA at B=2 H=16 K=V=128 T=4096, attention at
+B=2 H=16 T=4096 D=128 causal), with the device-dependent choices (block configs, dot precision)
+made as on CUDA; every launch is captured instead of run, then compiled ahead of time for an H100
+(``triton.compile`` with ``GPUTarget("cuda", 90, 32)``) and its PTX assembled by Triton's own
+``ptxas -v``. Pointers and integers divisible by 16 are specialized as Triton does at a launch.
+Figures come from this machine's Triton (not necessarily the GPU machine's), so they say which
+kernels spill and roughly what a first call compiles, not how fast anything runs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ["TRITON_INTERPRET"] = "0"     # real JITFunctions (nothing is launched)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+_TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+       torch.int64: "i64", torch.bool: "i1", torch.uint8: "u8"}
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+class _Capture:
+    """Stands in for ``kernel[grid]``: records the call instead of launching it."""
+
+    def __init__(self, fn, calls):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
+
+
+def _signature(fn, args, kwargs):
+    sig, consts, attrs = {}, {}, {}
+    values = dict(zip(fn.arg_names, args))
+    values.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
+    for i, name in enumerate(fn.arg_names):
+        v = values[name]
+        if name in kwargs or v is None or i in fn.constexprs:
+            sig[name] = "constexpr"
+            consts[name] = v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + _TY[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            sig[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "constexpr"
+            consts[name] = v
+    return sig, consts, attrs
+
+
+def _ptxas(ptx: str) -> str:
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+    if not os.path.exists(exe):
+        exe = exe.replace("ptxas-blackwell", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    out = subprocess.run([exe, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                         capture_output=True, text=True)
+    os.unlink(f.name)
+    text = out.stderr + out.stdout
+    regs = spill = "?"
+    for line in text.splitlines():
+        if "registers" in line:
+            regs = line.split("Used")[1].split("registers")[0].strip()
+        if "spill stores" in line:
+            spill = line.split(",")[1].split("bytes")[0].strip()
+    return regs, spill
+
+
+def _compile(fn, args, kwargs):
+    sig, consts, attrs = _signature(fn, args, kwargs)
+    opts = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
+    t0 = time.perf_counter()
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET, options=opts)
+    dt = time.perf_counter() - t0
+    regs, spill = _ptxas(k.asm["ptx"])
+    cfg = ", ".join(f"{n}={consts[n]}" for n in ("BK", "BV", "BLOCK_M", "BLOCK_N") if n in consts)
+    if "DT" in consts:   # the GLA kernels' dot operand dtype / precision
+        cfg += f", dots {str(consts['DT']).replace('fp32', consts.get('PREC', 'fp32'))}"
+    return dict(kernel=fn.__name__, cfg=cfg, key=(fn.__name__, repr(sorted(consts.items(), key=str))),
+                warps=opts.get("num_warps", 4),
+                stages=opts.get("num_stages", 3), regs=regs, spill=spill,
+                smem=k.metadata.shared, compile_s=dt)
+
+
+class _Patched:
+    """Replace module attributes for the duration of a capture (the kernels' globals must be the
+    real ones again when they compile)."""
+
+    def __init__(self, module, **attrs):
+        self.module, self.attrs, self.saved = module, attrs, {}
+
+    def __enter__(self):
+        for name, value in self.attrs.items():
+            self.saved[name] = getattr(self.module, name)
+            setattr(self.module, name, value)
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(self.module, name, value)
+
+
+def _captures(module, calls, keep):
+    return {name: _Capture(obj, calls) for name, obj in vars(module).items()
+            if isinstance(obj, triton.runtime.jit.JITFunction) and keep(name)}
+
+
+def _capture_gla(calls):
+    from gla.kernels.linear_attention import chunk_parallel as cp
+
+    cuda = torch.device("cuda")
+    dot_cfg = cp._dot_cfg
+    patch = _Patched(cp, **_captures(cp, calls, lambda n: n.endswith("_kernel")),
+                     _blocks=lambda K, V, device, NH: cp._blocks_cached(K, V, "cuda", NH, None, None),
+                     _dot_cfg=lambda kernel, dtype, device, modes=None: dot_cfg(kernel, dtype, cuda,
+                                                                                 modes))
+    B, T, H, D = 2, 4096, 16, 128
+    q, k, v, do = (torch.randn(B, T, H, D).to(torch.bfloat16) for _ in range(4))
+    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, D)) / 16).to(torch.bfloat16)
+    with patch:
+        cp.chunk_gla_fwd(q, k, v, g, None, None, D ** -0.5, False)
+        cp.chunk_gla_bwd(do, None, q, k, v, g, None, None, None, D ** -0.5)
+
+
+def _capture_attention(calls):
+    from gla.kernels.attention import flash
+
+    B, T, H, D = 2, 4096, 16, 128
+    q, k, v, do = (torch.randn(B, H, T, D).to(torch.bfloat16) for _ in range(4))
+    with _Patched(flash, **_captures(flash, calls, lambda n: n.startswith("_attn"))):
+        o, lse, _ = flash.attention_forward(q, k, v, None, None, None, D ** -0.5, True, 0)
+        flash.attention_backward(do, q, k, v, o, lse, None, None, None, None, D ** -0.5, True, 0)
+
+
+def main(out_dir: str) -> str:
+    rows = []
+    for what, capture in (("GLA chunk fwd+bwd, bf16 K=V=128", _capture_gla),
+                          ("attention fwd+bwd, bf16 D=128 causal", _capture_attention)):
+        calls = []
+        capture(calls)
+        seen = set()
+        for fn, args, kwargs in calls:
+            r = _compile(fn, args, kwargs)
+            if r["key"] in seen:
+                continue
+            seen.add(r["key"])
+            rows.append((what, r))
+            print(f"{what}: {r['kernel']} {r['cfg']}: {r['regs']} registers, {r['spill']} B "
+                  f"spilled, {r['compile_s']:.1f} s", flush=True)
+    head = (f"# gla Triton kernels on sm_90: resources (compiled ahead of time, no GPU)\n\n"
+            f"triton {triton.__version__}, torch {torch.__version__}; default configs at "
+            "the shapes in `benchmarks/kernel_resources.py`; compile time on this machine.\n\n"
+            "| call | kernel | config | warps | stages | registers | spill stores (B) | "
+            "shared (B) | compile s |\n|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(f"| {w} | `{r['kernel']}` | {r['cfg']} | {r['warps']} | {r['stages']} | "
+                   f"{r['regs']} | {r['spill']} | {r['smem']} | {r['compile_s']:.1f} |\n"
+                   for w, r in rows)
+    total = {w: sum(r["compile_s"] for ww, r in rows if ww == w) for w, _ in rows}
+    tail = "\n" + "".join(f"- {w}: {t:.1f} s of compilation in all\n" for w, t in total.items())
+    text = head + body + tail
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "kernel-resources-sm90.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    print(main(args[0] if args else os.path.join(os.path.dirname(__file__), "results")))
