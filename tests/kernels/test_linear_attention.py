@@ -302,6 +302,21 @@ def test_parallel_one_dot_form_runs(monkeypatch):
     assert rel_rms_error(o_fast, o_ref) < 1e-5 and rel_rms_error(o_sub, o_ref) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_closed_gates_reset_the_state(impl, kernel, monkeypatch):
+    """g = −inf (decay 0: a state reset, e.g. at a document boundary) in some channels, and in
+    every channel of one head at one step: outputs, final state and every grad match the fp64
+    recurrence (the chunked forms take −inf as LOG_GATE_MIN; −inf − (−inf) would be NaN)."""
+    ins = _inputs(1, 130, 4, 2, 16, 16, gate="channel", n=4.0, h0=True, seed=18)
+    g = ins[3]
+    g[:, 10, :, :3] = float("-inf")
+    g[:, 70, 0, :] = float("-inf")
+    g[:, 100:103, 1, 5] = float("-inf")
+    ins[4] = ins[4].float()
+    _poisoned_empty(monkeypatch)
+    _check_grads(ins, impl=impl)
+
+
 def _grads_of(ins, use_final, monkeypatch, force_op):
     if force_op:
         monkeypatch.setenv("GLA_EAGER_OP", "1")

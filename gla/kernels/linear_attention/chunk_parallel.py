@@ -71,6 +71,7 @@ from triton.language.standard import _elementwise_max, _sum_combine
 
 from ..launch import cdiv
 from .chunk import BS, BT, _diag_3d, _next_pow2, _seq_bounds, _sum
+from .naive import LOG_GATE_MIN
 
 # bf16/fp16 inputs on CUDA. The forward follows fla (bf16 h and o dots, fp32-operand A): a torch
 # emulation of its roundings gives o rel RMS 2.4e-3 vs fp64 at T=1000, D=64/128 (1.7e-3 of which
@@ -219,7 +220,7 @@ def _chunk_pos(i_c, cu_ptr, cmap_ptr, T, NT, BT: tl.constexpr, IS_VARLEN: tl.con
 @triton.jit
 def _gate_cumsum_kernel(g_ptr, gc_ptr, cu_ptr, cmap_ptr, T, NT, H, s_gt, s_gh, s_gk,
                         K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
-                        IS_VARLEN: tl.constexpr):
+                        IS_VARLEN: tl.constexpr, G_MIN: tl.constexpr):
     NK: tl.constexpr = (K + BK - 1) // BK
     i_c = tl.program_id(0) // NK
     i_k = tl.program_id(0) % NK
@@ -233,6 +234,7 @@ def _gate_cumsum_kernel(g_ptr, gc_ptr, cu_ptr, cmap_ptr, T, NT, H, s_gt, s_gh, s
     m = ((cs + o_t) < L)[:, None] & (o_k < K)[None, :]
     gg = tl.load(g_ptr + rows[:, None] * s_gt + i_h * s_gh + o_k[None, :] * s_gk, mask=m,
                  other=0.0).to(tl.float32)
+    gg = tl.maximum(gg, G_MIN)            # a closed gate (−inf): see naive.LOG_GATE_MIN
     b = tl.associative_scan(gg, 0, _sum_combine)
     tl.store(gc_ptr + rows[:, None] * (H * K) + i_h * K + o_k[None, :], b, mask=m)
 
@@ -246,7 +248,7 @@ def _gate_cumsum(s, g):
     BK = min(_next_pow2(K), 64)
     _gate_cumsum_kernel[(s.NTG * cdiv(K, BK), H)](
         g, gc, s.cu, s.cmap, s.T, s.NT, H, s_gt, s_gh, s_gk, K=K, BK=BK, BT=BT,
-        IS_VARLEN=s.varlen, num_warps=4)
+        IS_VARLEN=s.varlen, G_MIN=LOG_GATE_MIN, num_warps=4)
     return gc
 
 

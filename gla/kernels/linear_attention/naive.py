@@ -14,10 +14,17 @@ Semantics (per sequence, per kv head; query head ``h`` reads kv head ``h // (Hq 
 
 Both compute in float32 (float64 if q is float64); ``o`` is returned in ``v.dtype`` and the final
 state ``[N, H, K, V]`` in the compute dtype.
+
+A closed gate (``g = −inf``: decay 0, the state is reset) is taken as ``g = LOG_GATE_MIN`` by the
+chunked forms, here and in the Triton kernels: their cumulative sums cannot hold −inf
+(``−inf − (−inf)`` is NaN), and a decay of ``e^−60 ≈ 1e−26`` per step is zero at any float
+precision. Gradients at such positions are the clamped function's (≈ 0, up to rounding noise).
 """
 from __future__ import annotations
 
 import torch
+
+LOG_GATE_MIN = -60.0
 
 CHUNK = 64
 
@@ -94,7 +101,7 @@ def _chunk_sequence(q, k, v, g, scale, S, chunk):
         C = e - s
         qc, kc, vc = q[:, :, s:e], k[:, s:e], v[:, s:e]
         if g is not None:
-            b = torch.cumsum(g[:, s:e], dim=1)                        # [H,C,K], ≤ 0, decreasing
+            b = torch.cumsum(g[:, s:e].clamp_min(LOG_GATE_MIN), dim=1)  # [H,C,K], ≤ 0, decreasing
             blast = b[:, -1:]                                         # [H,1,K]
             qt = qc * torch.exp(b)[:, None]                           # exp(b_i) ≤ 1
             kt = kc * torch.exp(blast - b)                            # exp(b_last − b_j) ≤ 1
