@@ -317,6 +317,20 @@ def test_closed_gates_reset_the_state(impl, kernel, monkeypatch):
     _check_grads(ins, impl=impl)
 
 
+def test_positive_gates_are_loud_in_the_kernels(kernel):
+    """A positive log gate (growth, outside the kernels' decay contract) gives NaN in the Triton
+    outputs it reaches, never a silently clamped decay; the reference computes it exactly."""
+    q, k, v, g, _ = _inputs(1, 80, 2, 2, 16, 16, gate="channel", n=4.0, seed=19)
+    g[:, 10, :, :3] = 0.3
+    o, _ = chunk_gla(q, k, v, g, impl="triton")
+    assert torch.isnan(o[:, 10:]).any() and not torch.isnan(o[:, :10]).any()
+    o_dec, _ = fused_recurrent_gla(q, k, v, g, impl="triton")
+    assert torch.isnan(o_dec[:, 10:]).any()
+    o_ref, _ = chunk_gla(q, k, v, g, impl="reference")
+    o_rec, _ = gla_recurrent_reference(*_fp64([q, k, v, g]))
+    assert rel_rms_error(o_ref, o_rec) < 1e-5
+
+
 def _grads_of(ins, use_final, monkeypatch, force_op):
     if force_op:
         monkeypatch.setenv("GLA_EAGER_OP", "1")

@@ -94,6 +94,13 @@ def _sum(x, axis: tl.constexpr):
 
 
 @triton.jit
+def _exp_le0(x):
+    """exp(min(x, 0)): every exponent the kernels take is ≤ 0 by construction, up to rounding. NaN
+    (how ``gate_cumsum`` marks a positive log gate) propagates instead of being dropped by min."""
+    return tl.exp(tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL))
+
+
+@triton.jit
 def _seq_bounds(cu_ptr, i_n, T, IS_VARLEN: tl.constexpr):
     if IS_VARLEN:
         bos = tl.load(cu_ptr + i_n).to(tl.int32)
@@ -168,7 +175,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
             if HAS_G:
                 bI = tl.load(gc_ptr + tI[:, None] * sk + i_h * K + o_k[None, :],
                              mask=mI[:, None] & mk[None, :], other=0.0)
-                qg = qI * tl.exp(tl.minimum(bI, 0.0))                       # exp(b_i) ≤ 1
+                qg = qI * _exp_le0(bI)                       # exp(b_i) ≤ 1
             else:
                 qg = qI
             # inter-chunk: (q_i ⊙ exp(b_i)) S
@@ -188,8 +195,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
                     rr = cs + J * BS + BS - 1                                 # r = last row of J
                     br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k,
                                  mask=mk & ((o_k * 0 + rr) < L), other=0.0)
-                    qa = qI * tl.exp(tl.minimum(bI - br[None, :], 0.0))      # b_i − b_r ≤ 0
-                    ka = kJ * tl.exp(tl.minimum(br[None, :] - bJ, 0.0))      # b_r − b_j ≤ 0
+                    qa = qI * _exp_le0(bI - br[None, :])      # b_i − b_r ≤ 0
+                    ka = kJ * _exp_le0(br[None, :] - bJ)      # b_r − b_j ≤ 0
                 else:
                     qa = qI
                     ka = kJ
@@ -198,7 +205,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
             # diagonal sub-block: exp(b_i − b_j) for i ≥ j only (masked), ≤ 1
             if DIAG_3D or (not HAS_G):   # [BS, BS, BK] broadcast: few big ops (the interpreter's fast path)
                 if HAS_G:
-                    e3 = tl.exp(tl.minimum(bI[:, None, :] - bI[None, :, :], 0.0))
+                    e3 = _exp_le0(bI[:, None, :] - bI[None, :, :])
                     ad = _sum(qI[:, None, :] * kI[None, :, :] * e3, 2)
                 else:
                     ad = tl.dot(qI.to(DT), tl.trans(kI.to(DT)), input_precision=PREC)
@@ -214,19 +221,19 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scal
                     vj = tl.load(v_ptr + tj * sv + i_h * V + o_v, mask=mv & ((o_v * 0 + rj) < L),
                                  other=0.0).to(tl.float32)
                     bj = tl.load(gc_ptr + tj * sk + i_h * K + o_k, mask=mk & mj, other=0.0)
-                    sc = _sum(qI * kj[None, :] * tl.exp(tl.minimum(bI - bj[None, :], 0.0)), 1)
+                    sc = _sum(qI * kj[None, :] * _exp_le0(bI - bj[None, :]), 1)
                     sc = tl.where(o_s >= j, sc, 0.0)
                     acc += sc[:, None] * vj[None, :]
             tl.store(o_ptr + tI[:, None] * so + i_hq * V + o_v[None, :],
                      (acc * scale).to(o_ptr.dtype.element_ty), mask=mI[:, None] & mv[None, :])
             # state update: Σ_j (k_j ⊙ exp(b_last − b_j))ᵀ v_j
             if HAS_G:
-                kt = kI * tl.exp(tl.minimum(bl[None, :] - bI, 0.0))
+                kt = kI * _exp_le0(bl[None, :] - bI)
             else:
                 kt = kI
             upd += tl.dot(tl.trans(kt.to(DT)), vI.to(DT), input_precision=PREC)
         if HAS_G:
-            S = S * tl.exp(tl.minimum(bl, 0.0))[:, None] + upd
+            S = S * _exp_le0(bl)[:, None] + upd
         else:
             S = S + upd
 
@@ -338,7 +345,7 @@ def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, 
             # inter: (do_i Sᵀ) ⊙ exp(b_i)
             acc = tl.dot(doI.to(DT), tl.trans(S.to(DT)), input_precision=PREC)
             if HAS_G:
-                acc = acc * tl.exp(tl.minimum(bI, 0.0))
+                acc = acc * _exp_le0(bI)
             for J in range(0, I):
                 rJ = cs + J * BS + o_s
                 mJ = rJ < L
@@ -354,9 +361,9 @@ def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, 
                     rr = cs + J * BS + BS - 1
                     br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k,
                                  mask=mk & ((o_k * 0 + rr) < L), other=0.0)
-                    ka = kJ * tl.exp(tl.minimum(br[None, :] - bJ, 0.0))      # b_r − b_j ≤ 0
+                    ka = kJ * _exp_le0(br[None, :] - bJ)      # b_r − b_j ≤ 0
                     acc += tl.dot(da.to(DT), ka.to(DT), input_precision=PREC) * \
-                        tl.exp(tl.minimum(bI - br[None, :], 0.0))              # b_i − b_r ≤ 0
+                        _exp_le0(bI - br[None, :])              # b_i − b_r ≤ 0
                 else:
                     acc += tl.dot(da.to(DT), kJ.to(DT), input_precision=PREC)
             # diagonal sub-block
@@ -364,7 +371,7 @@ def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, 
                 dad = tl.dot(doI.to(DT), tl.trans(vI.to(DT)), input_precision=PREC)
                 dad = tl.where(o_s[:, None] >= o_s[None, :], dad, 0.0)
                 if HAS_G:
-                    e3 = tl.exp(tl.minimum(bI[:, None, :] - bI[None, :, :], 0.0))
+                    e3 = _exp_le0(bI[:, None, :] - bI[None, :, :])
                     acc += _sum(dad[:, :, None] * kI[None, :, :] * e3, 1)
                 else:
                     acc += tl.dot(dad.to(DT), kI.to(DT), input_precision=PREC)
@@ -380,16 +387,16 @@ def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, 
                     bj = tl.load(gc_ptr + tj * sk + i_h * K + o_k, mask=mk & mj, other=0.0)
                     dac = _sum(doI * vj[None, :], 1)
                     dac = tl.where(o_s >= j, dac, 0.0)
-                    acc += dac[:, None] * kj[None, :] * tl.exp(tl.minimum(bI - bj[None, :], 0.0))
+                    acc += dac[:, None] * kj[None, :] * _exp_le0(bI - bj[None, :])
             tl.store(dq_ptr + tI[:, None] * sdq + i_hq * K + o_k[None, :],
                      acc * scale, mask=mIk)
             if HAS_G:
-                kt = kI * tl.exp(tl.minimum(bl[None, :] - bI, 0.0))
+                kt = kI * _exp_le0(bl[None, :] - bI)
             else:
                 kt = kI
             upd += tl.dot(tl.trans(kt.to(DT)), vI.to(DT), input_precision=PREC)
         if HAS_G:
-            S = S * tl.exp(tl.minimum(bl, 0.0))[:, None] + upd
+            S = S * _exp_le0(bl)[:, None] + upd
         else:
             S = S + upd
 
@@ -453,7 +460,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
             if HAS_G:
                 bJ = tl.load(gc_ptr + tJ[:, None] * sk + i_h * K + o_k[None, :], mask=mJk,
                              other=0.0)
-                eJ = tl.exp(tl.minimum(bl[None, :] - bJ, 0.0))           # b_last − b_j ≤ 0
+                eJ = _exp_le0(bl[None, :] - bJ)           # b_last − b_j ≤ 0
                 kt = kJ * eJ
             else:
                 kt = kJ
@@ -465,7 +472,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
                 rr = cs + J * BS + BS - 1
                 br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k,
                              mask=mk & ((o_k * 0 + rr) < L), other=0.0)
-                ka = kJ * tl.exp(tl.minimum(br[None, :] - bJ, 0.0))          # b_r − b_j ≤ 0
+                ka = kJ * _exp_le0(br[None, :] - bJ)          # b_r − b_j ≤ 0
             else:
                 ka = kJ
             dka = tl.full([BS, BK], 0.0, tl.float32)   # Σ dA_ij q_i exp(b_i − b_r), i ∈ I > J
@@ -483,7 +490,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
                     if HAS_G:
                         bI = tl.load(gc_ptr + tI[:, None] * sk + i_h * K + o_k[None, :],
                                      mask=mI[:, None] & mk[None, :], other=0.0)
-                        qa = qI * tl.exp(tl.minimum(bI - br[None, :], 0.0))  # b_i − b_r ≤ 0
+                        qa = qI * _exp_le0(bI - br[None, :])  # b_i − b_r ≤ 0
                     else:
                         qa = qI
                     a = tl.dot(qa.to(DT), tl.trans(ka.to(DT)), input_precision=PREC)  # [I, J]
@@ -500,7 +507,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
                     dad = tl.dot(doJ.to(DT), tl.trans(vJ.to(DT)), input_precision=PREC)
                     dad = tl.where(tri, dad, 0.0)                                # [i, j]
                     if HAS_G:
-                        e3 = tl.exp(tl.minimum(bJ[:, None, :] - bJ[None, :, :], 0.0))
+                        e3 = _exp_le0(bJ[:, None, :] - bJ[None, :, :])
                         ad = _sum(qJ[:, None, :] * kJ[None, :, :] * e3, 2)
                         dkJ += _sum(dad[:, :, None] * qJ[:, None, :] * e3, 0) * scale
                     else:
@@ -519,7 +526,7 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
                         doi = tl.load(do_ptr + ti * sdo + i_hq * V + o_v,
                                       mask=mv & ((o_v * 0 + ri) < L), other=0.0).to(tl.float32)
                         bi = tl.load(gc_ptr + ti * sk + i_h * K + o_k, mask=mk & mi, other=0.0)
-                        e = tl.exp(tl.minimum(bi[None, :] - bJ, 0.0))             # [j, K]
+                        e = _exp_le0(bi[None, :] - bJ)             # [j, K]
                         qe = qi[None, :] * e
                         ac = tl.where(o_s <= i, _sum(kJ * qe, 1), 0.0)
                         dac = tl.where(o_s <= i, _sum(vJ * doi[None, :], 1), 0.0)
@@ -527,19 +534,19 @@ def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr
                         dkJ += (dac * scale)[:, None] * qe
                 # dS contribution of this query head's sub-block J
                 if HAS_G:
-                    qg = qJ * tl.exp(tl.minimum(bJ, 0.0))
+                    qg = qJ * _exp_le0(bJ)
                 else:
                     qg = qJ
                 dS_new += tl.dot(tl.trans(qg.to(DT)), doJ.to(DT), input_precision=PREC) * scale
             if HAS_G:
-                dkJ += dka * tl.exp(tl.minimum(br[None, :] - bJ, 0.0)) * scale
+                dkJ += dka * _exp_le0(br[None, :] - bJ) * scale
             else:
                 dkJ += dka * scale
             tl.store(dk_ptr + tJ[:, None] * sk + i_h * K + o_k[None, :], dkJ, mask=mJk)
             tl.store(dv_ptr + tJ[:, None] * sv + i_h * V + o_v[None, :],
                      dvJ.to(dv_ptr.dtype.element_ty), mask=mJv)
         if HAS_G:
-            dS = dS * tl.exp(tl.minimum(bl, 0.0))[:, None] + dS_new
+            dS = dS * _exp_le0(bl)[:, None] + dS_new
         else:
             dS = dS + dS_new
     if STORE_DH0:

@@ -70,7 +70,7 @@ import triton.language as tl
 from triton.language.standard import _elementwise_max, _sum_combine
 
 from ..launch import cdiv
-from .chunk import BS, BT, _diag_3d, _next_pow2, _seq_bounds, _sum
+from .chunk import BS, BT, _diag_3d, _exp_le0, _next_pow2, _seq_bounds, _sum
 from .naive import LOG_GATE_MIN
 
 # bf16/fp16 inputs on CUDA. The forward follows fla (bf16 h and o dots, fp32-operand A): a torch
@@ -234,7 +234,9 @@ def _gate_cumsum_kernel(g_ptr, gc_ptr, cu_ptr, cmap_ptr, T, NT, H, s_gt, s_gh, s
     m = ((cs + o_t) < L)[:, None] & (o_k < K)[None, :]
     gg = tl.load(g_ptr + rows[:, None] * s_gt + i_h * s_gh + o_k[None, :] * s_gk, mask=m,
                  other=0.0).to(tl.float32)
-    gg = tl.maximum(gg, G_MIN)            # a closed gate (−inf): see naive.LOG_GATE_MIN
+    # a closed gate (−inf) becomes G_MIN (naive.LOG_GATE_MIN); a positive one (not a decay, outside
+    # the kernels' contract) becomes NaN, so that it shows in the outputs instead of being clamped
+    gg = tl.where(gg > 0, float("nan"), tl.maximum(gg, G_MIN))
     b = tl.associative_scan(gg, 0, _sum_combine)
     tl.store(gc_ptr + rows[:, None] * (H * K) + i_h * K + o_k[None, :], b, mask=m)
 
@@ -307,8 +309,8 @@ def _h_kernel(k_ptr, v_ptr, gc_ptr, h_ptr, h0_ptr, ht_ptr, cu_ptr, coff_ptr, T, 
             bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
             bT = tl.load(gc_ptr + t[None, :] * sk + i_h * K + o_k[:, None],
                          mask=mk[:, None] & m[None, :], other=0.0)
-            kT = kT * tl.exp(tl.minimum(bl[:, None] - bT, 0.0))
-            S = S * tl.exp(tl.minimum(bl, 0.0))[:, None]
+            kT = kT * _exp_le0(bl[:, None] - bT)
+            S = S * _exp_le0(bl)[:, None]
         S += tl.dot(kT.to(DT), vv.to(DT), input_precision=PREC)
     tl.store(h_ptr + (base + NC).to(tl.int64) * (H * K * V) + hoff,
              S.to(h_ptr.dtype.element_ty), mask=mkv)
@@ -363,7 +365,7 @@ def _dh_kernel(q_ptr, do_ptr, gc_ptr, dh_ptr, dht_ptr, dh0_ptr, cu_ptr, coff_ptr
             bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
             bT = tl.load(gc_ptr + t[None, :] * sk + i_h * K + o_k[:, None],
                          mask=mk[:, None] & m[None, :], other=0.0)
-            eT = tl.exp(tl.minimum(bT, 0.0))
+            eT = _exp_le0(bT)
         upd = tl.full([BK, BV], 0.0, tl.float32)
         for gq in range(G):
             i_hq = i_h * G + gq
@@ -375,7 +377,7 @@ def _dh_kernel(q_ptr, do_ptr, gc_ptr, dh_ptr, dht_ptr, dh0_ptr, cu_ptr, coff_ptr
                          mask=m[:, None] & mv[None, :], other=0.0)
             upd += tl.dot(qT.to(DT), dd.to(DT), input_precision=PREC)
         if HAS_G:
-            dS = dS * tl.exp(tl.minimum(bl, 0.0))[:, None]
+            dS = dS * _exp_le0(bl)[:, None]
         dS += upd * scale
     if STORE_DH0:
         tl.store(dh0_ptr + i_n * H * K * V + hoff, dS.to(dh0_ptr.dtype.element_ty), mask=mkv)
@@ -453,7 +455,7 @@ def _A_one_dot(q_ptr, k_ptr, gc_ptr, A_ptr, i_hq, i_h, cs, bos, mA, tA, HQ, sq, 
             bb = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=m2,
                          other=0.0)
             b0 = tl.load(gc_ptr + (bos + cs) * sk + i_h * K + o_k, mask=mk, other=0.0)
-            qg = qq.to(tl.float32) * tl.exp(tl.minimum(bb - b0[None, :], 0.0))
+            qg = qq.to(tl.float32) * _exp_le0(bb - b0[None, :])
             kg = kk.to(tl.float32) * tl.exp(b0[None, :] - bb)
             acc += tl.dot(qg.to(DT), tl.trans(kg.to(DT)), input_precision=PREC)
         else:
@@ -497,13 +499,13 @@ def _A_sub_block(q_ptr, k_ptr, gc_ptr, A_ptr, i_i, i_hq, i_h, cs, bos, L, HQ, sq
             bA = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :],
                          mask=mA[:, None] & mk[None, :], other=0.0)
             br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k, mask=mk, other=0.0)
-            qa = qI * tl.exp(tl.minimum(bI - br[None, :], 0.0))          # b_i − b_r ≤ 0
-            ka = kA * tl.exp(tl.minimum(br[None, :] - bA, 0.0))          # b_r − b_j ≤ 0 (j ≤ r)
+            qa = qI * _exp_le0(bI - br[None, :])          # b_i − b_r ≤ 0
+            ka = kA * _exp_le0(br[None, :] - bA)          # b_r − b_j ≤ 0 (j ≤ r)
             Aoff += tl.dot(qa.to(DT), tl.trans(ka.to(DT)), input_precision=PREC)
             kI = tl.load(k_ptr + tI[:, None] * sk + i_h * K + o_k[None, :],
                          mask=mI[:, None] & mk[None, :], other=0.0).to(tl.float32)
             if DIAG_3D:
-                e3 = tl.exp(tl.minimum(bI[:, None, :] - bI[None, :, :], 0.0))
+                e3 = _exp_le0(bI[:, None, :] - bI[None, :, :])
                 Ad += _sum(qI[:, None, :] * kI[None, :, :] * e3, 2)
             else:
                 for j in range(BS):
@@ -513,7 +515,7 @@ def _A_sub_block(q_ptr, k_ptr, gc_ptr, A_ptr, i_i, i_hq, i_h, cs, bos, L, HQ, sq
                     kj = tl.load(k_ptr + tj * sk + i_h * K + o_k, mask=mj,
                                  other=0.0).to(tl.float32)
                     bj = tl.load(gc_ptr + tj * sk + i_h * K + o_k, mask=mj, other=0.0)
-                    sc = _sum(qI * kj[None, :] * tl.exp(tl.minimum(bI - bj[None, :], 0.0)), 1)
+                    sc = _sum(qI * kj[None, :] * _exp_le0(bI - bj[None, :]), 1)
                     Ad += tl.where(o_s[None, :] == j, sc[:, None], 0.0)
         else:
             Aoff += tl.dot(qI.to(DT), tl.trans(kA.to(DT)), input_precision=PREC)
@@ -565,7 +567,7 @@ def _o_kernel(q_ptr, v_ptr, gc_ptr, h_ptr, A_ptr, o_ptr, cu_ptr, cmap_ptr, scale
         if HAS_G:
             bb = tl.load(gc_ptr + t[:, None] * sk + i_h * K + o_k[None, :],
                          mask=m[:, None] & mk[None, :], other=0.0)
-            qq = qq * tl.exp(tl.minimum(bb, 0.0))
+            qq = qq * _exp_le0(bb)
         hh = tl.load(hbase + o_k[:, None] * V + o_v[None, :], mask=mk[:, None] & mv[None, :],
                      other=0.0)
         acc += tl.dot(qq.to(DT), hh.to(DT), input_precision=PREC)
@@ -645,7 +647,7 @@ def _dv_kernel(k_ptr, gc_ptr, do_ptr, dh_ptr, A_ptr, dv_ptr, cu_ptr, cmap_ptr, s
             bb = tl.load(gc_ptr + t[:, None] * sk + i_h * K + o_k[None, :],
                          mask=m[:, None] & mk[None, :], other=0.0)
             bl = tl.load(gc_ptr + (bos + last) * sk + i_h * K + o_k, mask=mk, other=0.0)
-            kk = kk * tl.exp(tl.minimum(bl[None, :] - bb, 0.0))
+            kk = kk * _exp_le0(bl[None, :] - bb)
         dh = tl.load(dhbase + o_k[:, None] * V + o_v[None, :], mask=mk[:, None] & mv[None, :],
                      other=0.0)
         acc += tl.dot(kk.to(DT), dh.to(DT), input_precision=PREC)
@@ -750,7 +752,7 @@ def _dqkg_one_dot(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr, d
         bb = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=mAk,
                      other=0.0)
         b0 = tl.load(gc_ptr + (bos + cs) * sk + i_h * K + o_k, mask=mk, other=0.0)
-        dk = dk * tl.exp(tl.minimum(bl[None, :] - bb, 0.0))
+        dk = dk * _exp_le0(bl[None, :] - bb)
         kt = kk * tl.exp(b0[None, :] - bb)                       # ≤ |k| exp(span)
     else:
         kt = kk
@@ -775,8 +777,8 @@ def _dqkg_one_dot(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr, d
         dA = tl.load(dA_ptr + tA[:, None] * sA + i_hq * BT + o_t[None, :],
                      mask=mA[:, None], other=0.0)
         if HAS_G:
-            dq = dq * tl.exp(tl.minimum(bb, 0.0))
-            eq = tl.exp(tl.minimum(bb - b0[None, :], 0.0))          # ≤ 1
+            dq = dq * _exp_le0(bb)
+            eq = _exp_le0(bb - b0[None, :])          # ≤ 1
             dq += tl.dot(dA.to(DT), kt.to(DT), input_precision=PREC) * eq
             dkt += tl.dot(tl.trans(dA.to(DT)), (qq * eq).to(DT), input_precision=PREC)
         else:
@@ -840,8 +842,8 @@ def _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr
             bn = tl.load(gc_ptr + (bos + rn) * sk + i_h * K + o_k, mask=mk & ((o_k * 0 + rn) < L),
                          other=0.0)
             # k side of dq's off-diagonal part, q side of dk's: ≤ 1 where kept
-            ka = kA * tl.exp(tl.minimum(br[None, :] - bA, 0.0))        # rows j < i0
-            eI_n = tl.exp(tl.minimum(bn[None, :] - bI, 0.0))           # b_n − b_j, j ∈ I
+            ka = kA * _exp_le0(br[None, :] - bA)        # rows j < i0
+            eI_n = _exp_le0(bn[None, :] - bI)           # b_n − b_j, j ∈ I
         # ---- dk: inter part (v dh[c]ᵀ) ⊙ exp(b_l − b)
         dkI = tl.full([BS, BK], 0.0, tl.float32)
         for i_v in range(0, V, BV):
@@ -853,7 +855,7 @@ def _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr
                          mask=mk[:, None] & mv[None, :], other=0.0)
             dkI += tl.dot(vI.to(DT), tl.trans(dh.to(DT)), input_precision=PREC)
         if HAS_G:
-            dkI = dkI * tl.exp(tl.minimum(bl[None, :] - bI, 0.0))
+            dkI = dkI * _exp_le0(bl[None, :] - bI)
         dBq = tl.full([BS, BK], 0.0, tl.float32)
         dk_off = tl.full([BS, BK], 0.0, tl.float32)
         for gq in range(G):
@@ -872,13 +874,13 @@ def _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr
                 dqI += tl.dot(dd.to(DT), tl.trans(hh.to(DT)), input_precision=PREC)
             dqI = dqI * scale
             if HAS_G:
-                dqI = dqI * tl.exp(tl.minimum(bI, 0.0))
+                dqI = dqI * _exp_le0(bI)
             # ---- dq off-diagonal: (dA[I, j < i0] (k ⊙ exp(b_r − b))) ⊙ exp(b_I − b_r)
             dAr = tl.load(dA_ptr + tI[:, None] * sA + i_hq * BT + o_t[None, :],
                           mask=mI[:, None] & (o_t < i0)[None, :], other=0.0)
             if HAS_G:
                 dqI += tl.dot(dAr.to(DT), ka.to(DT), input_precision=PREC) * \
-                    tl.exp(tl.minimum(bI - br[None, :], 0.0))
+                    _exp_le0(bI - br[None, :])
             else:
                 dqI += tl.dot(dAr.to(DT), kA.to(DT), input_precision=PREC)
             # ---- dk off-diagonal: (dA[i ≥ i0 + BS, I]ᵀ (q ⊙ exp(b − b_n))) ⊙ exp(b_n − b_I)
@@ -887,7 +889,7 @@ def _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr
             dAc = tl.load(dA_ptr + tA[:, None] * sA + i_hq * BT + i0 + o_s[None, :],
                           mask=(mA & (o_t >= i0 + BS))[:, None], other=0.0)      # [BT, BS]
             if HAS_G:
-                qn = qA * tl.exp(tl.minimum(bA - bn[None, :], 0.0))
+                qn = qA * _exp_le0(bA - bn[None, :])
                 dk_off += tl.dot(tl.trans(dAc.to(DT)), qn.to(DT), input_precision=PREC)
             else:
                 dk_off += tl.dot(tl.trans(dAc.to(DT)), qA.to(DT), input_precision=PREC)
@@ -896,7 +898,7 @@ def _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr
                 dAd = tl.load(dA_ptr + tI[:, None] * sA + i_hq * BT + i0 + o_s[None, :],
                               mask=mI[:, None], other=0.0)                        # [i, j]
                 if HAS_G:
-                    e3 = tl.exp(tl.minimum(bI[:, None, :] - bI[None, :, :], 0.0))
+                    e3 = _exp_le0(bI[:, None, :] - bI[None, :, :])
                     dqI += _sum(dAd[:, :, None] * kI[None, :, :] * e3, 1)
                     dkI += _sum(dAd[:, :, None] * qI[:, None, :] * e3, 0)
                 else:
@@ -912,7 +914,7 @@ def _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr
                     bj = tl.load(gc_ptr + tj * sk + i_h * K + o_k, mask=mj, other=0.0)
                     dAj = tl.load(dA_ptr + tI * sA + i_hq * BT + i0 + j, mask=mI,
                                   other=0.0)                                     # dA[i, j]
-                    e = tl.exp(tl.minimum(bI - bj[None, :], 0.0))                # [i, K]
+                    e = _exp_le0(bI - bj[None, :])                # [i, K]
                     dqI += dAj[:, None] * kj[None, :] * e
                     dkj = _sum(dAj[:, None] * qI * e, 0)                         # [K]
                     dkI += tl.where(o_s[:, None] == j, dkj[None, :], 0.0)

@@ -49,7 +49,8 @@ def _fused_recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, h0_ptr, ht_pt
         if HAS_G:
             gg = tl.load(g_ptr + row * s_gt + i_h * s_gh + o_k * s_gk, mask=mk,
                          other=0.0).to(tl.float32)
-            S = S * tl.exp(tl.minimum(gg, 0.0))[:, None]
+            # a positive log gate (not a decay) gives NaN rather than a silently clamped decay
+            S = S * tl.exp(tl.where(gg > 0, float("nan"), gg))[:, None]
         S += k[:, None] * v[None, :]
         o = _sum(q[:, None] * S, 0) * scale
         tl.store(o_ptr + row * HQ * V + i_hq * V + o_v, o.to(o_ptr.dtype.element_ty), mask=mv)

@@ -315,6 +315,9 @@ def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         q: ``[B, T, Hq, K]``; k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; ``Hq % H == 0`` (GQA:
             query head ``h`` reads the state of kv head ``h // (Hq // H)``).
         g: log gate (≤ 0): ``[B, T, H, K]`` per key channel, ``[B, T, H]`` per head, or None.
+            ``−inf`` (a closed gate) resets the state. The Triton kernels take decays only: a
+            positive value gives NaN in the outputs it reaches (checked on the device, no host
+            sync); ``impl="reference"`` computes any g.
         scale: default ``K ** -0.5``.
         initial_state: ``[N, H, K, V]`` (N = B, or the number of sequences with cu_seqlens).
         output_final_state: also return the final state ``[N, H, K, V]`` float32.
