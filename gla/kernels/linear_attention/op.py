@@ -92,6 +92,15 @@ def triton_unsupported_reason(q, k, v, g=None, initial_state=None, cu_seqlens=No
         return (f"{str(initial_state.dtype).replace('torch.', '')} initial_state unsupported by "
                 "the Triton GLA kernel")
     K, V = q.shape[-1], v.shape[-1]
+    B, T, Hq = q.shape[:3]
+    H = k.shape[2]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    # row offsets are int32 in the kernels: q/o, k/g, v rows, and the [Hq, 64] rows of the
+    # intra-chunk scores A/dA (64 = the chunk length); the per-chunk states use int64
+    widest = max(Hq * K, H * K, H * V, Hq * V, Hq * 64)
+    if B * T * widest >= 2**31 or N * H * K * V >= 2**31:
+        return (f"{B * T} rows of up to {widest} elements (or {N} states of {H}×{K}×{V}) reach "
+                "2^31 elements: the Triton GLA kernels index with int32 offsets")
     if K > _MAX_HEAD_DIM:
         return f"head dim {K} > {_MAX_HEAD_DIM} unsupported by the Triton GLA kernel"
     if V > _MAX_HEAD_DIM:
