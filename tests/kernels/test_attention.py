@@ -442,3 +442,15 @@ def test_gpu_auto_picks_triton_and_matches_sdpa():
     b = gated_attention(q, k, v, causal=True, impl="sdpa")
     assert rel_rms_error(a, b) <= 1e-2
     assert math.isfinite(rel_rms_error(a, b))
+
+
+@pytest.mark.parametrize("impl", ["triton", "sdpa", "reference"])
+@pytest.mark.parametrize("tq, tk", [(0, 5), (5, 0)])
+def test_empty_queries_or_keys(impl, tq, tk):
+    """No query: an empty output. No key: every row is fully masked, so 0 (flash convention)."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, tq, 16, generator=gen)
+    k, v = torch.randn(1, 2, tk, 16, generator=gen), torch.randn(1, 2, tk, 16, generator=gen)
+    out = gated_attention(q, k, v, impl=impl)
+    assert out.shape == (1, 2, tq, 16)
+    assert torch.equal(out, torch.zeros_like(out))

@@ -86,8 +86,11 @@ def attention_reference(
         vis = km if vis is None else vis & km
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
-    m = s.detach().amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    if Tk == 0:   # no key at all: every row is fully masked
+        m = s.new_zeros(s.shape[:-1] + (1,))
+    else:
+        m = s.detach().amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
     denom = torch.where(denom == 0, torch.ones_like(denom), denom)
