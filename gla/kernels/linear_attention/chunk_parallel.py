@@ -3,7 +3,8 @@
 Only the state recurrences walk the chunks in order (one ``K×V`` update per chunk); everything
 that is O(T·BT·D) runs with one program per chunk. Layout and gate conventions are those of
 ``chunk.py`` (rows of ``[B·T, heads, D]``, chunks of ``BT = 64`` rows, sub-blocks of ``BS = 16``,
-``b`` = chunk-local cumsum of ``g``, non-increasing inside a chunk since ``g ≤ 0``).
+``b`` = chunk-local cumsum of ``max(g, LOG_GATE_MIN)``, non-increasing inside a chunk since
+``g ≤ 0``; a positive ``g`` is outside the contract and made NaN, which ``_exp_le0`` propagates).
 
 Chunks are numbered globally: ``i_c = n·NT + c`` (``NT = cdiv(T, BT)``), or with ``cu_seqlens``
 ``i_c = coff[n] + c`` where ``coff`` = exclusive cumsum of ``cdiv(L_n, BT)``; the per-chunk grids
