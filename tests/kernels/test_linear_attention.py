@@ -97,16 +97,20 @@ def test_unsupported_reason():
 # Triton forward (CPU: interpreter)
 # ----------------------------------------------------------------------------------------------
 def _poisoned_empty(monkeypatch):
-    """Make torch.empty in chunk.py return NaN-filled tensors: every output must be written."""
+    """Make torch.empty return NaN-filled tensors followed by NaN: every output must be written
+    and nothing read past a tensor's end."""
     from gla.kernels.linear_attention import chunk
 
     real = torch.empty
 
     def nan_empty(*a, **kw):
         t = real(*a, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
+        if not t.is_floating_point() or not t.is_contiguous():
+            return t
+        # NaN inside and past the end: an unwritten element or a read beyond the tensor shows
+        n = t.numel()
+        big = real(n + max(n // 2, 4096), dtype=t.dtype, device=t.device).fill_(float("nan"))
+        return big[:n].view(t.shape)
 
     monkeypatch.setattr(chunk.torch, "empty", nan_empty)
 

@@ -499,7 +499,8 @@ def _A_sub_block(q_ptr, k_ptr, gc_ptr, A_ptr, i_i, i_hq, i_h, cs, bos, L, HQ, sq
                          mask=mI[:, None] & mk[None, :], other=0.0)
             bA = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :],
                          mask=mA[:, None] & mk[None, :], other=0.0)
-            br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k, mask=mk, other=0.0)
+            br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k,
+                         mask=mk & ((o_k * 0 + rr) < L), other=0.0)
             qa = qI * _exp_le0(bI - br[None, :])          # b_i − b_r ≤ 0
             ka = kA * _exp_le0(br[None, :] - bA)          # b_r − b_j ≤ 0 (j ≤ r)
             Aoff += tl.dot(qa.to(DT), tl.trans(ka.to(DT)), input_precision=PREC)
@@ -838,7 +839,9 @@ def _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr
             bI = tl.load(gc_ptr + tI[:, None] * sk + i_h * K + o_k[None, :], mask=mIk,
                          other=0.0)
             rr = cs + tl.maximum(i0 - 1, 0)          # last row of sub-block I − 1
-            br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k, mask=mk, other=0.0)
+            # (a sub-block past the sequence end has no rows: its r may lie past the end too)
+            br = tl.load(gc_ptr + (bos + rr) * sk + i_h * K + o_k,
+                         mask=mk & ((o_k * 0 + rr) < L), other=0.0)
             rn = cs + i0 + BS                        # first row of sub-block I + 1
             bn = tl.load(gc_ptr + (bos + rn) * sk + i_h * K + o_k, mask=mk & ((o_k * 0 + rn) < L),
                          other=0.0)
