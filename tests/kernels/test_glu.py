@@ -21,13 +21,17 @@ CPU_DTYPES = (torch.float32, torch.float16)
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Kernel outputs start as NaN, so an element the kernel forgets to write fails the test."""
+    """Kernel outputs start as NaN (and NaN follows them), so an element the kernel forgets to
+    write, or a read past an output's end, fails the test."""
 
     allocated = []
 
     def alloc(*args, **kwargs):
         t = torch.empty(*args, **kwargs)
-        if t.is_floating_point():
+        if t.is_floating_point() and t.is_contiguous():   # NaN in the buffer and past its end
+            n = t.numel()
+            t = torch.full((n + 4096,), float("nan"), dtype=t.dtype, device=t.device)[:n].view(t.shape)
+        elif t.is_floating_point():
             t.fill_(float("nan"))
         allocated.append(t.shape)
         return t

@@ -649,10 +649,11 @@ def _precision(dtype: torch.dtype) -> str | None:
 
 
 def _empty(*shape, dtype, device):
-    t = torch.empty(*shape, dtype=dtype, device=device)
-    if POISON:
-        t.fill_(float("nan"))
-    return t
+    if POISON:  # tests: NaN in the buffer and past its end (unwritten or out-of-range reads show)
+        n = math.prod(shape)
+        big = torch.full((n + 4096,), float("nan"), dtype=dtype, device=device)
+        return big[:n].view(shape)
+    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 def _empty_like(x: torch.Tensor, dtype=None) -> torch.Tensor:
