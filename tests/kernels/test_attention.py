@@ -461,3 +461,18 @@ def test_empty_queries_or_keys(impl, tq, tk):
     out = gated_attention(q, k, v, impl=impl)
     assert out.shape == (1, 2, tq, 16)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("force_op", [False, True])
+def test_second_derivative_raises(force_op, monkeypatch):
+    """A second derivative through the Triton path raises on both the eager fast path and the
+    torch.library ops."""
+    import gla.kernels.attention.op as op_mod
+
+    monkeypatch.setattr(op_mod, "_FORCE_OP", force_op)
+    q, k, v, kw, _ = make_case(causal=True)
+    q = q.detach().clone().requires_grad_()
+    out = gated_attention(q, k, v, causal=True, impl="triton")
+    (dq,) = torch.autograd.grad((out * out).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|no autograd formula"):
+        dq.sum().backward()

@@ -635,3 +635,16 @@ def test_kernels_work_when_triton_was_imported_first():
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
                          text=True)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("force_op", ["0", "1"])
+def test_second_derivative_raises(force_op, monkeypatch):
+    """The backward is not itself differentiable: a second derivative raises on both paths (the
+    eager autograd.Function and the torch.library ops) instead of returning something silent."""
+    monkeypatch.setenv("GLA_EAGER_OP", force_op)
+    q, k, v, g, _ = _inputs(1, 20, 2, 2, 16, 16, seed=24)
+    q = q.detach().clone().requires_grad_()
+    o, _ = chunk_gla(q, k, v, g, impl="triton")
+    (dq,) = torch.autograd.grad((o * o).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|no autograd formula"):
+        dq.sum().backward()

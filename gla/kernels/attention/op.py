@@ -286,6 +286,7 @@ class _TritonAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable   # a second derivative raises, never silent
     def backward(ctx, dout):
         q, k, v, o, lse, gate, bias, key_mask = ctx.saved_tensors
         scale, causal, window = ctx.args

@@ -281,6 +281,7 @@ class _TritonChunkGLA(torch.autograd.Function):
         return o, ht
 
     @staticmethod
+    @torch.autograd.function.once_differentiable   # a second derivative raises, never silent
     def backward(ctx, do, dht):
         from . import chunk
         q, k, v, g, h0, cu, ht = ctx.saved_tensors
