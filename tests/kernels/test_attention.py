@@ -21,6 +21,7 @@ from gla.kernels.attention import (
 )
 from gla.kernels.attention.op import attention_backward_op, attention_op
 from gla.testing import rel_rms_error
+from nan_poison import nan_tailed
 
 IMPLS = ["triton", "sdpa", "reference"]
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -62,13 +63,6 @@ def _key_mask(kind, B, Tk, gen):
     return km
 
 
-def _nan_tailed(t: torch.Tensor) -> torch.Tensor:
-    """t's values at the front of a buffer whose tail is NaN: a kernel reading past t's end shows."""
-    flat = torch.full((t.numel() + 4096,), float("nan"), dtype=t.dtype)
-    flat[:t.numel()] = t.reshape(-1)
-    return flat[:t.numel()].view(t.shape)
-
-
 def make_case(B=1, Hq=2, Hkv=2, Tq=63, Tk=63, D=40, Dv=None, causal=False, window=0, gate=None,
               bias=None, key_mask=None, bthd=False, dtype=torch.float32, seed=0):
     """Fresh random inputs (gates too, never zeros) in ``dtype``; bthd: [B,T,H,D] transposed."""
@@ -77,15 +71,15 @@ def make_case(B=1, Hq=2, Hkv=2, Tq=63, Tk=63, D=40, Dv=None, causal=False, windo
 
     def rnd(b, h, t, d):
         if bthd:
-            return _nan_tailed(torch.randn(b, t, h, d, generator=gen).to(dtype)).transpose(1, 2)
-        return _nan_tailed(torch.randn(b, h, t, d, generator=gen).to(dtype))
+            return nan_tailed(torch.randn(b, t, h, d, generator=gen).to(dtype)).transpose(1, 2)
+        return nan_tailed(torch.randn(b, h, t, d, generator=gen).to(dtype))
 
     q, k, v = rnd(B, Hq, Tq, D), rnd(B, Hkv, Tk, D), rnd(B, Hkv, Tk, Dv)
     g = None
     if gate == "elementwise":
-        g = _nan_tailed((2 * rnd(B, Hq, Tq, Dv)).to(dtype))
+        g = nan_tailed((2 * rnd(B, Hq, Tq, Dv)).to(dtype))
     elif gate == "headwise":
-        g = _nan_tailed((2 * rnd(B, Hq, Tq, 1)).to(dtype))
+        g = nan_tailed((2 * rnd(B, Hq, Tq, 1)).to(dtype))
     kw = dict(gate=g, bias=_bias(bias, B, Tq, Tk, gen), key_mask=_key_mask(key_mask, B, Tk, gen),
               causal=causal, window=window)
     dout = rnd(B, Hq, Tq, Dv)

@@ -13,6 +13,7 @@ import torch
 from gla.kernels import glu as G
 from gla.kernels.glu import elementwise as E
 from gla.testing import rel_rms_error
+from nan_poison import nan_empty
 
 ACTS = G.ACTIVATIONS
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -29,8 +30,7 @@ def poisoned(monkeypatch):
     def alloc(*args, **kwargs):
         t = torch.empty(*args, **kwargs)
         if t.is_floating_point() and t.is_contiguous():   # NaN in the buffer and past its end
-            n = t.numel()
-            t = torch.full((n + 4096,), float("nan"), dtype=t.dtype, device=t.device)[:n].view(t.shape)
+            t = nan_empty(t.shape, t.dtype, t.device)
         elif t.is_floating_point():
             t.fill_(float("nan"))
         allocated.append(t.shape)

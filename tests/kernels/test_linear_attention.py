@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from gla.kernels.linear_attention import (chunk_gla, fused_recurrent_gla, gla_chunk_reference,
                                           gla_recurrent_reference, triton_unsupported_reason)
 from gla.testing import rel_rms_error
+from nan_poison import nan_empty, nan_tailed
 
 
 def _inputs(B, T, Hq, H, K, V, gate="channel", n=1.0, dtype=torch.float32, h0=False, seed=0,
@@ -25,12 +26,7 @@ def _inputs(B, T, Hq, H, K, V, gate="channel", n=1.0, dtype=torch.float32, h0=Fa
     N = B
     s0 = r(N, H, K, V) if h0 else None
     def cast(t):   # at the front of a buffer whose tail is NaN: reads past the end show
-        if t is None:
-            return None
-        t = t.to(device=device, dtype=dtype)
-        flat = torch.full((t.numel() + 4096,), float("nan"), dtype=dtype, device=device)
-        flat[:t.numel()] = t.reshape(-1)
-        return flat[:t.numel()].view(t.shape)
+        return None if t is None else nan_tailed(t.to(device=device, dtype=dtype))
 
     return [cast(t) for t in (q, k, v, g)] + [None if s0 is None else s0.to(device)]
 
@@ -110,16 +106,13 @@ def _poisoned_empty(monkeypatch):
 
     real = torch.empty
 
-    def nan_empty(*a, **kw):
+    def poisoned(*a, **kw):
         t = real(*a, **kw)
         if not t.is_floating_point() or not t.is_contiguous():
             return t
-        # NaN inside and past the end: an unwritten element or a read beyond the tensor shows
-        n = t.numel()
-        big = real(n + max(n // 2, 4096), dtype=t.dtype, device=t.device).fill_(float("nan"))
-        return big[:n].view(t.shape)
+        return nan_empty(t.shape, t.dtype, t.device)
 
-    monkeypatch.setattr(chunk.torch, "empty", nan_empty)
+    monkeypatch.setattr(chunk.torch, "empty", poisoned)
 
 
 FWD_CASES = [
