@@ -252,6 +252,22 @@ def _decode_section(fused_recurrent_gla, chunk_gla, fla_rec, notes) -> str:
                              f"{str(e)[:120]}")
         rows.append([method, f"{t_gla:.1f}", "—" if t_fla is None else f"{t_fla:.1f}",
                      _ratio(t_gla, t_fla)])
+    # the decode kernel's (BV, warps) under the anchors' method; "*" = the default
+    from gla.kernels.linear_attention.fused_recurrent import decode_config
+
+    default = decode_config(D, D)
+    sweep = []
+    for bv in (16, 32, 64):
+        for warps in (1, 2, 4, 8):
+            os.environ["GLA_DECODE_CONFIG"] = f"{bv},{warps}"
+            try:
+                t = _cudagraph_time_us(gla_step)
+                sweep.append(f"{bv}/{warps}{'*' if (bv, warps) == default else ''} {t:.1f}")
+            except Exception as e:   # a config that does not compile
+                sweep.append(f"{bv}/{warps} {type(e).__name__}")
+            finally:
+                del os.environ["GLA_DECODE_CONFIG"]
+    notes.append("- decode kernel sweep, do_bench_cudagraph µs, BV/warps: " + ", ".join(sweep))
     return (f"### (3) decode, one token, B={B}, H={H}, D={D}, bf16, CUDA graph (µs)\n\n"
             + _table(["method", "gla fused_recurrent_gla", "fla fused_recurrent_gla", "gla/fla"],
                      rows))

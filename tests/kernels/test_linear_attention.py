@@ -478,6 +478,25 @@ def test_fused_recurrent_matches_recurrence(gate, monkeypatch):
     assert rel_rms_error(o, o2) < 1e-5 and rel_rms_error(ht, h2) < 1e-5
 
 
+@pytest.mark.parametrize("config", ["16,1", "32,2", "64,8"])
+def test_decode_configs(config, monkeypatch):
+    """Every GLA_DECODE_CONFIG (BV, warps) gives the recurrence: several V-blocks, GQA, state."""
+    monkeypatch.setenv("GLA_DECODE_CONFIG", config)
+    q, k, v, g, h0 = _inputs(2, 3, 4, 2, 40, 72, gate="channel", h0=True, seed=25)
+    o, ht = fused_recurrent_gla(q, k, v, g, initial_state=h0.float(), output_final_state=True,
+                                impl="triton")
+    o2, h2 = gla_recurrent_reference(*_fp64([q, k, v, g]), initial_state=h0.double(),
+                                     output_final_state=True)
+    assert rel_rms_error(o, o2) < 1e-5 and rel_rms_error(ht, h2) < 1e-5
+
+
+def test_decode_config_env_is_checked(monkeypatch):
+    q, k, v, g, _ = _inputs(1, 1, 2, 2, 16, 16, seed=26)
+    monkeypatch.setenv("GLA_DECODE_CONFIG", "24,4")
+    with pytest.raises(ValueError, match="GLA_DECODE_CONFIG"):
+        fused_recurrent_gla(q, k, v, g, impl="triton")
+
+
 @pytest.mark.parametrize("gate", ["channel", "scalar"])
 def test_prefill_then_decode_equals_full_sequence(gate):
     q, k, v, g, _ = _inputs(1, 41, 2, 1, 32, 32, gate=gate, seed=32)

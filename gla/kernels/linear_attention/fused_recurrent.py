@@ -11,6 +11,8 @@ backward (``gla::chunk_gla_backward``), which shares the semantics.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -79,9 +81,25 @@ def fused_recurrent_gla_fwd(q, k, v, g, initial_state, scale, output_final_state
         ht = torch.empty(0, dtype=torch.float32, device=dev)
     h0 = initial_state.contiguous() if initial_state is not None else None
     BK = max(16, next_pow2(K))
-    BV = min(max(16, next_pow2(V)), 32 if BK > 64 else 64)
+    BV, warps = decode_config(K, V)
     _fused_recurrent_fwd_kernel[(cdiv(V, BV), B * HQ)](
         q, k, v, g if g is not None else q, o, h0 if h0 is not None else q, ht, scale, T, H, G,
         s_gt, s_gh, s_gk, K=K, V=V, BK=BK, BV=BV, HAS_G=g is not None, USE_H0=h0 is not None,
-        STORE_HT=output_final_state, num_warps=4)
+        STORE_HT=output_final_state, num_warps=warps)
     return o, ht
+
+
+def decode_config(K: int, V: int) -> tuple[int, int]:
+    """(BV, num_warps): a ``K × BV`` fp32 state tile per program. ``GLA_DECODE_CONFIG="BV,warps"``
+    overrides it (for the decode sweep in ``benchmarks/linear_attention.py``)."""
+    spec = os.environ.get("GLA_DECODE_CONFIG")
+    if spec:
+        try:
+            bv, warps = (int(x) for x in spec.split(","))
+        except ValueError:
+            raise ValueError(f"GLA_DECODE_CONFIG={spec!r}: expected BV,num_warps") from None
+        if bv < 16 or bv & (bv - 1) or warps not in (1, 2, 4, 8):
+            raise ValueError(f"GLA_DECODE_CONFIG={spec!r}: BV a power of 2 ≥ 16, warps 1/2/4/8")
+        return bv, warps
+    BK = max(16, next_pow2(K))
+    return min(max(16, next_pow2(V)), 32 if BK > 64 else 64), 4
