@@ -256,6 +256,7 @@ def _decode_section(fused_recurrent_gla, chunk_gla, fla_rec, notes) -> str:
     from gla.kernels.linear_attention.fused_recurrent import decode_config
 
     default = decode_config(D, D)
+    user_setting = os.environ.pop("GLA_DECODE_CONFIG", None)
     sweep = []
     for bv in (16, 32, 64):
         for warps in (1, 2, 4, 8):
@@ -267,6 +268,8 @@ def _decode_section(fused_recurrent_gla, chunk_gla, fla_rec, notes) -> str:
                 sweep.append(f"{bv}/{warps} {type(e).__name__}")
             finally:
                 del os.environ["GLA_DECODE_CONFIG"]
+    if user_setting is not None:
+        os.environ["GLA_DECODE_CONFIG"] = user_setting
     notes.append("- decode kernel sweep, do_bench_cudagraph µs, BV/warps: " + ", ".join(sweep))
     return (f"### (3) decode, one token, B={B}, H={H}, D={D}, bf16, CUDA graph (µs)\n\n"
             + _table(["method", "gla fused_recurrent_gla", "fla fused_recurrent_gla", "gla/fla"],
