@@ -350,14 +350,14 @@ def test_int32_offsets_bound_the_triton_path():
         chunk_gla(big, big, big, None, impl="triton")
 
 
-def _grads_of(ins, use_final, monkeypatch, force_op):
+def _grads_of(ins, use_final, monkeypatch, force_op, cu=None):
     if force_op:
         monkeypatch.setenv("GLA_EAGER_OP", "1")
     else:
         monkeypatch.delenv("GLA_EAGER_OP", raising=False)
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in ins]
     o, ht = chunk_gla(*leaves[:4], initial_state=leaves[4], output_final_state=True,
-                      impl="triton")
+                      cu_seqlens=cu, impl="triton")
     gen = torch.Generator().manual_seed(5)
     loss = (o * torch.randn(o.shape, generator=gen)).sum()
     if use_final:   # else the final state is requested but left unused
@@ -375,8 +375,12 @@ def test_eager_fast_path_matches_op_path(kernel_name, use_final, monkeypatch):
     monkeypatch.setenv("GLA_LINEAR_KERNEL", kernel_name)
     ins = _inputs(1, 40, 4, 2, 16, 24, gate="channel", n=2.0, h0=True, seed=16)
     ins[4] = ins[4].float()
-    fast = _grads_of(ins, use_final, monkeypatch, force_op=False)
-    slow = _grads_of(ins, use_final, monkeypatch, force_op=True)
+    cu = None
+    if use_final:   # also with packed sequences: one initial/final state per sequence
+        cu = torch.tensor([0, 30, 40], dtype=torch.int32)
+        ins[4] = torch.randn(2, 2, 16, 24)
+    fast = _grads_of(ins, use_final, monkeypatch, force_op=False, cu=cu)
+    slow = _grads_of(ins, use_final, monkeypatch, force_op=True, cu=cu)
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
 
