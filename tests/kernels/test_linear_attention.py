@@ -566,8 +566,9 @@ def test_fake_tensor_shapes():
 # ----------------------------------------------------------------------------------------------
 # GPU (skipped without CUDA)
 # ----------------------------------------------------------------------------------------------
-def _gpu_check(B, T, Hq, H, D, gate, dtype=torch.bfloat16, tol=5e-3, cu=None, h0=True):
-    ins = _inputs(B, T, Hq, H, D, D, gate=gate, dtype=dtype, h0=h0, seed=T + D, device="cuda")
+def _gpu_check(B, T, Hq, H, D, gate, dtype=torch.bfloat16, tol=5e-3, cu=None, h0=True, n=1.0):
+    ins = _inputs(B, T, Hq, H, D, D, gate=gate, dtype=dtype, h0=h0, seed=T + D, device="cuda",
+                  n=n)
     if ins[4] is not None:
         ins[4] = ins[4].float()
     _check_grads(ins, cu=cu, tol=tol)
@@ -578,6 +579,14 @@ def _gpu_check(B, T, Hq, H, D, gate, dtype=torch.bfloat16, tol=5e-3, cu=None, h0
 @pytest.mark.parametrize("gate", ["channel", "scalar", None])
 def test_gpu_bf16_long(D, gate):
     _gpu_check(2, 1000, 4, 2, D, gate)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("gate", ["channel", "scalar"])
+def test_gpu_bf16_one_dot_form(D, gate):
+    """Gentle gates (logsigmoid / 16, GLA's own): every chunk takes the one-dot form."""
+    _gpu_check(2, 1000, 4, 2, D, gate, n=16.0)
 
 
 @pytest.mark.gpu
