@@ -18,3 +18,20 @@ def nan_empty(shape, dtype, device) -> torch.Tensor:
     for s in shape:
         n *= int(s)
     return torch.full((n + TAIL,), float("nan"), dtype=dtype, device=device)[:n].view(tuple(shape))
+
+
+def poison_torch_empty(monkeypatch) -> None:
+    """For the rest of the test, ``torch.empty`` (contiguous floating tensors) returns
+    :func:`nan_empty` buffers: what a kernel leaves unwritten, or reads past a buffer's end, is NaN."""
+    if getattr(torch.empty, "nan_poisoned", False):   # already (a hypothesis example repeats)
+        return
+    real = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real(*args, **kwargs)
+        if not t.is_floating_point() or not t.is_contiguous():
+            return t
+        return nan_empty(t.shape, t.dtype, t.device)
+
+    poisoned.nan_poisoned = True
+    monkeypatch.setattr(torch, "empty", poisoned)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from gla.kernels.linear_attention import (chunk_gla, fused_recurrent_gla, gla_chunk_reference,
                                           gla_recurrent_reference, triton_unsupported_reason)
 from gla.testing import rel_rms_error
-from nan_poison import nan_empty, nan_tailed
+from nan_poison import nan_tailed, poison_torch_empty
 
 
 def _inputs(B, T, Hq, H, K, V, gate="channel", n=1.0, dtype=torch.float32, h0=False, seed=0,
@@ -100,19 +100,9 @@ def test_unsupported_reason():
 # Triton forward (CPU: interpreter)
 # ----------------------------------------------------------------------------------------------
 def _poisoned_empty(monkeypatch):
-    """Make torch.empty return NaN-filled tensors followed by NaN: every output must be written
-    and nothing read past a tensor's end."""
-    from gla.kernels.linear_attention import chunk
-
-    real = torch.empty
-
-    def poisoned(*a, **kw):
-        t = real(*a, **kw)
-        if not t.is_floating_point() or not t.is_contiguous():
-            return t
-        return nan_empty(t.shape, t.dtype, t.device)
-
-    monkeypatch.setattr(chunk.torch, "empty", poisoned)
+    """torch.empty returns NaN-filled tensors followed by NaN: every output must be written and
+    nothing read past a tensor's end."""
+    poison_torch_empty(monkeypatch)
 
 
 FWD_CASES = [
