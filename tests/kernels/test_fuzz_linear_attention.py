@@ -88,8 +88,12 @@ def test_fuzz_chunk_gla(c, monkeypatch):
     wrt = [(name, a, b) for name, a, b in zip("q k v g h0".split(), leaves, ref) if a is not None]
     scale = max(float(b.grad.norm()) for _, _, b in wrt)
     for name, a, b in wrt:
-        err = gradient_error(a.grad, b.grad, scale, TOL)
-        assert err < TOL, f"d{name}: {err:.2e}"
+        # dg comes from an identity whose terms cancel (Σ q ⊙ dq − k ⊙ dk): with steep gates dg is
+        # small next to those terms, and its fp32 error scales with them (seen: 1.4e-4 at T=1,
+        # per-head gates / 0.1)
+        tol = 1e-3 if name == "g" else TOL
+        err = gradient_error(a.grad, b.grad, scale, tol)
+        assert err < tol, f"d{name}: {err:.2e}"
 
 
 @FUZZ
