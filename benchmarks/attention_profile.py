@@ -153,8 +153,8 @@ def run(out_dir: str) -> str:
 
     t_start = time.time()
     name = torch.cuda.get_device_name()
-    path = "torch.library ops (GLA_ATTN_EAGER_OP=1)" if os.environ.get(
-        "GLA_ATTN_EAGER_OP") == "1" else "eager fast path (autograd.Function)"
+    path = "torch.library ops (GLA_EAGER_OP=1)" if os.environ.get(
+        "GLA_EAGER_OP") == "1" else "eager fast path (autograd.Function)"
     cfg = os.environ.get("GLA_ATTN_CONFIG", "")
     head = [f"# gla attention profile on {name}", "",
             f"torch {torch.__version__}, triton {triton.__version__}, bf16, B={B}, H={H}, causal; "
@@ -216,6 +216,6 @@ def main(out_dir: str) -> str:
 
 if __name__ == "__main__":
     if "--op" in sys.argv:
-        os.environ["GLA_ATTN_EAGER_OP"] = "1"
+        os.environ["GLA_EAGER_OP"] = "1"
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     main(args[0] if args else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

@@ -150,9 +150,7 @@ def sweep() -> str:
             spec = f"{kern}={','.join(str(x) for x in cand)}"
             try:
                 kt = _with_env("GLA_LINEAR_BLOCKS", spec, lambda: _kernel_times(fn))
-                t = kt.get(KERNEL_NAME[kern], (float("nan"), 0))[0]
-                if kern == "h":  # the backward's recompute also runs _h_kernel: forward only
-                    pass
+                t = kt.get(KERNEL_NAME[kern], (float("nan"), 0))[0]   # "h": forward's pass
                 out = _with_env("GLA_LINEAR_BLOCKS", spec, fn)
                 err = _rel(out if kern not in BWD_KERNELS else out[0],
                            o_ref if kern not in BWD_KERNELS else dq_ref)

@@ -23,14 +23,14 @@ def next_pow2(n: int) -> int:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def eager_ok(*tensors, force_op: bool = False) -> bool:
+def eager_ok(*tensors) -> bool:
     """May this call skip its torch.library op and launch the kernels directly?
 
     Only for a plain eager call on real tensors: not traced or compiled, no dispatch mode (fake,
     proxy, functionalization, cross-ref ...), no functorch transform, no tensor subclass. The ops
-    stay what torch.compile, AOT autograd and dispatch modes see. ``GLA_EAGER_OP=1`` (or
-    ``force_op``) always takes the op (to compare the two paths)."""
-    if force_op or os.environ.get("GLA_EAGER_OP") == "1" or torch.compiler.is_compiling():
+    stay what torch.compile, AOT autograd and dispatch modes see. ``GLA_EAGER_OP=1`` always takes
+    the op (to compare the two paths)."""
+    if os.environ.get("GLA_EAGER_OP") == "1" or torch.compiler.is_compiling():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return False

@@ -327,12 +327,10 @@ def test_opcheck(impl):
                                   "causal-window16-bias-b-1-1-k"])
 def test_eager_fast_path_matches_op_path(case, monkeypatch):
     """gated_attention(impl="triton") in eager skips the custom ops (autograd.Function); the op
-    path (GLA_ATTN_EAGER_OP=1) must give bit-identical outputs and gradients."""
-    import gla.kernels.attention.op as op_mod
-
+    path (GLA_EAGER_OP=1) must give bit-identical outputs and gradients."""
     q, k, v, kw, dout = make_case(**CASES[case])
     fast, fast_grads = _run("triton", q, k, v, kw, dout)
-    monkeypatch.setattr(op_mod, "_FORCE_OP", True)
+    monkeypatch.setenv("GLA_EAGER_OP", "1")
     slow, slow_grads = _run("triton", q, k, v, kw, dout)
     assert torch.equal(fast, slow) and fast.stride() == slow.stride()
     for a, b in zip(fast_grads, slow_grads):
@@ -461,9 +459,7 @@ def test_empty_queries_or_keys(impl, tq, tk):
 def test_second_derivative_raises(force_op, monkeypatch):
     """A second derivative through the Triton path raises on both the eager fast path and the
     torch.library ops."""
-    import gla.kernels.attention.op as op_mod
-
-    monkeypatch.setattr(op_mod, "_FORCE_OP", force_op)
+    monkeypatch.setenv("GLA_EAGER_OP", "1" if force_op else "0")
     q, k, v, kw, _ = make_case(causal=True)
     q = q.detach().clone().requires_grad_()
     out = gated_attention(q, k, v, causal=True, impl="triton")

@@ -272,7 +272,7 @@ torch.library.register_autograd("gla::attention", _backward, setup_context=_setu
 class _TritonAttention(torch.autograd.Function):
     """``gla::attention`` + ``gla::attention_backward`` for impl="triton", minus the custom-op
     dispatch (two Python→dispatcher→Python round trips and the ``register_autograd`` wrapper,
-    tens of µs per training step). Used only in plain eager calls (see :func:`_eager_ok`); the
+    tens of µs per training step). Used only in plain eager calls (see :func:`gla.kernels.launch.eager_ok`); the
     ops remain what torch.compile / AOT autograd / dispatch modes see."""
 
     @staticmethod
@@ -298,12 +298,6 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, dgate, None, None, None, None, None
 
 
-# GLA_ATTN_EAGER_OP=1 (or GLA_EAGER_OP=1): always go through the torch.library ops.
-_FORCE_OP = os.environ.get("GLA_ATTN_EAGER_OP", "0") == "1"
-
-
-def _eager_ok(*ts) -> bool:
-    return eager_ok(*ts, force_op=_FORCE_OP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,7 +352,7 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     impl = resolve_impl(q, k, v, gate, bias, key_mask, causal, window, impl)
-    if impl == "triton" and _eager_ok(q, k, v, gate, bias, key_mask):
+    if impl == "triton" and eager_ok(q, k, v, gate, bias, key_mask):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or (gate is not None and gate.requires_grad)):
             return _TritonAttention.apply(q, k, v, gate, bias, key_mask, float(scale),

@@ -667,6 +667,24 @@ def _dv_kernel(k_ptr, gc_ptr, do_ptr, dh_ptr, A_ptr, dv_ptr, cu_ptr, cmap_ptr, s
 
 
 @triton.jit
+def _rows_times_state_t(x_ptr, t, m, sx, x_off, s_base, o_k, mk, NR: tl.constexpr,
+                        BK: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                        PREC: tl.constexpr):
+    """``x[t, x_off:x_off + V] · S[o_k, :]ᵀ`` → fp32 ``[NR, BK]``: rows ``t`` (mask ``m``, row
+    stride ``sx``) of ``v`` or ``do`` against a ``K × V`` state block (``dh[c]`` or ``h[c]``)."""
+    acc = tl.full([NR, BK], 0.0, tl.float32)
+    for i_v in range(0, V, BV):
+        o_v = i_v + tl.arange(0, BV)
+        mv = o_v < V
+        xx = tl.load(x_ptr + t[:, None] * sx + x_off + o_v[None, :],
+                     mask=m[:, None] & mv[None, :], other=0.0)
+        ss = tl.load(s_base + o_k[:, None] * V + o_v[None, :], mask=mk[:, None] & mv[None, :],
+                     other=0.0)
+        acc += tl.dot(xx.to(DT), tl.trans(ss.to(DT)), input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _dqkg_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, h_ptr, dh_ptr, dA_ptr, dq_ptr, dk_ptr,
                  dg_ptr, cu_ptr, cmap_ptr, scale, span_max, T, NT, H, G,
                  K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -741,15 +759,8 @@ def _dqkg_one_dot(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr, d
     kk = tl.load(k_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=mAk,
                  other=0.0).to(tl.float32)
     # ---- dk: inter part (v dh[c]ᵀ) ⊙ exp(b_l − b)
-    dk = tl.full([BT, BK], 0.0, tl.float32)
-    for i_v in range(0, V, BV):
-        o_v = i_v + tl.arange(0, BV)
-        mv = o_v < V
-        vv = tl.load(v_ptr + tA[:, None] * sv + i_h * V + o_v[None, :],
-                     mask=mA[:, None] & mv[None, :], other=0.0)
-        dh = tl.load(dhbase + o_k[:, None] * V + o_v[None, :],
-                     mask=mk[:, None] & mv[None, :], other=0.0)
-        dk += tl.dot(vv.to(DT), tl.trans(dh.to(DT)), input_precision=PREC)
+    dk = _rows_times_state_t(v_ptr, tA, mA, sv, i_h * V, dhbase, o_k, mk, BT, BK, V, BV, DT,
+                             PREC)
     if HAS_G:
         bb = tl.load(gc_ptr + tA[:, None] * sk + i_h * K + o_k[None, :], mask=mAk,
                      other=0.0)
@@ -765,16 +776,8 @@ def _dqkg_one_dot(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr, d
         qq = tl.load(q_ptr + tA[:, None] * sq + i_hq * K + o_k[None, :], mask=mAk,
                      other=0.0).to(tl.float32)
         # ---- dq: inter part scale (do h[c]ᵀ) ⊙ exp(b)
-        dq = tl.full([BT, BK], 0.0, tl.float32)
-        for i_v in range(0, V, BV):
-            o_v = i_v + tl.arange(0, BV)
-            mv = o_v < V
-            dd = tl.load(do_ptr + tA[:, None] * sdo + i_hq * V + o_v[None, :],
-                         mask=mA[:, None] & mv[None, :], other=0.0)
-            hh = tl.load(hbase + o_k[:, None] * V + o_v[None, :],
-                         mask=mk[:, None] & mv[None, :], other=0.0)
-            dq += tl.dot(dd.to(DT), tl.trans(hh.to(DT)), input_precision=PREC)
-        dq = dq * scale
+        dq = _rows_times_state_t(do_ptr, tA, mA, sdo, i_hq * V, hbase, o_k, mk, BT, BK, V, BV,
+                                 DT, PREC) * scale
         # ---- intra: dA is causal (0 above the diagonal and past the end)
         dA = tl.load(dA_ptr + tA[:, None] * sA + i_hq * BT + o_t[None, :],
                      mask=mA[:, None], other=0.0)
@@ -849,15 +852,8 @@ def _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr
             ka = kA * _exp_le0(br[None, :] - bA)        # rows j < i0
             eI_n = _exp_le0(bn[None, :] - bI)           # b_n − b_j, j ∈ I
         # ---- dk: inter part (v dh[c]ᵀ) ⊙ exp(b_l − b)
-        dkI = tl.full([BS, BK], 0.0, tl.float32)
-        for i_v in range(0, V, BV):
-            o_v = i_v + tl.arange(0, BV)
-            mv = o_v < V
-            vI = tl.load(v_ptr + tI[:, None] * sv + i_h * V + o_v[None, :],
-                         mask=mI[:, None] & mv[None, :], other=0.0)
-            dh = tl.load(dhbase + o_k[:, None] * V + o_v[None, :],
-                         mask=mk[:, None] & mv[None, :], other=0.0)
-            dkI += tl.dot(vI.to(DT), tl.trans(dh.to(DT)), input_precision=PREC)
+        dkI = _rows_times_state_t(v_ptr, tI, mI, sv, i_h * V, dhbase, o_k, mk, BS, BK, V, BV, DT,
+                                  PREC)
         if HAS_G:
             dkI = dkI * _exp_le0(bl[None, :] - bI)
         dBq = tl.full([BS, BK], 0.0, tl.float32)
@@ -867,16 +863,8 @@ def _dqkg_sub_blocks(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dA_ptr, dq_ptr, dk_ptr
             qI = tl.load(q_ptr + tI[:, None] * sq + i_hq * K + o_k[None, :], mask=mIk,
                          other=0.0).to(tl.float32)
             # ---- dq: inter part scale (do h[c]ᵀ) ⊙ exp(b)
-            dqI = tl.full([BS, BK], 0.0, tl.float32)
-            for i_v in range(0, V, BV):
-                o_v = i_v + tl.arange(0, BV)
-                mv = o_v < V
-                dd = tl.load(do_ptr + tI[:, None] * sdo + i_hq * V + o_v[None, :],
-                             mask=mI[:, None] & mv[None, :], other=0.0)
-                hh = tl.load(hbase + o_k[:, None] * V + o_v[None, :],
-                             mask=mk[:, None] & mv[None, :], other=0.0)
-                dqI += tl.dot(dd.to(DT), tl.trans(hh.to(DT)), input_precision=PREC)
-            dqI = dqI * scale
+            dqI = _rows_times_state_t(do_ptr, tI, mI, sdo, i_hq * V, hbase, o_k, mk, BS, BK, V, BV,
+                                      DT, PREC) * scale
             if HAS_G:
                 dqI = dqI * _exp_le0(bI)
             # ---- dq off-diagonal: (dA[I, j < i0] (k ⊙ exp(b_r − b))) ⊙ exp(b_I − b_r)
