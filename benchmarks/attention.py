@@ -211,11 +211,14 @@ def run(out_dir: str) -> str:
 SWEEP_CANDS = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
             (128, 32, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4),
-            (64, 128, 4, 3)],
+            (64, 128, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 4)],
     "dkdv": [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (64, 128, 8, 2),
-             (32, 128, 4, 2), (32, 64, 4, 3), (32, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2)],
+             (32, 128, 4, 2), (32, 64, 4, 3), (32, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2),
+             (32, 64, 4, 4), (32, 64, 4, 2), (16, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3),
+             (32, 32, 4, 3), (64, 64, 4, 2)],
     "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-           (64, 128, 8, 2), (128, 128, 8, 2)],
+           (64, 128, 8, 2), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 4), (64, 64, 4, 2),
+           (128, 32, 8, 4), (64, 32, 4, 4), (32, 64, 4, 3)],
 }
 
 
@@ -229,10 +232,11 @@ def sweep(ts=(1024, 4096), ds=D_LIST, kernels=None) -> str:
     lines, best = [], {}
     fmt = lambda c: f"{c[0]}x{c[1]}w{c[2]}s{c[3]}"  # noqa: E731
     for d in ds:
-        base = flash.attention_configs(d, d, DTYPE, True, 4096, interpret=False)
         totals: dict[tuple, float] = {}
         for t in ts:
             q, k, v, _ = _inputs(t, d, False)
+            base = flash.attention_configs(d, d, DTYPE, True, t, interpret=False,
+                                           batch_heads=B * H, device=q.device)
             scale = 1 / math.sqrt(d)
             o, lse, _ = flash.attention_forward(q, k, v, None, None, None, scale, True, 0)
             do = torch.randn_like(o)

@@ -432,6 +432,45 @@ def test_gpu_triton_matches_float64(case, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("few_tiles", [True, False], ids=["small-grid", "large-grid"])
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "window-keymask"])
+def test_gpu_every_default_config(D, few_tiles, extras):
+    """Each block config the table can hand out (small- and large-grid forward, the plain and
+    extras variants), forced with ``config=`` at one odd shape, against float64."""
+    case = dict(B=2, Hq=4, Hkv=2, Tq=1000, Tk=1000, D=D, causal=True, gate="elementwise")
+    if extras:
+        case.update(window=300, key_mask="random")
+    q, k, v, kw, dout = make_case(dtype=torch.bfloat16, **case)
+    q, k, v, dout = q.cuda(), k.cuda(), v.cuda(), dout.cuda()
+    kw = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
+    cfg = flash._configs_cached(D, D, torch.bfloat16, True, 65, extras, False, few_tiles)
+    args = (kw["gate"], None, kw["key_mask"], 1 / math.sqrt(D), True, kw["window"])
+    out, lse, o_ung = flash.attention_forward(q, k, v, *args, config=cfg)
+    grads = flash.attention_backward(dout, q, k, v, out, lse, o_ung, *args, config=cfg)
+    ref, ref_grads = _reference(q, k, v, kw, dout)
+    errs = {"out": rel_rms_error(out, ref)}
+    errs.update({n: rel_rms_error(a, e) for n, a, e in zip(["dq", "dk", "dv", "dg"], grads,
+                                                          ref_grads)})
+    assert all(e <= 1e-2 for e in errs.values()), (cfg, errs)
+
+
+def test_causal_forward_takes_smaller_tiles_on_a_small_grid(monkeypatch):
+    """The grid rule: few 128-row tiles per multiprocessor -> 64-row forward tiles (causal only;
+    the backward's configs do not depend on the grid; CPU tensors never ask for the SM count)."""
+    monkeypatch.setitem(flash._SM_COUNT, 0, 132)
+    cuda0 = torch.device("cuda", 0)
+    cfg = lambda t, causal=True: flash.attention_configs(  # noqa: E731
+        128, 128, torch.bfloat16, causal, t, interpret=False, batch_heads=32, device=cuda0)
+    small, large = cfg(4096), cfg(8192)
+    assert small["fwd"]["BLOCK_M"] == 64 and large["fwd"]["BLOCK_M"] == 128
+    assert small["dkdv"] == large["dkdv"] and small["dq"] == large["dq"]
+    assert cfg(4096, causal=False)["fwd"]["BLOCK_M"] == 128
+    assert flash.attention_configs(128, 128, torch.bfloat16, True, 4096, interpret=False,
+                                   batch_heads=32, device=torch.device("cpu")) == large
+
+
+@pytest.mark.gpu
 def test_gpu_auto_picks_triton_and_matches_sdpa():
     q, k, v, kw, dout = make_case(B=2, Hq=4, Hkv=4, Tq=512, Tk=512, D=64, causal=True,
                                   dtype=torch.bfloat16)

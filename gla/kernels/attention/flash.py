@@ -575,45 +575,72 @@ CONFIG_OVERRIDE = _parse_config_override(os.environ.get("GLA_ATTN_CONFIG"))
 
 
 def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int,
-                      extras: bool = False, interpret: bool = INTERPRETED
+                      extras: bool = False, interpret: bool = INTERPRETED,
+                      batch_heads: int | None = None, device=None
                       ) -> dict[str, dict[str, int]]:
     """Block sizes / warps / stages of the four kernels: the one heuristic table, no autotune.
 
     Keys: ``fwd`` and ``dq`` (BLOCK_M query rows per program, BLOCK_N keys per step), ``dkdv``
     (BLOCK_N keys per program, BLOCK_M query rows per step), ``pre`` (BLOCK_M rows).
     ``extras``: a bias, key_mask or window is present (more registers per score tile).
+    ``batch_heads`` (B·Hq) and ``device`` size the forward's grid: a causal forward with few
+    128-row tiles per multiprocessor takes 64-row tiles (None: assume a large grid).
     ``GLA_ATTN_CONFIG`` (see :func:`_parse_config_override`) overrides entries on the GPU.
     Returns fresh dicts (the launchers use the cached, shared :func:`_configs`).
     """
-    return {k: dict(c) for k, c in _configs(d, dv, dtype, causal, tq, extras, interpret).items()}
+    return {k: dict(c) for k, c in _configs(d, dv, dtype, causal, tq, extras, interpret,
+                                            batch_heads, device).items()}
 
 
-def _configs(d, dv, dtype, causal, tq, extras=False, interpret=INTERPRETED):
-    """Cached :func:`attention_configs` (shared dicts: do not mutate). Only ``tq <= 64`` matters."""
+# A causal forward with fewer 128-row query tiles than this per multiprocessor runs faster with
+# 64-row tiles (H200, bf16, B·H = 32: 64x64 wins by 11% at T = 2k and 6% at 4k, i.e. 2–8 tiles
+# per SM; 128-row tiles win by 1–4% at 8k and 16k, 16–31 per SM).
+_FEW_TILES_PER_SM = 12
+_SM_COUNT: dict = {}
+
+
+def _few_tiles(tq: int, batch_heads: int | None, device) -> bool:
+    if batch_heads is None or getattr(device, "type", None) != "cuda":
+        return False
+    idx = device.index
+    n_sm = _SM_COUNT.get(idx)
+    if n_sm is None:
+        n_sm = _SM_COUNT[idx] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _cdiv(tq, 128) * batch_heads < _FEW_TILES_PER_SM * n_sm
+
+
+def _configs(d, dv, dtype, causal, tq, extras=False, interpret=INTERPRETED, batch_heads=None,
+             device=None):
+    """Cached :func:`attention_configs` (shared dicts: do not mutate). Only ``tq <= 64`` and, for
+    a causal forward, whether the grid is small matter."""
+    few = bool(causal) and not interpret and _few_tiles(tq, batch_heads, device)
     return _configs_cached(d, dv, dtype, bool(causal), min(int(tq), 65), bool(extras),
-                           bool(interpret))
+                           bool(interpret), few)
 
 
 @functools.lru_cache(maxsize=512)
-def _configs_cached(d, dv, dtype, causal, tq, extras, interpret):
+def _configs_cached(d, dv, dtype, causal, tq, extras, interpret, few_tiles=False):
     bd = max(_pow2(d), _pow2(dv))
     if interpret:  # small tiles: the interpreter's cost is per op, and tests hit every edge
         c = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
         return {"fwd": dict(c), "dq": dict(c), "dkdv": dict(c), "pre": dict(c, BLOCK_M=16)}
-    # Chosen so that nothing spills on sm_90 (ptxas resource usage, fp16, causal); retune with
-    # `python -m benchmarks.attention --sweep`.
+    # From the backward/forward sweeps on an H200 (benchmarks/results/attention-sweep-*-h200*.txt,
+    # causal bf16, T = 4k/8k; retune with `python benchmarks/attention.py --sweep`): 64-key dK/dV
+    # tiles on one warpgroup beat 128-key tiles on two by 17-19% of the whole backward.
     if bd <= 64:
         fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-        dkdv = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)
-        dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     elif bd <= 128:
         fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-        dkdv = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)  # 56 B of spill, causal
-        dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)
     else:
         fwd = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
         dkdv = dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2)
         dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    if few_tiles and bd <= 128:  # causal forward, small grid: more, smaller programs
+        fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     if extras:  # bias / key-mask / window tiles: smaller key tiles keep registers in check
         if bd <= 64:
             fwd = dict(fwd, BLOCK_N=32)
@@ -737,7 +764,8 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
         lse.fill_(float("inf"))
         return out, lse, o_ung
     cfg = config or _configs(D, DV, q.dtype, causal, TQ,
-                             bias is not None or key_mask is not None or window > 0)
+                             bias is not None or key_mask is not None or window > 0,
+                             batch_heads=B * H, device=q.device)
     c = cfg["fwd"]
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
     int64 = _needs_int64(q, k, v, out, g if gate is not None else None,
