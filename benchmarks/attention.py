@@ -31,8 +31,9 @@ from results_io import require_cuda, write_table
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 B, H = 2, 16
-T_LIST = (1024, 2048, 4096, 8192, 16384)
-D_LIST = (128, 64)
+# GLA_BENCH_D / GLA_BENCH_T (comma lists) pick other head dims / lengths, e.g. GLA_BENCH_D=256
+T_LIST = tuple(int(x) for x in os.environ.get("GLA_BENCH_T", "1024,2048,4096,8192,16384").split(","))
+D_LIST = tuple(int(x) for x in os.environ.get("GLA_BENCH_D", "128,64").split(","))
 GATED_T_MAX = 8192
 DTYPE = torch.bfloat16
 
@@ -222,6 +223,17 @@ SWEEP_CANDS = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 }
 
 
+# Head dim 256 (Gemma, Qwen3-Next): the tiles above mostly run out of shared memory or registers.
+SWEEP_CANDS_D256 = {
+    "fwd": [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3),
+            (128, 32, 8, 3), (64, 64, 8, 2)],
+    "dkdv": [(16, 32, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2),
+             (32, 64, 4, 2), (16, 64, 4, 2)],
+    "dq": [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2),
+           (32, 32, 4, 2), (64, 64, 4, 2)],
+}
+
+
 def sweep(ts=(1024, 4096), ds=D_LIST, kernels=None) -> str:
     """Time candidate block configs of each kernel (causal, bf16, D in D_LIST, T in ``ts``) and
     print one compact line per (D, T, kernel): configs fastest first, ``*`` = current default.
@@ -241,7 +253,7 @@ def sweep(ts=(1024, 4096), ds=D_LIST, kernels=None) -> str:
             o, lse, _ = flash.attention_forward(q, k, v, None, None, None, scale, True, 0)
             do = torch.randn_like(o)
             fwd_flops = _fwd_flops(B, H, t, d)
-            for kern, lst in SWEEP_CANDS.items():
+            for kern, lst in (SWEEP_CANDS_D256 if d > 128 else SWEEP_CANDS).items():
                 if kernels and kern not in kernels:
                     continue
                 cur = base[kern]

@@ -432,7 +432,7 @@ def test_gpu_triton_matches_float64(case, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("few_tiles", [True, False], ids=["small-grid", "large-grid"])
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "window-keymask"])
 def test_gpu_every_default_config(D, few_tiles, extras):
