@@ -635,10 +635,14 @@ def _configs_cached(d, dv, dtype, causal, tq, extras, interpret, few_tiles=False
         fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
         dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
         dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)
-    else:
+    elif extras or dtype == torch.float32:  # head dim 256, conservative tiles (not re-swept)
         fwd = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
         dkdv = dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2)
         dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    else:  # head dim 256, bf16/fp16 (H200 sweep: fwd 1.49x, whole backward 3.3x the old tiles)
+        fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if few_tiles and bd <= 128:  # causal forward, small grid: more, smaller programs
         fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     if extras:  # bias / key-mask / window tiles: smaller key tiles keep registers in check
