@@ -64,6 +64,11 @@ def choose_impl(config: Config, q, k, v, **case) -> str | Decline:
     return "sdpa"
 
 
+def kernel_name(impl: str) -> str:
+    """What runs, as the report names it."""
+    return "F.scaled_dot_product_attention" if impl == "sdpa" else f"gla::attention[{impl}]"
+
+
 def _is(node, target) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
 
@@ -167,7 +172,7 @@ class AttentionLowering:
         form = "causal" + (f", window {window}" if window else "") if causal else \
             ("bias" if "bias" in kwargs or "keep" in kwargs else "no mask")
         gqa = f", GQA {groups_v}:1" if groups_v > 1 else ""
-        return Selected(attention_call, kwargs, f"gla::attention[{impl}] ({form}{gqa})", extra)
+        return Selected(attention_call, kwargs, f"{kernel_name(impl)} ({form}{gqa})", extra)
 
 
 class SDPALowering:
@@ -229,4 +234,4 @@ class SDPALowering:
             return impl
         kwargs["impl"] = impl
         form_s = "causal" if kwargs["causal"] else ("bias" if "bias" in kwargs or "keep" in kwargs else "no mask")
-        return Selected(attention_call, kwargs, f"gla::attention[{impl}] ({form_s})", extra)
+        return Selected(attention_call, kwargs, f"{kernel_name(impl)} ({form_s})", extra)

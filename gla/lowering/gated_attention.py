@@ -12,7 +12,7 @@ import torch.fx as fx
 from ..config import Config
 from ..rewrite import Match, leaf
 from ..rewrite.graph import tensor_meta
-from .attention import attention_call
+from .attention import attention_call, kernel_name
 from .select import Decline, Selected
 
 
@@ -97,5 +97,5 @@ class GatedAttentionLowering:
         kwargs.update(gate=g, layout=layout)
         impl = kwargs.get("impl")
         kind = "elementwise" if full else "headwise"
-        return Selected(gated_attention_call, kwargs, f"gla::attention[{impl}] (+{kind} sigmoid gate)",
+        return Selected(gated_attention_call, kwargs, f"{kernel_name(impl)} (+{kind} sigmoid gate)",
                         extra_nodes=chain + [node], absorbs=[node])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ..config import Config
 from ..rewrite import Match, leaf
 from ..rewrite.graph import tensor_meta
-from .attention import choose_impl
+from .attention import choose_impl, kernel_name
 from .select import Decline, Selected
 
 
@@ -75,4 +75,4 @@ class MHALowering:
                                              "out_proj_weight", "out_proj_bias", "key_padding_mask", "attn_mask")}
         kwargs["impl"] = impl
         form = "mask" if c["attn_mask"] is not None or c["key_padding_mask"] is not None else "no mask"
-        return Selected(mha_call, kwargs, f"gla::attention[{impl}] (MultiheadAttention, {form})")
+        return Selected(mha_call, kwargs, f"{kernel_name(impl)} (MultiheadAttention, {form})")

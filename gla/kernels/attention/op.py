@@ -7,7 +7,9 @@ ops opaque. ``impl`` picks the body of both ops:
 
 * ``"triton"``: the flash kernels of ``flash.py`` (on CPU tensors: Triton's interpreter);
 * ``"sdpa"``: ``F.scaled_dot_product_attention`` with the masks folded into ``attn_mask``,
-  the gate multiplied afterwards; its backward recomputes under torch autograd;
+  the gate multiplied afterwards; inside the op its backward recomputes under torch autograd,
+  so ``gated_attention(impl="sdpa")`` skips the op and runs :func:`attention_sdpa` as plain
+  PyTorch (SDPA's own backward; compiled graphs see aten's SDPA);
 * ``"reference"``: ``naive.attention_reference``; backward by recompute as well.
 
 Both ops allocate fresh outputs, never sync with the host, and so are CUDA-graph friendly.
@@ -125,7 +127,7 @@ def attention_sdpa(q, k, v, gate=None, bias=None, key_mask=None, scale=None, cau
     Hkv, Tk = k.shape[1], k.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    gqa = Hq != Hkv
+    gqa = bool(Hq != Hkv)  # (a SymBool when traced with dynamic shapes: SDPA takes a bool)
     if bias is None and key_mask is None and window <= 0 and (not causal or Tq == Tk):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                              enable_gqa=gqa)
@@ -342,8 +344,9 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         impl: ``"triton"``, ``"sdpa"``, ``"reference"`` or ``"auto"`` (Triton on CUDA when
             :func:`triton_unsupported_reason` is None, else SDPA).
 
-    Returns ``[B, Hq, Tq, Dv]`` in ``q.dtype`` (memory laid out as ``[B, Tq, Hq, Dv]``).
-    Differentiable in q, k, v, gate, and in bias on the sdpa/reference paths.
+    Returns ``[B, Hq, Tq, Dv]`` in ``q.dtype`` (memory laid out as ``[B, Tq, Hq, Dv]`` by the
+    Triton and reference ops; ``impl="sdpa"`` returns what SDPA returns). Differentiable in q, k,
+    v, gate, and in bias on the sdpa/reference paths.
 
     A query row with no visible key (all masked by causal/window/key_mask/-inf bias) outputs 0
     and gets zero gradients (flash-attention convention).
@@ -352,6 +355,11 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     impl = resolve_impl(q, k, v, gate, bias, key_mask, causal, window, impl)
+    if impl == "sdpa":
+        # Plain PyTorch: autograd uses SDPA's own backward (no recompute of the forward, as the
+        # op's backward would do), and a compiled graph holds aten's SDPA, which Inductor knows.
+        return attention_sdpa(q, k, v, gate=gate, bias=bias, key_mask=key_mask, scale=scale,
+                              causal=causal, window=window)
     if impl == "triton" and eager_ok(q, k, v, gate, bias, key_mask):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or (gate is not None and gate.requires_grad)):
