@@ -272,6 +272,77 @@ def test_causal_proof_from_triangular_masks_built_in_the_graph(form):
     assert "causal" in r.rewrites[0].kernel
 
 
+def _position_mask(positions, *, prepend_shift=1, index_shift=0):
+    """The causal mask transformers (5.x) builds from position ids: ``kv_pos <= q_pos`` over
+    ``positions[batch, q]`` / ``positions[batch, kv]``, and the packed-sequence ids
+    ``cumsum(diff(positions) != 1)`` equal between query and key."""
+    b, t = positions.shape
+    first = positions[:, :1] - prepend_shift
+    packed = (torch.diff(positions, prepend=first, dim=-1) != 1).cumsum(-1)
+    bi = torch.arange(b)[:, None, None, None]
+    qi = (torch.arange(t) + index_shift)[None, None, :, None]
+    ki = (torch.arange(t) + index_shift)[None, None, None, :]
+    allowed = qi.new_ones((), dtype=torch.bool)
+    allowed = allowed & (positions[bi, ki] <= positions[bi, qi]).to(positions.device)
+    allowed = allowed & (packed[bi, qi] == packed[bi, ki]).to(positions.device)
+    return torch.where(allowed.expand(b, -1, t, t), torch.zeros(()), torch.finfo(torch.float32).min)
+
+
+def test_causal_proof_of_a_mask_built_from_position_ids():
+    def attn(q, k, v):
+        positions = (torch.arange(q.shape[-2]) + 0).unsqueeze(0).expand(q.shape[0], -1)
+        mask = _position_mask(positions)
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.1 + mask[:, :, :, : k.shape[-2]], -1) @ v
+
+    r = check(attn, *qkv(), expect={"attention": 1})
+    assert "causal" in r.rewrites[0].kernel, str(r)
+
+
+@pytest.mark.parametrize("case", ["positions_given", "positions_restart", "prepend_without_shift",
+                                  "negative_index"])
+def test_position_masks_that_are_not_provably_causal_stay_a_bias(case):
+    """Look-alikes: runtime position ids (packed sequences), positions that restart (not affine),
+    a prepend that makes the first diff 0 (the packed ids are not all equal), and index tensors
+    that reach -1 (which would wrap around). Each stays an exact general bias."""
+    q, k, v = qkv()
+    given = torch.arange(T).unsqueeze(0).expand(B, -1).clone()
+    given[1, 40:] -= 40  # two packed sequences in batch 1
+
+    def attn(q, k, v, given):
+        t = q.shape[-2]
+        if case == "positions_given":
+            mask = _position_mask(given)
+        elif case == "positions_restart":
+            mask = _position_mask((torch.arange(t) % 40).unsqueeze(0).expand(q.shape[0], -1))
+        elif case == "prepend_without_shift":
+            mask = _position_mask(torch.arange(t).unsqueeze(0).expand(q.shape[0], -1), prepend_shift=0)
+        else:  # positions[-1] is the last position: row 0 sees every key, not a causal mask
+            mask = _position_mask(torch.arange(t).unsqueeze(0).expand(q.shape[0], -1), index_shift=-1)
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.1 + mask, -1) @ v
+
+    r = check(attn, q, k, v, given, expect={"attention": 1})
+    assert "causal" not in r.rewrites[0].kernel, str(r)
+
+
+def test_verify_once_caches_per_subgraph_not_per_shape():
+    """``verify="once"`` reuses a verification only for a site that computes alike (a repeated
+    layer), never for another subgraph with the same shapes and the same replacement: a second
+    line of defence behind the mask proofs."""
+    def block(mask_of):
+        def attn(q, k, v):
+            return torch.softmax(q @ k.transpose(-2, -1) * 0.1 + mask_of(q.shape[-2]), -1) @ v
+        return attn
+
+    le = lambda t: torch.where(torch.arange(t)[None, :] <= torch.arange(t)[:, None], 0.0, -1e9)  # noqa: E731
+    ge = lambda t: torch.where(torch.arange(t)[:, None] >= torch.arange(t)[None, :], 0.0, -1e9)  # noqa: E731
+    two_layers = lambda q, k, v: block(le)(block(le)(q, k, v), k, v)  # noqa: E731
+    rep = check(two_layers, *qkv(), expect={"attention": 2})
+    first, second = (r.verification["summary"] for r in rep.rewrites)
+    assert "(cached)" not in first and "(cached)" in second, str(rep)
+    r = check(block(ge), *qkv(), expect={"attention": 1})
+    assert "causal" in r.rewrites[0].kernel and "(cached)" not in r.rewrites[0].verification["summary"]
+
+
 def test_causal_proof_holds_under_dynamic_shapes():
     def attn(q, k, v):
         i = torch.arange(q.shape[-2])

@@ -5,6 +5,11 @@ or key (-1) axis are affine index forms, comparisons between them are linear con
 joins constraints, and ``where(allowed, 0, -big)`` makes the additive mask. A mask built only from
 these is the same at every sequence length, so the proof holds under dynamic shapes. Anything else
 (a buffer, a padding mask from the batch) is runtime data: the mask then stays a general bias.
+
+Position tensors are affine too: ``positions[batch_idx, q_idx]`` with arange index tensors is
+the positions' formula at those indices (transformers builds its causal mask so, from
+``position_ids = arange(T)``), and a tensor equal everywhere is a ``Const`` (its packed-sequence
+ids ``cumsum(diff(positions) != 1)`` are 0 throughout when the positions are an arange).
 """
 from __future__ import annotations
 
@@ -39,6 +44,30 @@ class Allowed:
     """Positions where every constraint ``Σ coef·index + const ≤ 0`` holds."""
 
     constraints: tuple[Affine, ...]
+
+
+@dataclass(frozen=True)
+class Const:
+    """A tensor holding one value everywhere (any shape: it broadcasts)."""
+
+    value: int | bool
+
+
+def _scaled(a: Affine, c: int) -> Affine:
+    return Affine(tuple((ax, k * c) for ax, k in a.terms if k * c), a.const * c, a.rank, a.lengths)
+
+
+def _added(a: Affine, b: Affine) -> Affine:
+    return _sub(a, _scaled(b, -1))
+
+
+def _index_ok(a) -> bool:
+    """An index tensor whose every entry is ≥ 0 (negative indices would wrap around)."""
+    return isinstance(a, Affine) and a.const >= 0 and all(k >= 0 for _, k in a.terms)
+
+
+def _is_device(x) -> bool:
+    return isinstance(x, (torch.device, str))
 
 
 @dataclass(frozen=True)
@@ -106,8 +135,15 @@ class _Eval:
             if isinstance(x, int) and isinstance(y, Affine) and t is operator.add:
                 return y.shift(x)
             return None
+        if n.op == "call_function" and t is operator.getitem and isinstance(a[1], tuple) and \
+                any(isinstance(i, fx.Node) for i in a[1]):
+            return self._gather(a[0], a[1])
         if n.op == "call_function" and t is operator.getitem and isinstance(a[1], tuple):
             x = self(a[0])
+            if isinstance(x, Const):
+                return x
+            if isinstance(x, Allowed) or (isinstance(x, tuple) and x[0] == "bias"):
+                return x if self._whole(a[0], a[1]) else None
             if not isinstance(x, Affine):
                 return None
             idx = a[1]
@@ -123,9 +159,40 @@ class _Eval:
                           tuple((remap[ax], ln) for ax, ln in x.lengths))
         if (n.op == "call_method" and t == "expand") or (n.op == "call_function" and t is torch.Tensor.expand):
             x = self(a[0])
-            if isinstance(x, (Affine, Allowed)):
+            if isinstance(x, Affine):  # new leading dims: the axes, counted from the end, stay
+                sizes = a[1] if len(a) == 2 and isinstance(a[1], (tuple, list)) else a[1:]
+                return Affine(x.terms, x.const, max(x.rank, len(sizes)), x.lengths)
+            if isinstance(x, (Allowed, Const)):
                 return x
             return None
+        if (n.op == "call_method" and t == "unsqueeze") or (n.op == "call_function" and t is torch.unsqueeze):
+            x, d = self(a[0]), (a[1] if len(a) > 1 else n.kwargs.get("dim"))
+            if isinstance(x, Const):
+                return x
+            if not isinstance(x, Affine) or not isinstance(d, int) or not -x.rank - 1 <= d <= x.rank:
+                return None
+            d = d % (x.rank + 1)
+            move = lambda ax: ax - 1 if ax + x.rank < d else ax  # noqa: E731  (axes before the new one)
+            return Affine(tuple((move(ax), c) for ax, c in x.terms), x.const, x.rank + 1,
+                          tuple((move(ax), ln) for ax, ln in x.lengths))
+        if n.op == "call_method" and t == "to" and not set(n.kwargs) - {"device", "non_blocking"} and \
+                all(_is_device(v) for v in (*a[1:], *([n.kwargs["device"]] if "device" in n.kwargs else []))):
+            return self(a[0])  # a device move keeps every value
+        if n.op == "call_method" and t == "new_ones" and n.kwargs.get("dtype") is torch.bool and \
+                not set(n.kwargs) - {"dtype", "device"}:
+            return Const(True)
+        if n.op == "call_function" and t is torch.diff:
+            return self._diff(n)
+        if (n.op == "call_method" and t == "cumsum") or (n.op == "call_function" and t is torch.cumsum):
+            x = self(a[0])
+            return Const(0) if isinstance(x, Const) and x.value == 0 and not n.kwargs else None
+        if n.op == "call_function" and t in (operator.eq, operator.ne):
+            x, y = self(a[0]), (self(a[1]) if isinstance(a[1], fx.Node) else a[1])
+            x = x.value if isinstance(x, Const) else None
+            y = y.value if isinstance(y, Const) else (y if isinstance(y, (int, bool)) else None)
+            if x is None or y is None:
+                return None
+            return Const((x == y) if t is operator.eq else (x != y))
         if n.op == "call_function" and t is ops.cast:
             return self(a[0])
         if n.op == "call_function" and t in (operator.le, operator.lt, operator.ge, operator.gt):
@@ -141,6 +208,8 @@ class _Eval:
             return Allowed((_sub(y, x).shift(1),))
         if n.op == "call_function" and t is operator.and_:
             x, y = self(a[0]), self(a[1])
+            x = Allowed(()) if isinstance(x, Const) and x.value is True else x  # all True: no constraint
+            y = Allowed(()) if isinstance(y, Const) and y.value is True else y
             if isinstance(x, Allowed) and isinstance(y, Allowed):
                 return Allowed(x.constraints + y.constraints)
             return None
@@ -169,6 +238,60 @@ class _Eval:
                 return ("bias", cond)
             return None
         return None
+
+
+    def _gather(self, base: fx.Node, idx: tuple):
+        """``base[i0, i1, ...]``, every dim indexed by an affine index tensor: the base's formula at
+        those indices (values ≥ 0; an index past the end raises at run time, never silently)."""
+        x = self(base)
+        if not isinstance(x, (Affine, Const)) or len(idx) != getattr(x, "rank", len(idx)):
+            return None
+        ix = [self(i) if isinstance(i, fx.Node) else None for i in idx]
+        if not all(_index_ok(i) for i in ix):
+            return None
+        if isinstance(x, Const):
+            return x
+        out = Affine((), x.const, max(i.rank for i in ix))
+        for pos, i in enumerate(ix):  # dim pos of the base is its axis pos - rank
+            coef = dict(x.terms).get(pos - x.rank, 0)
+            if coef:
+                out = _added(out, _scaled(i, coef))
+        return out
+
+    def _diff(self, n: fx.Node):
+        """``diff(p, dim=-1, prepend=p[..., :1] - c)`` of positions ``p`` rising by ``c`` along the
+        last axis: ``c`` everywhere (the first entry too)."""
+        a, kw = n.args, n.kwargs
+        dim = a[2] if len(a) > 2 else kw.get("dim", -1)
+        if len(a) > 1 and a[1] != 1 or kw.get("n", 1) != 1 or kw.get("append") is not None:
+            return None
+        x, pre = self(a[0]), (a[3] if len(a) > 3 else kw.get("prepend"))
+        if not isinstance(x, Affine) or dim not in (-1, x.rank - 1):
+            return None
+        c = dict(x.terms).get(-1, 0)
+        head = (slice(None),) * (x.rank - 1) + (slice(None, 1, None),)
+        if not (isinstance(pre, fx.Node) and pre.op == "call_function" and pre.target is operator.sub
+                and pre.args[1] == c and isinstance(pre.args[0], fx.Node)
+                and pre.args[0].op == "call_function" and pre.args[0].target is operator.getitem
+                and pre.args[0].args[0] is a[0] and tuple(pre.args[0].args[1]) == head):
+            return None
+        self.nodes += [pre, pre.args[0]]
+        return Const(c)
+
+    @staticmethod
+    def _whole(base: fx.Node, idx: tuple) -> bool:
+        """Whether ``base[idx]`` (slices only) keeps every element: ``[..., :n]`` with n ≥ the size."""
+        meta = tensor_meta(base)
+        if meta is None or len(idx) > meta.dim():
+            return False
+        for size, i in zip(meta.shape, idx):
+            if not isinstance(i, slice) or i.step not in (None, 1) or i.start not in (None, 0):
+                return False
+            if i.stop is not None:
+                stop = i.stop.meta.get("example_value") if isinstance(i.stop, fx.Node) else i.stop
+                if stop is None or not statically_known_true(stop >= size):
+                    return False
+        return True
 
 
 def mask_form(bias: fx.Node, scores_shape) -> MaskForm | None:

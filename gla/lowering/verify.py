@@ -139,7 +139,30 @@ def _shrink_map(region: list[fx.Node], leaves: list[fx.Node]) -> dict[int, int]:
     return {s: small[i % len(small)] for i, s in enumerate(sorted(sizes))}
 
 
-def signature(match: Match, selected: Selected, leaves: list[fx.Node]) -> tuple:
+def _structure(region: list[fx.Node], leaves: list[fx.Node]) -> tuple[tuple, list[fx.Node]]:
+    """The original subgraph as data, and its leaves in first-use order: each node's op, target
+    and arguments, with nodes named by first use, so that two sites share a verification only
+    if they compute alike (a repeated layer), whatever the graph's order of their inputs."""
+    names: dict[fx.Node, int] = {}
+    inside = set(region)
+
+    def ref(a: fx.Node):
+        if a not in names and (a in inside or a in leaves):
+            names[a] = len(names)
+        return ("node", names.get(a, -1))
+
+    rows = []
+    for n in region:
+        args, kwargs = fx.node.map_arg(n.args, ref), fx.node.map_arg(n.kwargs, ref)
+        ref(n)
+        rows.append((n.op, repr(n.target), repr(args), repr(sorted(kwargs.items()))))
+    ordered = sorted(leaves, key=lambda x: names.get(x, len(names)))
+    return tuple(rows), ordered
+
+
+def signature(match: Match, selected: Selected, leaves: list[fx.Node],
+              region: list[fx.Node] = ()) -> tuple:
+    structure, leaves = _structure(list(region), leaves)
     metas = []
     for leaf in leaves:
         t = value_of(leaf)
@@ -148,7 +171,8 @@ def signature(match: Match, selected: Selected, leaves: list[fx.Node]) -> tuple:
     consts = tuple(sorted((k, repr(v)) for k, v in selected.kwargs.items() if not isinstance(v, fx.Node)))
     # the Pattern object itself (hashed by identity), not only its name: a pattern re-registered
     # under the same name with another replacement (pattern_scope in tests) must be verified anew
-    return (match.pattern, match.pattern.name, match.alternative, selected.kernel, consts, tuple(metas))
+    return (match.pattern, match.pattern.name, match.alternative, selected.kernel, consts, tuple(metas),
+            structure)
 
 
 def verify(gm: fx.GraphModule, match: Match, selected: Selected, mode: str) -> dict[str, Any] | Decline:
@@ -156,7 +180,7 @@ def verify(gm: fx.GraphModule, match: Match, selected: Selected, mode: str) -> d
     if mode == "off":
         return {"summary": "not verified (verify='off')"}
     region, leaves = _region(match, selected)
-    key = signature(match, selected, leaves)
+    key = signature(match, selected, leaves, region)
     if mode == "once" and key in _verified:
         return dict(_verified[key], summary=_verified[key]["summary"] + " (cached)")
     with unset_fake_temporarily(), torch.random.fork_rng(devices=[]):
