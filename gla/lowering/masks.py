@@ -239,7 +239,6 @@ class _Eval:
             return None
         return None
 
-
     def _gather(self, base: fx.Node, idx: tuple):
         """``base[i0, i1, ...]``, every dim indexed by an affine index tensor: the base's formula at
         those indices (values ≥ 0; an index past the end raises at run time, never silently)."""
@@ -273,7 +272,10 @@ class _Eval:
         if not (isinstance(pre, fx.Node) and pre.op == "call_function" and pre.target is operator.sub
                 and pre.args[1] == c and isinstance(pre.args[0], fx.Node)
                 and pre.args[0].op == "call_function" and pre.args[0].target is operator.getitem
-                and pre.args[0].args[0] is a[0] and tuple(pre.args[0].args[1]) == head):
+                and pre.args[0].args[0] is a[0]):
+            return None
+        first = pre.args[0].args[1]
+        if (first if isinstance(first, tuple) else (first,)) != head:
             return None
         self.nodes += [pre, pre.args[0]]
         return Const(c)
