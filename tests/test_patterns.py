@@ -136,6 +136,27 @@ def test_must_not_match_soft_capping():
     check(attn, *qkv(), expect={"attention": 0}, miss="soft-capping")
 
 
+def test_must_not_match_soft_capping_with_a_mask():
+    """Gemma 2's spelling: scores / cap → tanh → · cap, then the mask, then softmax."""
+    i = torch.arange(T)
+    mask = torch.where(i[None, :] <= i[:, None], 0.0, float("-inf"))
+    attn = lambda q, k, v: torch.softmax(  # noqa: E731
+        torch.tanh(q @ k.transpose(-2, -1) * 0.1 / 50.0) * 50.0 + mask, -1, dtype=torch.float32) @ v
+    check(attn, *qkv(), expect={"attention": 0}, miss="soft-capping")
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_with_one_kv_head_broadcast(is_causal):
+    """MQA written as SDPA broadcasting one kv head over the query heads (Falcon)."""
+    q, k, v = qkv(hkv=1)
+    r = check(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal), q, k, v,
+              expect={"attention": 1})
+    assert ("causal" in r.rewrites[0].kernel) == is_causal
+    k2 = torch.randn(1, 1, T, D)  # a batch broadcast is declined with its reason, eager runs
+    check(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k2, k2, expect={"attention": 0},
+          miss="broadcast over the batch")
+
+
 def test_must_not_match_sigmoid_attention():
     attn = lambda q, k, v: torch.sigmoid(q @ k.transpose(-2, -1) * 0.1) @ v
     check(attn, *qkv(), expect={"attention": 0}, miss="sigmoid attention")

@@ -194,7 +194,10 @@ class SDPALowering:
             return Decline("SDPA on tensors that are not [B, H, T, D]")
         if len({tq.dtype, tk.dtype, tv.dtype}) != 1:
             return Decline("q, k, v have mixed dtypes")
-        if tq.shape[-3] != tk.shape[-3] and not c["enable_gqa"]:
+        if not (tq.shape[0] == tk.shape[0] == tv.shape[0]):
+            return Decline("k / v broadcast over the batch")
+        if tq.shape[-3] != tk.shape[-3] and not c["enable_gqa"] and not (tk.shape[-3] == tv.shape[-3] == 1):
+            # (one kv head broadcast over the query heads is MQA: Falcon calls SDPA so)
             return Decline("different head counts without enable_gqa")
         k, gk = _ungroup(k)
         v, gv = _ungroup(v)

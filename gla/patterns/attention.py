@@ -84,7 +84,11 @@ def soft_capped(scores, v, cap):
     return torch.matmul(torch.softmax(torch.tanh(scores) * cap, -1), v)
 
 
-register_pattern("soft_capped_attention", search=soft_capped, kind="attention", priority=31,
+def soft_capped_masked(scores, v, cap, bias):  # Gemma 2: the mask is added after the cap
+    return torch.matmul(torch.softmax(torch.tanh(scores) * cap + bias, -1), v)
+
+
+register_pattern("soft_capped_attention", search=[soft_capped_masked, soft_capped], kind="attention", priority=31,
                  decline="logit soft-capping (tanh on the scores) is not plain softmax attention; left as is")
 
 
