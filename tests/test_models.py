@@ -140,6 +140,47 @@ def test_decoder_families(family):
     assert rel_rms_error(out, ref) <= 1e-5
 
 
+_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=32,
+               patch_size=8)
+# family: (config class, model class, config kwargs, input, expected counts, attention kernels said)
+ENCODERS = {
+    "vit": ("ViTConfig", "ViTModel", _VISION, "pixels", {"attention": 2}, {"no mask"}),
+    "clip_vision": ("CLIPVisionConfig", "CLIPVisionModel", _VISION, "pixels", {"attention": 2, "gate": 2},
+                    {"no mask"}),  # quick-gelu x·σ(1.702x) is a gate
+    "roberta": ("RobertaConfig", "RobertaModel", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=96), "ids", {"attention": 2}, {"no mask"}),
+    "t5_encoder": ("T5Config", "T5EncoderModel", dict(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2,
+                   num_heads=4), "ids", {"attention": 2}, {"bias"}),  # relative position bias: runtime data
+    "bart": ("BartConfig", "BartModel", dict(vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1,
+             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96),
+             "ids", {"attention": 3}, {"causal", "no mask"}),  # encoder, causal decoder, cross-attention
+}
+
+
+@pytest.mark.parametrize("family", list(ENCODERS))
+def test_encoder_and_vision_families(family):
+    """Vision transformers and encoder(-decoder)s with hand-written attention: every attention
+    site rewritten (unmasked, T5's relative bias, BART's causal decoder and cross-attention)."""
+    cfg_name, model_name, kw, kind, expect, kernels = ENCODERS[family]
+    if not hasattr(transformers, cfg_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {cfg_name}")
+    torch.manual_seed(0)
+    m = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**kw))
+    m.set_attn_implementation("eager")
+    m.eval()
+    x = torch.randn(2, 3, 32, 32) if kind == "pixels" else torch.randint(3, 100, (2, 16))
+    fn = lambda x: m(x)[0]  # noqa: E731
+    with torch.no_grad():
+        report = gla.explain(fn, x, options=OPTS)
+        torch._dynamo.reset()
+        out = torch.compile(fn, backend="gla", options=OPTS)(x)
+        ref = fn(x)
+    assert {k: report.counts[k] for k in expect} == expect, str(report)
+    said = {r.kernel.split("(")[-1].split(",")[0].rstrip(")") for r in report.rewrites if r.kind == "attention"}
+    assert said == kernels, str(report)
+    assert rel_rms_error(out, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("case", ["mha", "mha_masks", "encoder_layer", "need_weights"])
 def test_nn_multihead_attention(case):
     torch.manual_seed(0)
