@@ -114,30 +114,37 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_decoder_families(family):
-    """Tiny random decoders of ten transformers families with hand-written ("eager") attention:
-    what gla rewrites, that their position-id masks are proved causal (or the window), and that
-    the compiled model computes what eager does."""
-    cfg_name, model_name, kw, expect, kernel = FAMILIES[family]
+def _compiled_family(cfg_name, model_name, kw, call, x):
+    """Build a tiny random transformers model with hand-written attention, compile ``call(m, x)``
+    with gla, check it against eager; return gla's report."""
     if not hasattr(transformers, cfg_name):
         pytest.skip(f"transformers {transformers.__version__} has no {cfg_name}")
     torch.manual_seed(0)
     m = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**kw))
     m.set_attn_implementation("eager")
     m.eval()
-    ids = torch.randint(1, 128, (2, 24))
-    fn = lambda ids: m(ids, use_cache=False).logits  # noqa: E731
+    fn = lambda x: call(m, x)  # noqa: E731
     with torch.no_grad():
-        report = gla.explain(fn, ids, options=OPTS)
+        report = gla.explain(fn, x, options=OPTS)
         torch._dynamo.reset()
-        out = torch.compile(fn, backend="gla", options=OPTS)(ids)
-        ref = fn(ids)
+        out = torch.compile(fn, backend="gla", options=OPTS)(x)
+        ref = fn(x)
+    assert rel_rms_error(out, ref) <= 1e-5
+    return report
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_decoder_families(family):
+    """Tiny random decoders of ten transformers families with hand-written ("eager") attention:
+    what gla rewrites, that their position-id masks are proved causal (or the window), and that
+    the compiled model computes what eager does."""
+    cfg_name, model_name, kw, expect, kernel = FAMILIES[family]
+    report = _compiled_family(cfg_name, model_name, kw, lambda m, ids: m(ids, use_cache=False).logits,
+                              torch.randint(1, 128, (2, 24)))
     assert {k: report.counts[k] for k in expect} == expect, str(report)
     said = [r.kernel for r in report.rewrites if r.kind == "attention"] or \
         [m.reason for m in report.near_misses]
     assert said and all(kernel in s for s in said), str(report)
-    assert rel_rms_error(out, ref) <= 1e-5
 
 
 _VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=32,
@@ -162,23 +169,11 @@ def test_encoder_and_vision_families(family):
     """Vision transformers and encoder(-decoder)s with hand-written attention: every attention
     site rewritten (unmasked, T5's relative bias, BART's causal decoder and cross-attention)."""
     cfg_name, model_name, kw, kind, expect, kernels = ENCODERS[family]
-    if not hasattr(transformers, cfg_name):
-        pytest.skip(f"transformers {transformers.__version__} has no {cfg_name}")
-    torch.manual_seed(0)
-    m = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**kw))
-    m.set_attn_implementation("eager")
-    m.eval()
     x = torch.randn(2, 3, 32, 32) if kind == "pixels" else torch.randint(3, 100, (2, 16))
-    fn = lambda x: m(x)[0]  # noqa: E731
-    with torch.no_grad():
-        report = gla.explain(fn, x, options=OPTS)
-        torch._dynamo.reset()
-        out = torch.compile(fn, backend="gla", options=OPTS)(x)
-        ref = fn(x)
+    report = _compiled_family(cfg_name, model_name, kw, lambda m, x: m(x)[0], x)
     assert {k: report.counts[k] for k in expect} == expect, str(report)
     said = {r.kernel.split("(")[-1].split(",")[0].rstrip(")") for r in report.rewrites if r.kind == "attention"}
     assert said == kernels, str(report)
-    assert rel_rms_error(out, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("case", ["mha", "mha_masks", "encoder_layer", "need_weights"])
