@@ -1,4 +1,4 @@
-"""Shared test helpers: compile with gla and compare with eager."""
+"""Shared test helpers: compile with gla and compare with eager; masks as real models build them."""
 import torch
 
 import gla
@@ -18,3 +18,20 @@ def run_gla(fn, *args, options=None, grad=False):
         out = compiled(*args)
         ref = fn(*args)
     return report, out, ref
+
+
+def position_mask(positions, *, prepend_shift=1, index_shift=0):
+    """The causal mask transformers (5.x) builds from position ids ``[B, T]``: ``kv_pos <= q_pos``
+    over ``positions[batch, q]`` / ``positions[batch, kv]``, and the packed-sequence ids
+    ``cumsum(diff(positions) != 1)`` equal between query and key; additive, ``[B, 1, T, T]``."""
+    b, t = positions.shape
+    first = positions[:, :1] - prepend_shift
+    packed = (torch.diff(positions, prepend=first, dim=-1) != 1).cumsum(-1)
+    bi = torch.arange(b, device=positions.device)[:, None, None, None]
+    qi = (torch.arange(t, device=positions.device) + index_shift)[None, None, :, None]
+    ki = (torch.arange(t, device=positions.device) + index_shift)[None, None, None, :]
+    allowed = qi.new_ones((), dtype=torch.bool)
+    allowed = allowed & (positions[bi, ki] <= positions[bi, qi]).to(positions.device)
+    allowed = allowed & (packed[bi, qi] == packed[bi, ki]).to(positions.device)
+    return torch.where(allowed.expand(b, -1, t, t), torch.zeros((), device=positions.device),
+                       torch.finfo(torch.float32).min)

@@ -6,6 +6,8 @@ reason and still matches eager: never a wrong result. Profiles (env ``HYPOTHESIS
 * ``ci`` (default): a few hundred examples in all, derandomized, CPU-sized (~2 minutes on 2 cores);
 * ``long``: 25× the examples, random seeds, larger shapes: for GPU machines,
   ``HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py``.
+
+``GLA_FUZZ_SCALE=N`` multiplies the examples of either profile by N instead.
 """
 import math
 import os
@@ -19,6 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from gla.testing import assert_rewrites  # noqa: E402
+from helpers import position_mask  # noqa: E402
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 settings.register_profile("ci", deadline=None, derandomize=True, suppress_health_check=_HEALTH, print_blob=True)
@@ -27,7 +30,7 @@ PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in ("ci", "long"):
     PROFILE = "ci"
 LONG = PROFILE == "long"
-SCALE = 25 if LONG else 1
+SCALE = int(os.environ.get("GLA_FUZZ_SCALE", 25 if LONG else 1))  # examples × this
 DEVICE = "cuda" if LONG and torch.cuda.is_available() else "cpu"
 OPTIONS = {"inner": "aot_eager"}
 
@@ -68,6 +71,9 @@ class Attention(torch.nn.Module):
                 mask = ~extra[:, None, None, :]
             elif c["mask"] == "bias":
                 mask = extra
+            elif c["mask"] == "positions":  # transformers' causal mask from position ids
+                t = q.shape[-2]
+                mask = position_mask(torch.arange(t, device=q.device)[None].expand(q.shape[0], -1)).to(q.dtype)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=c["mask"] == "causal",
                                                scale=None if c["scale"] == "div" else 0.3, enable_gqa=n > 1)
         else:
@@ -99,6 +105,8 @@ class Attention(torch.nn.Module):
                 w = w.masked_fill(extra[:, None, None, :], torch.finfo(w.dtype).min)
             elif c["mask"] == "bias":
                 w = w + extra
+            elif c["mask"] == "positions":
+                w = w + position_mask(torch.arange(t, device=w.device)[None].expand(w.shape[0], -1)).to(w.dtype)
             if c["upcast"]:
                 o = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype) @ v
             else:
@@ -124,7 +132,8 @@ def attention_cases(draw):
         sdpa=draw(st.booleans()),
         gqa=draw(st.sampled_from(["repeat_kv", "repeat_interleave"])),
         scale=draw(st.sampled_from(["mul", "div", "fold", "none"])),
-        mask=draw(st.sampled_from(["none", "causal", "causal_fill", "padding", "padding_min", "bias"])),
+        mask=draw(st.sampled_from(["none", "causal", "causal_fill", "padding", "padding_min", "bias",
+                                   "positions"])),
         upcast=draw(st.booleans()) and dtype != torch.float32,
         layout=draw(st.sampled_from(["bhtd", "bthd"])),
         gate=draw(st.sampled_from(["none", "none", "elementwise", "headwise", "flat"])),

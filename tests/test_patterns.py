@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import gla
 from gla.testing import rel_rms_error
+from helpers import position_mask
 
 OPTS = {"inner": "aot_eager"}
 
@@ -293,26 +294,10 @@ def test_causal_proof_from_triangular_masks_built_in_the_graph(form):
     assert "causal" in r.rewrites[0].kernel
 
 
-def _position_mask(positions, *, prepend_shift=1, index_shift=0):
-    """The causal mask transformers (5.x) builds from position ids: ``kv_pos <= q_pos`` over
-    ``positions[batch, q]`` / ``positions[batch, kv]``, and the packed-sequence ids
-    ``cumsum(diff(positions) != 1)`` equal between query and key."""
-    b, t = positions.shape
-    first = positions[:, :1] - prepend_shift
-    packed = (torch.diff(positions, prepend=first, dim=-1) != 1).cumsum(-1)
-    bi = torch.arange(b)[:, None, None, None]
-    qi = (torch.arange(t) + index_shift)[None, None, :, None]
-    ki = (torch.arange(t) + index_shift)[None, None, None, :]
-    allowed = qi.new_ones((), dtype=torch.bool)
-    allowed = allowed & (positions[bi, ki] <= positions[bi, qi]).to(positions.device)
-    allowed = allowed & (packed[bi, qi] == packed[bi, ki]).to(positions.device)
-    return torch.where(allowed.expand(b, -1, t, t), torch.zeros(()), torch.finfo(torch.float32).min)
-
-
 def test_causal_proof_of_a_mask_built_from_position_ids():
     def attn(q, k, v):
         positions = (torch.arange(q.shape[-2]) + 0).unsqueeze(0).expand(q.shape[0], -1)
-        mask = _position_mask(positions)
+        mask = position_mask(positions)
         return torch.softmax(q @ k.transpose(-2, -1) * 0.1 + mask[:, :, :, : k.shape[-2]], -1) @ v
 
     r = check(attn, *qkv(), expect={"attention": 1})
@@ -332,13 +317,13 @@ def test_position_masks_that_are_not_provably_causal_stay_a_bias(case):
     def attn(q, k, v, given):
         t = q.shape[-2]
         if case == "positions_given":
-            mask = _position_mask(given)
+            mask = position_mask(given)
         elif case == "positions_restart":
-            mask = _position_mask((torch.arange(t) % 40).unsqueeze(0).expand(q.shape[0], -1))
+            mask = position_mask((torch.arange(t) % 40).unsqueeze(0).expand(q.shape[0], -1))
         elif case == "prepend_without_shift":
-            mask = _position_mask(torch.arange(t).unsqueeze(0).expand(q.shape[0], -1), prepend_shift=0)
+            mask = position_mask(torch.arange(t).unsqueeze(0).expand(q.shape[0], -1), prepend_shift=0)
         else:  # positions[-1] is the last position: row 0 sees every key, not a causal mask
-            mask = _position_mask(torch.arange(t).unsqueeze(0).expand(q.shape[0], -1), index_shift=-1)
+            mask = position_mask(torch.arange(t).unsqueeze(0).expand(q.shape[0], -1), index_shift=-1)
         return torch.softmax(q @ k.transpose(-2, -1) * 0.1 + mask, -1) @ v
 
     r = check(attn, q, k, v, given, expect={"attention": 1})
