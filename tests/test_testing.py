@@ -89,6 +89,25 @@ def test_assert_rewrites_catches_a_wrong_gradient():
         assert_rewrites(f, a, b, expect={"custom": 1}, options=options, grad=True)
 
 
+def test_assert_rewrites_judges_a_miss_against_float64():
+    """Eager rounds too. Under a tolerance tighter than eager's own rounding, a replacement more
+    accurate than eager passes (a float64 run arbitrates), and one a little wrong still fails."""
+    f = lambda a, b: torch.sigmoid(a) * b  # noqa: E731
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    opts = {"patterns": ["custom"]}
+    with gla.pattern_scope():
+        gla.register_pattern("exact", search=f,
+                             replacement=lambda a, b: (torch.sigmoid(a.double()) * b.double()).float())
+        report = assert_rewrites(f, a, b, expect={"custom": 1}, options=opts, rtol=1e-8)
+        assert report.counts["custom"] == 1
+    torch._dynamo.reset()
+    with gla.pattern_scope():
+        gla.register_pattern("off", search=f, replacement=lambda a, b: torch.sigmoid(a) * b * (1 + 1e-6))
+        with pytest.raises(AssertionError, match=r"FAIL output 0 .*vs float64"):
+            assert_rewrites(f, a, b, expect={"custom": 1}, options=opts, rtol=1e-8)
+
+
 def test_assert_rewrites_tolerates_nan_where_eager_has_nan():
     lin1, lin3 = torch.nn.Linear(8, 12), torch.nn.Linear(8, 12)
     x = torch.randn(3, 8)
