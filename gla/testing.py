@@ -80,6 +80,16 @@ def _compare(actual: torch.Tensor, expected: torch.Tensor, tol: float, base: flo
     return err, math.isfinite(err) and (err <= tol or err <= 2 * base + 1e-12)
 
 
+def _cotangent_grads(outs: list[torch.Tensor], cotangents: list[torch.Tensor], wrt: list[torch.Tensor],
+                     dtype: torch.dtype) -> list[torch.Tensor | None]:
+    """Gradients of ``Σ ⟨out, c⟩`` (computed in ``dtype``) with respect to ``wrt``."""
+    loss = sum(((o.to(dtype) * c.to(dtype)).sum() for o, c in zip(outs, cotangents)),
+               torch.zeros((), dtype=dtype))
+    if not wrt or not loss.requires_grad:
+        return [None] * len(wrt)
+    return list(torch.autograd.grad(loss, wrt, allow_unused=True))
+
+
 def _float64_run(model: Callable, inputs: Any, kwargs: dict, grad: bool, n_params: int,
                  cotangents: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """The model in float64 (a copy of a module; floating inputs upcast): its outputs, then (with
@@ -104,11 +114,7 @@ def _float64_run(model: Callable, inputs: Any, kwargs: dict, grad: bool, n_param
                 if isinstance(m64, torch.nn.Module) else []
             wrt = _float_tensors(inputs64) + params
             diff = [o for o in outs if o.requires_grad and o.dtype.is_floating_point]
-            loss = sum(((o * c.to(torch.float64)).sum() for o, c in zip(diff, cotangents)),
-                       torch.zeros((), dtype=torch.float64))
-            grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt and loss.requires_grad \
-                else [None] * len(wrt)
-        return outs + list(grads)
+            return outs + _cotangent_grads(diff, cotangents, wrt, torch.float64)
     except Exception:  # a model that only runs in its own dtypes: no float64 arbiter
         return None
 
@@ -186,15 +192,9 @@ def assert_rewrites(model: Callable, *inputs: Any, expect: dict[str, int], rtol:
         pairs = [(c, e) for c, e in zip(outs_c, outs_e) if e.requires_grad and e.dtype.is_floating_point]
         cots = [torch.randn(e.shape, generator=gen, dtype=torch.float32).to(e.device) for _, e in pairs]
 
-        def grads(outs, wrt):
-            loss = sum(((o.float() * c).sum() for o, c in zip(outs, cots)), torch.zeros(()))
-            if not wrt or not loss.requires_grad:
-                return [None] * len(wrt)
-            return torch.autograd.grad(loss, wrt, allow_unused=True)
-
         if pairs:
-            g_c = grads([c for c, _ in pairs], wrt_c + params)
-            g_e = grads([e for _, e in pairs], wrt_e + params)
+            g_c = _cotangent_grads([c for c, _ in pairs], cots, wrt_c + params, torch.float32)
+            g_e = _cotangent_grads([e for _, e in pairs], cots, wrt_e + params, torch.float32)
             names = [f"grad of input {i}" for i in range(len(wrt_c))]
             names += [f"grad of {n}" for n, p in model.named_parameters() if any(p is q for q in params)] \
                 if params else []

@@ -144,10 +144,10 @@ def _structure(region: list[fx.Node], leaves: list[fx.Node]) -> tuple[tuple, lis
     and arguments, with nodes named by first use, so that two sites share a verification only
     if they compute alike (a repeated layer), whatever the graph's order of their inputs."""
     names: dict[fx.Node, int] = {}
-    inside = set(region)
+    known = set(region) | set(leaves)
 
     def ref(a: fx.Node):
-        if a not in names and (a in inside or a in leaves):
+        if a not in names and a in known:
             names[a] = len(names)
         return ("node", names.get(a, -1))
 
