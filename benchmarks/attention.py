@@ -7,7 +7,9 @@
     FlexAttention (torch.compile'd, causal block mask). TFLOP/s with causal FLOPs
     4·B·H·T²·D/2 (forward) and 3.5× that (forward+backward); ratios are speed ratios (their
     time / gla's time, > 1 means gla is faster) against cuDNN and Flex.
-(2) gated attention (elementwise gate [B, H, T, D]), T ≤ 8192: gla (gate fused in the epilogue)
+(2) the same at T ≤ 2048 with every call replayed from a CUDA graph: GPU time without the host
+    (eager calls there are bound by the host's launch and autograd overhead).
+(3) gated attention (elementwise gate [B, H, T, D]), T ≤ 8192: gla (gate fused in the epilogue)
     vs SDPA default followed by ``* sigmoid(g)``, eager and under torch.compile.
 
 All timings are triton.testing.do_bench medians (warmup 25 ms, rep 100 ms). gla is checked
@@ -35,6 +37,7 @@ B, H = 2, 16
 T_LIST = tuple(int(x) for x in os.environ.get("GLA_BENCH_T", "1024,2048,4096,8192,16384").split(","))
 D_LIST = tuple(int(x) for x in os.environ.get("GLA_BENCH_D", "128,64").split(","))
 GATED_T_MAX = 8192
+GRAPH_T_LIST = tuple(t for t in T_LIST if t <= 2048)  # where eager calls are host-bound
 DTYPE = torch.bfloat16
 
 
@@ -109,6 +112,40 @@ def _time_impl(fn, q, k, v, backward: bool) -> float:
     return _bench(step, grad_to_none=[q, k, v])
 
 
+def _graphed(step):
+    """``step`` captured in a CUDA graph (after a warm-up on a side stream); returns the replay,
+    or None where the backend cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph.replay
+    except Exception as e:  # report, keep going
+        print(f"  (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})",
+              flush=True)
+        return None
+
+
+def _time_graphed(fn, q, k, v, backward: bool, also=()) -> float:
+    """do_bench of a CUDA-graph replay of ``fn(q, k, v)`` (and its gradients in q, k, v and the
+    tensors ``also``)."""
+    if backward:
+        do = torch.randn_like(q)
+        replay = _graphed(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v, *also), do))
+    else:
+        def fwd():
+            with torch.no_grad():
+                fn(q, k, v)
+        replay = _graphed(fwd)
+    return _bench(replay) if replay is not None else float("nan")
+
+
 def _check(lines) -> None:
     """gla vs an fp32 SDPA (math) reference, forward and backward, at one shape."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -166,6 +203,25 @@ def run(out_dir: str) -> str:
                 lines.append(row)
                 print(row, flush=True)
                 del q, k, v
+    lines += ["", "## Causal attention, host-bound lengths, each call replayed from a CUDA graph",
+              "", "GPU time without the host: every backend's step (forward, or forward and "
+              "`autograd.grad`) captured once and replayed.", "", hdr,
+              "|" + "---|" * (len(cols) + 5)]
+    for d in D_LIST:
+        for t in GRAPH_T_LIST:
+            for backward in (False, True):
+                q, k, v, _ = _inputs(t, d, backward)
+                flops = _fwd_flops(B, H, t, d) * (3.5 if backward else 1.0)
+                ms = {c: _time_graphed(impls[c], q, k, v, backward) for c in cols}
+                cells = [f"{ms[c]:.3f} ({flops / ms[c] * 1e-9:.0f})" if math.isfinite(ms[c])
+                         else "n/a" for c in cols]
+                ratio = lambda c: ms[c] / ms["gla"]  # noqa: E731
+                row = (f"| {d} | {t} | {'fwd+bwd' if backward else 'fwd'} (graph) | "
+                       + " | ".join(cells)
+                       + f" | {ratio('sdpa-cudnn'):.2f} | {ratio('flex'):.2f} |")
+                lines.append(row)
+                print(row, flush=True)
+                del q, k, v
     lines += ["", "## Gated attention (elementwise gate [B, H, T, D])", "",
               "| D | T | pass | gla ms (TFLOP/s) | SDPA + sigmoid eager ms | SDPA + sigmoid "
               "compiled ms | vs eager | vs compiled |", "|---|---|---|---|---|---|---|---|"]
@@ -195,12 +251,19 @@ def run(out_dir: str) -> str:
                     else:
                         with torch.no_grad():
                             ms[c] = _bench(lambda fn=fn: fn(q, k, v, g))
-                row = (f"| {d} | {t} | {'fwd+bwd' if backward else 'fwd'} | {ms['gla']:.3f} "
-                       f"({flops / ms['gla'] * 1e-9:.0f}) | {ms['eager']:.3f} | "
-                       f"{ms['compiled']:.3f} | {ms['eager'] / ms['gla']:.2f} | "
-                       f"{ms['compiled'] / ms['gla']:.2f} |")
-                lines.append(row)
-                print(row, flush=True)
+                rows = [("", ms)]
+                if t in GRAPH_T_LIST:  # and replayed from CUDA graphs (GPU time only)
+                    three = lambda fn: lambda q, k, v: fn(q, k, v, g)  # noqa: E731
+                    rows.append((" (graph)", {c: _time_graphed(three(fn), q, k, v, backward,
+                                                               also=(g,) if backward else ())
+                                              for c, fn in gated.items()}))
+                for tag, m in rows:
+                    row = (f"| {d} | {t} | {'fwd+bwd' if backward else 'fwd'}{tag} | "
+                           f"{m['gla']:.3f} ({flops / m['gla'] * 1e-9:.0f}) | {m['eager']:.3f} | "
+                           f"{m['compiled']:.3f} | {m['eager'] / m['gla']:.2f} | "
+                           f"{m['compiled'] / m['gla']:.2f} |")
+                    lines.append(row)
+                    print(row, flush=True)
                 del q, k, v, g
     lines += ["", f"total benchmark time {time.time() - t_start:.0f} s"]
     text = "\n".join(lines) + "\n"

@@ -6,7 +6,9 @@ At short sequences a fwd+bwd is bound by the host, not the GPU. This separates w
 launchers cost from what any Python autograd node costs on the machine, by timing (µs per call,
 ``issue`` = host time of N calls without a sync, ``wall`` = with the final sync):
 
-* gla ``gated_attention`` fwd and fwd+bwd, and its launchers alone (no autograd);
+* gla ``gated_attention`` fwd and fwd+bwd, and its launchers alone (no autograd), each also with
+  every launch through Triton's ``JITFunction.run`` instead of the cached launcher
+  (``gla.kernels.launch.CACHED = False``);
 * a do-nothing ``torch.autograd.Function`` (``x * 2``, backward ``g * 2``) on CUDA and on the CPU:
   the cost of a Python backward node itself (the autograd engine runs CUDA nodes on its device
   thread, which must take the GIL);
@@ -60,6 +62,7 @@ def _time(fn, n=N):
 def run(out_dir: str) -> str:
     import triton
 
+    from gla.kernels import launch
     from gla.kernels.attention import flash, gated_attention
 
     mk = lambda dev="cuda": torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16,  # noqa: E731
@@ -80,13 +83,26 @@ def run(out_dir: str) -> str:
     def sdpa_step():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
 
+    def triton_path(fn):  # the same call with every launch through JITFunction.run
+        def run_uncached():
+            launch.CACHED = False
+            try:
+                fn()
+            finally:
+                launch.CACHED = True
+        return run_uncached
+
     rows = [
         ("gla gated_attention fwd (no grad)", gla_fwd),
+        ("gla gated_attention fwd (no grad), Triton's launch path", triton_path(gla_fwd)),
         ("gla gated_attention fwd+bwd", gla_step),
+        ("gla gated_attention fwd+bwd, Triton's launch path", triton_path(gla_step)),
         ("gla launchers alone: attention_forward", lambda: flash.attention_forward(
             qd, kd, vd, causal=True)),
         ("gla launchers alone: attention_backward (3 launches)", lambda: flash.attention_backward(
             do, qd, kd, vd, o, lse, causal=True)),
+        ("gla launchers alone: attention_backward, Triton's launch path", triton_path(
+            lambda: flash.attention_backward(do, qd, kd, vd, o, lse, causal=True))),
         ("do-nothing Python autograd.Function fwd+bwd, CUDA", lambda: _Double.apply(xc).sum()
          .backward()),
         ("do-nothing Python autograd.Function fwd+bwd, CPU", lambda: _Double.apply(xh).sum()

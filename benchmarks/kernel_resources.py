@@ -26,6 +26,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from gla.kernels.launch import Launcher  # noqa: E402
+
 TARGET = GPUTarget("cuda", 90, 32)
 _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
        torch.int64: "i64", torch.bool: "i1", torch.uint8: "u8"}
@@ -121,8 +123,9 @@ class _Patched:
 
 
 def _captures(module, calls, keep):
-    return {name: _Capture(obj, calls) for name, obj in vars(module).items()
-            if isinstance(obj, triton.runtime.jit.JITFunction) and keep(name)}
+    kernels = {name: getattr(obj, "fn", obj) for name, obj in vars(module).items()
+               if isinstance(obj, Launcher)}
+    return {name: _Capture(fn, calls) for name, fn in kernels.items() if keep(name)}
 
 
 def _capture_gla(calls):

@@ -1,4 +1,5 @@
-"""Host-side launch plumbing shared by the kernels: integer helpers and the eager fast-path test.
+"""Host-side launch plumbing shared by the kernels: integer helpers, the eager fast-path test and
+the cached launcher every ``@triton.jit`` entry point is wrapped in.
 
 Kept in plain Python because the host cost of a launch is what bounds short sequences:
 ``triton.cdiv`` / ``triton.next_power_of_2`` are ``constexpr_function`` objects in recent Triton
@@ -35,3 +36,165 @@ def eager_ok(*tensors) -> bool:
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached launches
+# ----------------------------------------------------------------------------------------------
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+# GLA_LAUNCH_CACHE=0: every launch through Triton's own path (to compare, or to rule us out).
+CACHED = os.environ.get("GLA_LAUNCH_CACHE", "1") != "0"
+
+
+def _arg_key(a):
+    """What Triton specializes a runtime argument on, as a cheap hashable value.
+
+    Triton (``native_specialize_impl``) types an int as i32 or i64 by range and marks it equal to
+    1 (a constant) or divisible by 16; a tensor by dtype and whether its address is 16-byte
+    aligned; floats and bools by type only. The key may be finer than Triton's, never coarser."""
+    t = type(a)
+    if t is int:
+        if a == 1:
+            return 1
+        return (a & 15 == 0, _I32_MIN <= a <= _I32_MAX)
+    if t is float or t is bool or a is None:
+        return t
+    return (a.dtype, a.data_ptr() & 15 == 0)
+
+
+_SCALARS = frozenset((int, float, bool))
+_EXACT_ENTRIES = 4096  # per kernel; beyond this the exact-value cache starts over
+
+
+class Launcher:
+    """``kernel[grid](*args, **constexprs)`` for a ``@triton.jit`` kernel, minus most host work.
+
+    ``JITFunction.run`` re-derives the specialization of every argument, rebuilds the cache key
+    (``str`` of the options) and looks the kernel up at each launch: tens of µs for kernels with
+    ~40 arguments, paid on every call at short sequences. Here the first launch of each Triton
+    specialization goes through Triton as usual and keeps the ``CompiledKernel`` it returns;
+    later ones call its launcher directly. Two caches, both keyed with the device and the
+    keywords (constexprs and options):
+
+    * exact: the pointer arguments by (dtype, 16-byte alignment) and every scalar argument by
+      value (C-speed hashing of one tuple; a model calls at a few shapes);
+    * fine: every argument by what Triton specializes it on (:func:`_arg_key`), consulted on an
+      exact miss (a new sequence length...), so a new shape costs one Python pass, not Triton's.
+
+    Falls back to Triton's path under the interpreter, while a launch hook is installed
+    (profilers), when an argument is neither a number nor a tensor, and always with
+    ``GLA_LAUNCH_CACHE=0`` (module attribute ``CACHED``).
+
+    Runtime arguments are positional, pointers (tensors or None) first, then scalars;
+    constexprs and options (``num_warps``...) are keywords. The kernel runs on the first tensor's
+    device (Triton alone would use the current one). Triton's checks skipped on the cached path:
+    changed global values seen by the kernel, and knobs changed after the first launch (debug
+    mode...).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.interpreted = type(fn).__name__ == "InterpretedFunction"
+        self._exact: dict = {}
+        self._fine: dict = {}
+        self._n_ptrs: int | None = None  # leading pointer arguments, learned at the first launch
+        self._knobs = None if self.interpreted else _triton_runtime_knobs()
+
+    def _hooked(self) -> bool:
+        knobs = self._knobs
+        return knobs is not None and (_hook_set(knobs.launch_enter_hook)
+                                      or _hook_set(knobs.launch_exit_hook))
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid, args, kwargs):
+        if not CACHED or self.interpreted or callable(grid) or self._hooked():
+            return self.fn[grid](*args, **kwargs)
+        n = self._n_ptrs
+        if n is None:
+            n = self._n_ptrs = next((i for i, a in enumerate(args)
+                                     if a is not None and not isinstance(a, torch.Tensor)),
+                                    len(args))
+        try:
+            ptrs = tuple([None if a is None else (a.dtype, not a.data_ptr() & 15)
+                          for a in args[:n]])
+        except AttributeError:  # a scalar where a pointer was: Triton's path
+            return self.fn[grid](*args, **kwargs)
+        device = _cuda_index(args[0])
+        if device is None:  # not a CUDA tensor: Triton's path (and its error)
+            return self.fn[grid](*args, **kwargs)
+        if device != _current_device():
+            with torch.cuda.device(device):
+                return self.launch(grid, args, kwargs)
+        scalars = args[n:]
+        options = tuple(kwargs.items())
+        # types too: 1, 1.0 and True are equal as keys but not to Triton
+        key = (device, options, tuple(map(type, kwargs.values())), ptrs, scalars,
+               tuple(map(type, scalars)))
+        try:
+            hit = self._exact.get(key)
+        except (TypeError, RuntimeError):  # an unhashable or tensor scalar slipped in
+            hit, key = None, None
+        if hit is None:
+            hit = self._lookup(grid, args, kwargs, device, options, key, scalars)
+            if hit is None:  # launched through Triton
+                return None
+        kernel, consts = hit
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        kernel.run(grid[0], g1, g2, _current_stream(device), kernel.function,
+                   kernel.packed_metadata, None, None, None, *args, *consts)
+        return kernel
+
+    def _lookup(self, grid, args, kwargs, device, options, key, scalars):
+        """The fine-cache entry for these arguments (filling the exact cache), or None after
+        launching through Triton (which compiles or finds the kernel) and caching what it
+        returned."""
+        try:
+            fine = (device, options, tuple([_arg_key(a) for a in args]))
+        except AttributeError:
+            self.fn[grid](*args, **kwargs)
+            return None
+        hit = self._fine.get(fine)
+        launched = hit is None
+        if launched:
+            kernel = self.fn[grid](*args, **kwargs)
+            # the compiled launcher takes every parameter in signature order, constexprs included
+            params = self.fn.params[len(args):]
+            consts = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params)
+            hit = self._fine[fine] = (kernel, consts)
+        if key is not None and _SCALARS.issuperset(map(type, scalars)):
+            if len(self._exact) >= _EXACT_ENTRIES:
+                self._exact.clear()
+            self._exact[key] = hit
+        return None if launched else hit
+
+
+def _cuda_index(t):
+    return t.device.index if t is not None and t.is_cuda else None
+
+
+def _current_device() -> int:
+    return torch._C._cuda_getDevice()
+
+
+def _current_stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def _hook_set(hook) -> bool:
+    """A launch hook is installed: a callable, or a non-empty ``triton.knobs.HookChain`` (Triton
+    3.6+ keeps an empty chain there by default)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _triton_runtime_knobs():
+    import triton
+    knobs = getattr(triton, "knobs", None)
+    return getattr(knobs, "runtime", None)
+
+
+def launcher(fn) -> Launcher:
+    """Decorator form of :class:`Launcher`, placed above ``@triton.jit``."""
+    return Launcher(fn)

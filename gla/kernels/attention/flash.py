@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import cdiv as _cdiv, next_pow2 as _next_pow2
+from ..launch import cdiv as _cdiv, launcher, next_pow2 as _next_pow2
 
 LOG2E = 1.4426950408889634  # written out as a literal inside the kernels
 # Finite biases below this are clamped before scaling by log2(e), so finfo(float32).min stays
@@ -178,6 +178,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
     return acc, l_i, m_i
 
 
+@launcher
 @triton.jit
 def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, OUNG, LSE, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_qd,
@@ -268,6 +269,7 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, OUNG, LSE, sm_scale,
 # ----------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------
+@launcher
 @triton.jit
 def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA,
                          stride_ob, stride_oh, stride_om, stride_od,
@@ -356,6 +358,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     return dk, dv
 
 
+@launcher
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_qd,
@@ -464,6 +467,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_
     return dq
 
 
+@launcher
 @triton.jit
 def _attn_bwd_dq(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DQ, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_qd,
@@ -538,7 +542,7 @@ def _attn_bwd_dq(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DQ, sm_scale,
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-INTERPRETED = type(_attn_fwd).__name__ == "InterpretedFunction"
+INTERPRETED = _attn_fwd.interpreted
 
 
 def _pow2(n: int) -> int:

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..device import interpreting, triton_device_reason
+from ..launch import launcher
 from .naive import ACTIVATIONS
 
 ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2, sigmoid 3, relu 4
@@ -113,6 +114,7 @@ def act_fwd_bwd(a, ACT: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 
 
+@launcher
 @triton.jit
 def _glu_fwd_flat(a_ptr, b_ptr, y_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr,
                   EVEN: tl.constexpr, I64: tl.constexpr):
@@ -135,6 +137,7 @@ def _glu_fwd_flat(a_ptr, b_ptr, y_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr
         tl.store(y_ptr + offs, y, mask=mask)
 
 
+@launcher
 @triton.jit
 def _glu_fwd_2d(a_ptr, b_ptr, y_ptr, M, N, stride_a, stride_b, stride_y,
                 ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -163,6 +166,7 @@ def _glu_fwd_2d(a_ptr, b_ptr, y_ptr, M, N, stride_a, stride_b, stride_y,
         tl.store(y_ptrs, y, mask=mask)
 
 
+@launcher
 @triton.jit
 def _glu_bwd_flat(dy_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr,
                   EVEN: tl.constexpr, I64: tl.constexpr):
@@ -191,6 +195,7 @@ def _glu_bwd_flat(dy_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n, ACT: tl.constexpr, BL
         tl.store(db_ptr + offs, db, mask=mask)
 
 
+@launcher
 @triton.jit
 def _glu_bwd_2d(dy_ptr, a_ptr, b_ptr, da_ptr, db_ptr, M, N,
                 stride_dy, stride_a, stride_b, stride_da, stride_db,

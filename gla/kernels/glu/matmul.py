@@ -22,6 +22,7 @@ from triton.runtime.errors import OutOfResources
 
 from . import elementwise
 from ..device import interpreting
+from ..launch import launcher
 from .elementwise import ACT_CODES, act_fwd
 
 
@@ -92,6 +93,7 @@ def _glu_linear_tile(tile, x_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, M, F, K,
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@launcher
 @triton.jit
 def _glu_linear_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, M, F, K,
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_hm,

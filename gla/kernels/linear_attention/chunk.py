@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.language.standard import _sum_combine
 
-from ..launch import cdiv, next_pow2
+from ..launch import cdiv, launcher, next_pow2
 
 BT = 64      # chunk length
 BS = 16      # sub-block length
@@ -124,6 +124,7 @@ def gate_cumsum(g: torch.Tensor, k: torch.Tensor, cu_seqlens) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
+@launcher
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, o_ptr, h0_ptr, ht_ptr, cu_ptr, scale, T, H, G,
                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -287,6 +288,7 @@ def sequential_fwd(q, k, v, g, initial_state, cu_seqlens, scale, output_final_st
 # ----------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------
+@launcher
 @triton.jit
 def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, T, H, G, NTOK,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -401,6 +403,7 @@ def _bwd_dq_kernel(k_ptr, v_ptr, gc_ptr, do_ptr, dq_ptr, h0_ptr, cu_ptr, scale, 
             S = S + upd
 
 
+@launcher
 @triton.jit
 def _bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, dk_ptr, dv_ptr, dht_ptr, dh0_ptr,
                     cu_ptr, scale, T, H, G, NTOK,

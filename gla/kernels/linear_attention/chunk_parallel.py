@@ -70,7 +70,7 @@ import triton
 import triton.language as tl
 from triton.language.standard import _elementwise_max, _sum_combine
 
-from ..launch import cdiv
+from ..launch import cdiv, launcher
 from .chunk import BS, BT, _diag_3d, _exp_le0, _next_pow2, _seq_bounds, _sum
 from .naive import LOG_GATE_MIN
 
@@ -218,6 +218,7 @@ def _chunk_pos(i_c, cu_ptr, cmap_ptr, T, NT, BT: tl.constexpr, IS_VARLEN: tl.con
 # ----------------------------------------------------------------------------------------------
 # Chunk-local cumulative gate, one program per (chunk, K-block, head)
 # ----------------------------------------------------------------------------------------------
+@launcher
 @triton.jit
 def _gate_cumsum_kernel(g_ptr, gc_ptr, cu_ptr, cmap_ptr, T, NT, H, s_gt, s_gh, s_gk,
                         K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
@@ -263,6 +264,7 @@ def gate_cumsum(g: torch.Tensor, k: torch.Tensor, cu_seqlens) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Sequential state passes
 # ----------------------------------------------------------------------------------------------
+@launcher
 @triton.jit
 def _h_kernel(k_ptr, v_ptr, gc_ptr, h_ptr, h0_ptr, ht_ptr, cu_ptr, coff_ptr, T, NT, H,
               K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -319,6 +321,7 @@ def _h_kernel(k_ptr, v_ptr, gc_ptr, h_ptr, h0_ptr, ht_ptr, cu_ptr, coff_ptr, T, 
         tl.store(ht_ptr + i_n * H * K * V + hoff, S.to(ht_ptr.dtype.element_ty), mask=mkv)
 
 
+@launcher
 @triton.jit
 def _dh_kernel(q_ptr, do_ptr, gc_ptr, dh_ptr, dht_ptr, dh0_ptr, cu_ptr, coff_ptr, scale, T, NT,
                H, G, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -400,6 +403,7 @@ def _chunk_span(gc_ptr, t0, tl_, i_h, sk, K: tl.constexpr, BK: tl.constexpr):
     return span
 
 
+@launcher
 @triton.jit
 def _A_kernel(q_ptr, k_ptr, gc_ptr, A_ptr, cu_ptr, cmap_ptr, span_max, T, NT, H, G,
               K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
@@ -536,6 +540,7 @@ def _A_sub_block(q_ptr, k_ptr, gc_ptr, A_ptr, i_i, i_hq, i_h, cs, bos, L, HQ, sq
                  mask=mI[:, None])
 
 
+@launcher
 @triton.jit
 def _o_kernel(q_ptr, v_ptr, gc_ptr, h_ptr, A_ptr, o_ptr, cu_ptr, cmap_ptr, scale, T, NT, H, G,
               K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -585,6 +590,7 @@ def _o_kernel(q_ptr, v_ptr, gc_ptr, h_ptr, A_ptr, o_ptr, cu_ptr, cmap_ptr, scale
 # ----------------------------------------------------------------------------------------------
 # Per-chunk backward kernels
 # ----------------------------------------------------------------------------------------------
+@launcher
 @triton.jit
 def _dA_kernel(do_ptr, v_ptr, dA_ptr, cu_ptr, cmap_ptr, scale, T, NT, H, G,
                V: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -615,6 +621,7 @@ def _dA_kernel(do_ptr, v_ptr, dA_ptr, cu_ptr, cmap_ptr, scale, T, NT, H, G,
     tl.store(dA_ptr + t[:, None] * (HQ * BT) + i_hq * BT + o_t[None, :], acc, mask=m[:, None])
 
 
+@launcher
 @triton.jit
 def _dv_kernel(k_ptr, gc_ptr, do_ptr, dh_ptr, A_ptr, dv_ptr, cu_ptr, cmap_ptr, scale, T, NT, H,
                G, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -684,6 +691,7 @@ def _rows_times_state_t(x_ptr, t, m, sx, x_off, s_base, o_k, mk, NR: tl.constexp
     return acc
 
 
+@launcher
 @triton.jit
 def _dqkg_kernel(q_ptr, k_ptr, v_ptr, gc_ptr, do_ptr, h_ptr, dh_ptr, dA_ptr, dq_ptr, dk_ptr,
                  dg_ptr, cu_ptr, cmap_ptr, scale, span_max, T, NT, H, G,

@@ -17,10 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import cdiv, next_pow2
+from ..launch import cdiv, launcher, next_pow2
 from .chunk import _sum
 
 
+@launcher
 @triton.jit
 def _fused_recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, h0_ptr, ht_ptr, scale, T, H,
                                 G, s_gt, s_gh, s_gk,
