@@ -283,10 +283,6 @@ SWEEP_CANDS = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
            (64, 128, 8, 2), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 4), (64, 64, 4, 2),
            (128, 32, 8, 4), (64, 32, 4, 4), (32, 64, 4, 3)],
-    # the dK/dV kernel adding dQ with atomics (the whole backward: pre + dkdv_atomic + convert)
-    "dkdv_atomic": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2),
-                    (32, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (32, 64, 4, 3),
-                    (16, 64, 4, 2), (128, 128, 8, 2)],
 }
 
 
@@ -298,8 +294,6 @@ SWEEP_CANDS_D256 = {
              (32, 64, 4, 2), (16, 64, 4, 2)],
     "dq": [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2),
            (32, 32, 4, 2), (64, 64, 4, 2)],
-    "dkdv_atomic": [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2),
-                    (64, 32, 8, 2), (32, 64, 4, 2)],
 }
 
 
@@ -337,9 +331,9 @@ def sweep(ts=(1024, 4096), ds=D_LIST, kernels=None) -> str:
                             q, k, v, None, None, None, scale, True, 0, config=cfg)
                         flops = fwd_flops
                     else:
-                        fn = lambda cfg=cfg, atomic=kern == "dkdv_atomic": (  # noqa: E731
-                            flash.attention_backward(do, q, k, v, o, lse, None, None, None, None,
-                                                     scale, True, 0, config=cfg, atomic=atomic))
+                        fn = lambda cfg=cfg: flash.attention_backward(  # noqa: E731
+                            do, q, k, v, o, lse, None, None, None, None, scale, True, 0,
+                            config=cfg)
                         flops = 2.5 * fwd_flops  # (the whole backward: pre + dkdv + dq)
                     ms = _bench(fn)
                     res.append((ms, cand))

@@ -149,17 +149,10 @@ def _fully_masked_rows(q, k, kw):
     return ~(s > NEG_INF).any(-1)
 
 
-# the Triton backward twice: dQ from its own kernel, and added with atomics by the dK/dV kernel
-IMPL_VARIANTS = ["triton-separate-dq", "triton-atomic-dq", "sdpa", "reference"]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("variant", IMPL_VARIANTS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_matches_float64_reference(case, variant, dtype, monkeypatch):
-    impl, _, dq_mode = variant.partition("-")
-    if dq_mode:
-        monkeypatch.setattr(flash, "DQ_MODE", dq_mode.removesuffix("-dq"))
+def test_matches_float64_reference(case, impl, dtype):
     q, k, v, kw, dout = make_case(dtype=dtype, **CASES[case])
     out, grads = _run(impl, q, k, v, kw, dout)
     ref, ref_grads = _reference(q, k, v, kw, dout)
@@ -180,8 +173,7 @@ def test_matches_float64_reference(case, variant, dtype, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 def _cfg(fwd, dq, dkdv):
     c = lambda bm, bn: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)  # noqa: E731
-    return {"fwd": c(*fwd), "dq": c(*dq), "dkdv": c(*dkdv), "dkdv_atomic": c(*dkdv),
-            "pre": c(16, 16)}
+    return {"fwd": c(*fwd), "dq": c(*dq), "dkdv": c(*dkdv), "pre": c(16, 16)}
 
 
 @pytest.mark.parametrize("cfg", [_cfg((32, 16), (16, 32), (16, 32)),
@@ -191,29 +183,15 @@ def _cfg(fwd, dq, dkdv):
                                   dict(Tq=64, Tk=64, causal=True)],
                          ids=["q40-k70-causal-window", "q70-k40-window-keymask", "even-64"])
 def test_block_m_differs_from_block_n(case, cfg):
-    """The GPU configs use BLOCK_M != BLOCK_N: exercise the band arithmetic with such tiles
-    (both ways of computing dQ)."""
+    """The GPU configs use BLOCK_M != BLOCK_N: exercise the band arithmetic with such tiles."""
     q, k, v, kw, dout = make_case(Hq=2, Hkv=1, D=32, gate="elementwise", **case)
     scale = 1 / math.sqrt(32)
     args = (kw["gate"], kw["bias"], kw["key_mask"], scale, kw["causal"], kw["window"])
     out, lse, o_ung = flash.attention_forward(q, k, v, *args, config=cfg)
+    grads = flash.attention_backward(dout, q, k, v, out, lse, o_ung, *args, config=cfg)
     ref, ref_grads = _reference(q, k, v, kw, dout)
-    for atomic in (False, True):
-        grads = flash.attention_backward(dout, q, k, v, out, lse, o_ung, *args, config=cfg,
-                                         atomic=atomic)
-        errs = [rel_rms_error(out, ref)] + [rel_rms_error(a, e) for a, e in zip(grads, ref_grads)]
-        assert all(e <= 1e-5 for e in errs), (atomic, errs)
-
-
-def test_atomic_dq_follows_the_mode_and_determinism(monkeypatch):
-    """GLA_ATTN_DQ picks how dQ is computed; deterministic algorithms always get the separate
-    (atomic-free) kernel."""
-    for mode, expect in (("atomic", True), ("separate", False)):
-        monkeypatch.setattr(flash, "DQ_MODE", mode)
-        assert flash.atomic_dq() is expect
-    monkeypatch.setattr(flash, "DQ_MODE", "atomic")
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert flash.atomic_dq() is False
+    errs = [rel_rms_error(out, ref)] + [rel_rms_error(a, e) for a, e in zip(grads, ref_grads)]
+    assert all(e <= 1e-5 for e in errs), errs
 
 
 def test_bf16_in_interpreter_runs_in_fp32():
@@ -438,11 +416,9 @@ GPU_CASES = {
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
-def test_gpu_triton_matches_float64(case, dtype, dq_mode, monkeypatch):
-    monkeypatch.setattr(flash, "DQ_MODE", dq_mode)
+def test_gpu_triton_matches_float64(case, dtype):
     q, k, v, kw, dout = make_case(dtype=dtype, **GPU_CASES[case])
     to = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
     q, k, v, dout = map(to, (q, k, v, dout))
@@ -456,11 +432,10 @@ def test_gpu_triton_matches_float64(case, dtype, dq_mode, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("atomic", [False, True], ids=["separate-dq", "atomic-dq"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("few_tiles", [True, False], ids=["small-grid", "large-grid"])
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "window-keymask"])
-def test_gpu_every_default_config(D, few_tiles, extras, atomic):
+def test_gpu_every_default_config(D, few_tiles, extras):
     """Each block config the table can hand out (small- and large-grid forward, the plain and
     extras variants), forced with ``config=`` at one odd shape, against float64."""
     case = dict(B=2, Hq=4, Hkv=2, Tq=1000, Tk=1000, D=D, causal=True, gate="elementwise")
@@ -472,8 +447,7 @@ def test_gpu_every_default_config(D, few_tiles, extras, atomic):
     cfg = flash._configs_cached(D, D, torch.bfloat16, True, 65, extras, False, few_tiles)
     args = (kw["gate"], None, kw["key_mask"], 1 / math.sqrt(D), True, kw["window"])
     out, lse, o_ung = flash.attention_forward(q, k, v, *args, config=cfg)
-    grads = flash.attention_backward(dout, q, k, v, out, lse, o_ung, *args, config=cfg,
-                                     atomic=atomic)
+    grads = flash.attention_backward(dout, q, k, v, out, lse, o_ung, *args, config=cfg)
     ref, ref_grads = _reference(q, k, v, kw, dout)
     errs = {"out": rel_rms_error(out, ref)}
     errs.update({n: rel_rms_error(a, e) for n, a, e in zip(["dq", "dk", "dv", "dg"], grads,

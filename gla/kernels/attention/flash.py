@@ -271,7 +271,7 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, OUNG, LSE, sm_scale,
 # ----------------------------------------------------------------------------------------------
 @launcher
 @triton.jit
-def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA, DQ_ACC,
+def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA,
                          stride_ob, stride_oh, stride_om, stride_od,
                          stride_dob, stride_doh, stride_dom, stride_dod,
                          stride_gb, stride_gh, stride_gm, stride_gd,
@@ -279,11 +279,9 @@ def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA, DQ_ACC,
                          stride_dgb, stride_dgh, stride_dgm, stride_dgd,
                          H, TQ, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_GATE: tl.constexpr, GATE_HEADWISE: tl.constexpr,
-                         INT64: tl.constexpr, ZERO_DQ: tl.constexpr, D: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         INT64: tl.constexpr):
     """delta = rowsum(dO_att · O) where O is the ungated output and dO_att = dout·σ(g) is the
-    attention's dO; dgate = dout·O·σ(g)(1−σ(g)) (summed over Dv for a headwise gate). With
-    ZERO_DQ, also zeroes these rows of the fp32 dQ accumulator [B·H, TQ, D] (no memset launch)."""
+    attention's dO; dgate = dout·O·σ(g)(1−σ(g)) (summed over Dv for a headwise gate)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -319,24 +317,18 @@ def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA, DQ_ACC,
                  + offs_dv[None, :] * stride_ed, do.to(DO_EFF.dtype.element_ty), mask=msk)
     delta = tl.sum(do * o, 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, delta, mask=row_ok)
-    if ZERO_DQ:
-        offs_d = tl.arange(0, BLOCK_D)
-        tl.store(DQ_ACC + (pid_bh.to(tl.int64) * TQ + offs_m)[:, None] * D + offs_d[None, :],
-                 tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
-                 mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                          stride_qm, stride_qd, stride_dom, stride_dod,
                          bias_base, stride_bm, stride_bn, km_base, stride_kmn,
                          offs_n, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW,
                          D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                          MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr,
-                         PRECISION: tl.constexpr, INT64: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    # Transposed tiles: rows are keys (offs_n), columns are queries (offs_m). With ATOMIC_DQ the
-    # query rows' dQ share (dS·K, unscaled) is added into the fp32 accumulator at dq_base.
+                         PRECISION: tl.constexpr, INT64: tl.constexpr):
+    # Transposed tiles: rows are keys (offs_n), columns are queries (offs_m).
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         if INT64:  # offsets past 2**31 elements
@@ -361,18 +353,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq
                         offs_m, TQ, offs_dv, DV, MASKED)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-        dk = tl.dot(dsT, q, dk, input_precision=PRECISION)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)
-            tl.atomic_add(dq_base + offs_m[:, None] * D + offs_d[None, :], dq,
-                          mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < D), sem="relaxed")
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
 @launcher
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, DQ_ACC, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -386,7 +374,7 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, DQ_ACC, sm_
                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
-                   EVEN_M: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                   EVEN_M: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // HK).to(tl.int64)
@@ -421,25 +409,24 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, DQ_ACC, sm_
         row_base = (off_b * H + off_h) * TQ
         lse_base = LSE + row_base
         delta_base = DELTA + row_base
-        dq_base = DQ_ACC + row_base * D
         # causal diagonal (masked), the fully visible middle, the window's far edge and the
         # ragged last query block (masked).
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qm, stride_qd,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
             stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
             offs_n, offs_d, offs_dv, lo, lo_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
-            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64, ATOMIC_DQ)
+            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qm, stride_qd,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
             stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
             offs_n, offs_d, offs_dv, lo_full, hi_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
-            False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64, ATOMIC_DQ)
+            False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
         if HAS_WINDOW or not EVEN_M:  # (else [hi_full, hi) is empty)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qm,
-                stride_qd, stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+                stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
                 offs_n, offs_d, offs_dv, hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
-                True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64, ATOMIC_DQ)
+                True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
 
     dk = dk * sm_scale
     tl.store(DKEY + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
@@ -552,28 +539,6 @@ def _attn_bwd_dq(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DQ, sm_scale,
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
-@launcher
-@triton.jit
-def _attn_bwd_dq_convert(DQ_ACC, DQ, sm_scale, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                         H, TQ, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         INT64: tl.constexpr):
-    """dQ = scale · (the fp32 accumulator the dK/dV kernel added into), cast and strided."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if INT64:  # offsets past 2**31 elements
-        offs_m = offs_m.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    msk = (offs_m[:, None] < TQ) & (offs_d[None, :] < D)
-    acc = tl.load(DQ_ACC + (pid_bh.to(tl.int64) * TQ + offs_m)[:, None] * D + offs_d[None, :],
-                  mask=msk, other=0.0)
-    dq = acc * tl.cast(sm_scale, tl.float32)
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=msk)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -584,14 +549,11 @@ def _pow2(n: int) -> int:
     return max(16, _next_pow2(n))
 
 
-_KERNELS = ("fwd", "dq", "dkdv", "dkdv_atomic", "pre")
-
-
 def _parse_config_override(text: str | None) -> dict:
     """``GLA_ATTN_CONFIG``: ``"fwd=128,128,8,2;dq@64=128,64,8,3"`` -> {(kernel, bd | None): cfg}.
 
     Each entry is ``kernel[@head_dim_bucket]=BLOCK_M,BLOCK_N,num_warps,num_stages`` with kernel
-    one of fwd / dq / dkdv / dkdv_atomic / pre and the bucket the padded head dim (16, 32, 64, 128, 256);
+    one of fwd / dq / dkdv / pre and the bucket the padded head dim (16, 32, 64, 128, 256);
     without ``@`` it applies to every head dim. Only compiled (GPU) configs are overridden."""
     out = {}
     for item in (text or "").replace(" ", "").split(";"):
@@ -604,9 +566,8 @@ def _parse_config_override(text: str | None) -> dict:
         except ValueError:
             raise ValueError(f"GLA_ATTN_CONFIG entry {item!r}: expected "
                              "kernel[@D]=BLOCK_M,BLOCK_N,num_warps,num_stages") from None
-        if kern not in _KERNELS:
-            raise ValueError(f"GLA_ATTN_CONFIG entry {item!r}: kernel must be one of "
-                             f"{', '.join(_KERNELS)}")
+        if kern not in ("fwd", "dq", "dkdv", "pre"):
+            raise ValueError(f"GLA_ATTN_CONFIG entry {item!r}: kernel must be fwd, dq, dkdv or pre")
         out[(kern, int(bd) if bd else None)] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
                                                     num_stages=st)
     return out
@@ -624,8 +585,7 @@ def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int
     """Block sizes / warps / stages of the four kernels: the one heuristic table, no autotune.
 
     Keys: ``fwd`` and ``dq`` (BLOCK_M query rows per program, BLOCK_N keys per step), ``dkdv``
-    (BLOCK_N keys per program, BLOCK_M query rows per step), ``dkdv_atomic`` (the same kernel
-    adding dQ too, see :func:`atomic_dq`), ``pre`` (BLOCK_M rows).
+    (BLOCK_N keys per program, BLOCK_M query rows per step), ``pre`` (BLOCK_M rows).
     ``extras``: a bias, key_mask or window is present (more registers per score tile).
     ``batch_heads`` (B·Hq) and ``device`` size the forward's grid: a causal forward with few
     128-row tiles per multiprocessor takes 64-row tiles (None: assume a large grid).
@@ -667,8 +627,7 @@ def _configs_cached(d, dv, dtype, causal, tq, extras, interpret, few_tiles=False
     bd = max(_pow2(d), _pow2(dv))
     if interpret:  # small tiles: the interpreter's cost is per op, and tests hit every edge
         c = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-        return {"fwd": dict(c), "dq": dict(c), "dkdv": dict(c), "dkdv_atomic": dict(c),
-                "pre": dict(c, BLOCK_M=16)}
+        return {"fwd": dict(c), "dq": dict(c), "dkdv": dict(c), "pre": dict(c, BLOCK_M=16)}
     # From the backward/forward sweeps on an H200 (benchmarks/results/attention-sweep-*-h200*.txt,
     # causal bf16, T = 4k/8k; retune with `python benchmarks/attention.py --sweep`): 64-key dK/dV
     # tiles on one warpgroup beat 128-key tiles on two by 17-19% of the whole backward.
@@ -710,10 +669,7 @@ def _configs_cached(d, dv, dtype, causal, tq, extras, interpret, few_tiles=False
         dq = dict(dq, BLOCK_M=min(dq["BLOCK_M"], bm), num_warps=4)
     pre = dict(BLOCK_M=max(16, min(128, 4096 // _next_pow2(dv))), num_warps=4,
                num_stages=1)
-    # dK/dV kernel that also adds dQ with atomics: one more matmul and a [BLOCK_M, D] fp32 tile
-    # of atomics per step
-    dkdv_atomic = dict(dkdv)
-    cfg = {"fwd": fwd, "dq": dq, "dkdv": dkdv, "dkdv_atomic": dkdv_atomic, "pre": pre}
+    cfg = {"fwd": fwd, "dq": dq, "dkdv": dkdv, "pre": pre}
     for (kern, obd), c in CONFIG_OVERRIDE.items():
         if obd is None or obd == bd:
             cfg[kern] = dict(c)
@@ -847,32 +803,10 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     return out, lse, o_ung
 
 
-# GLA_ATTN_DQ: "separate" (dQ from its own kernel, which recomputes the scores: deterministic),
-# "atomic" (the dK/dV kernel adds dQ into an fp32 buffer with atomics: two matmuls fewer per
-# block pair, not bitwise reproducible) or "auto" (see atomic_dq).
-DQ_MODE = os.environ.get("GLA_ATTN_DQ", "auto")
-if DQ_MODE not in ("auto", "atomic", "separate"):
-    raise ValueError(f"GLA_ATTN_DQ must be auto, atomic or separate; got {DQ_MODE!r}")
-
-
-def atomic_dq() -> bool:
-    """Whether the backward adds dQ with atomics inside the dK/dV kernel (:data:`DQ_MODE`).
-
-    Never while ``torch.use_deterministic_algorithms`` is on: float atomics add in a
-    run-dependent order, so dQ may differ in the last bits between runs."""
-    if DQ_MODE == "separate" or torch.are_deterministic_algorithms_enabled():
-        return False
-    return DQ_MODE == "atomic"
-
-
 def attention_backward(dout, q, k, v, out, lse, o_ung=None, gate=None, bias=None, key_mask=None,
-                       scale=None, causal=False, window=0, config=None, atomic=None):
-    """Launch the backward kernels. Returns ``(dq, dk, dv, dgate)`` (dgate None without a
-    gate). ``out``, ``lse``, ``o_ung`` are what :func:`attention_forward` returned.
-
-    Preprocess (delta, gated dO, dgate), then dK/dV, then dQ: by its own kernel, or (``atomic``,
-    default :func:`atomic_dq`) added by the dK/dV kernel into an fp32 buffer that a last kernel
-    scales and casts."""
+                       scale=None, causal=False, window=0, config=None):
+    """Launch preprocess, dK/dV and dQ kernels. Returns ``(dq, dk, dv, dgate)`` (dgate None
+    without a gate). ``out``, ``lse``, ``o_ung`` are what :func:`attention_forward` returned."""
     B, H, TQ, D = q.shape
     HK, TK, DV = k.shape[1], k.shape[2], v.shape[3]
     if scale is None:
@@ -898,9 +832,6 @@ def attention_backward(dout, q, k, v, out, lse, o_ung=None, gate=None, bias=None
     int64 = _needs_int64(q, k, v, o, dout, dq, dk, dv, g if gate is not None else None,
                          b if bias is not None else None)
     delta = _empty(B, H, TQ, dtype=torch.float32, device=q.device)
-    atomic = atomic_dq() if atomic is None else atomic
-    # fp32 [B·H, TQ, D], zeroed by the preprocess kernel (as many elements as dq: same int64 rule)
-    dq_acc = _empty(B * H * TQ * D, dtype=torch.float32, device=q.device) if atomic else delta
     if gate is not None:
         do_eff = _empty_bthd(B, H, TQ, DV, q.dtype, q.device)
         dg = dgate.expand(B, H, TQ, gate.shape[-1])
@@ -910,28 +841,25 @@ def attention_backward(dout, q, k, v, out, lse, o_ung=None, gate=None, bias=None
     if TQ > 0:
         c = cfg["pre"]
         _attn_bwd_preprocess[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
-            o, dout, g, do_eff, dg, delta, dq_acc, *o.stride(), *dout.stride(), *gs,
-            *do_eff.stride(), *dgs, H, TQ, DV=DV, BLOCK_DV=_pow2(DV), BLOCK_M=c["BLOCK_M"],
-            HAS_GATE=gate is not None, GATE_HEADWISE=headwise, INT64=int64, ZERO_DQ=atomic,
-            D=D, BLOCK_D=_pow2(D), num_warps=c["num_warps"], num_stages=c["num_stages"])
+            o, dout, g, do_eff, dg, delta, *o.stride(), *dout.stride(), *gs, *do_eff.stride(),
+            *dgs, H, TQ, DV=DV, BLOCK_DV=_pow2(DV), BLOCK_M=c["BLOCK_M"],
+            HAS_GATE=gate is not None, GATE_HEADWISE=headwise, INT64=int64,
+            num_warps=c["num_warps"],
+            num_stages=c["num_stages"])
     common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), IS_CAUSAL=bool(causal),
                   HAS_WINDOW=window > 0, HAS_BIAS=bias is not None,
                   HAS_KMASK=key_mask is not None, PRECISION=_precision(q.dtype),
                   INT64=int64)
     if TK > 0:
-        c = cfg["dkdv_atomic" if atomic else "dkdv"]
+        c = cfg["dkdv"]
         _attn_bwd_dkdv[(_cdiv(TK, c["BLOCK_N"]), B * HK)](
-            q, k, v, b, km, do_eff, lse, delta, dk, dv, dq_acc, scale,
+            q, k, v, b, km, do_eff, lse, delta, dk, dv, scale,
             *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *dk.stride(),
             *dv.stride(), H, HK, H // HK, TQ, TK, int(window),
             BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], EVEN_M=TQ % c["BLOCK_M"] == 0,
-            ATOMIC_DQ=atomic, num_warps=c["num_warps"], num_stages=c["num_stages"], **common)
-    if TQ > 0 and atomic:
-        bm = max(16, min(128, 4096 // _next_pow2(D)))
-        _attn_bwd_dq_convert[(_cdiv(TQ, bm), B * H)](
-            dq_acc, dq, scale, *dq.stride(), H, TQ, D=D, BLOCK_D=_pow2(D), BLOCK_M=bm,
-            INT64=int64, num_warps=4)
-    elif TQ > 0:
+            num_warps=c["num_warps"],
+            num_stages=c["num_stages"], **common)
+    if TQ > 0:
         c = cfg["dq"]
         _attn_bwd_dq[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
             q, k, v, b, km, do_eff, lse, delta, dq, scale,
