@@ -28,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from cuda_graphs import capture
 from results_io import require_cuda, write_table
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -113,19 +114,10 @@ def _time_impl(fn, q, k, v, backward: bool) -> float:
 
 
 def _graphed(step):
-    """``step`` captured in a CUDA graph (after a warm-up on a side stream); returns the replay,
-    or None where the backend cannot be captured."""
+    """``step`` captured in a CUDA graph; returns the replay, or None where the backend cannot
+    be captured."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return graph.replay
+        return capture(step).replay
     except Exception as e:  # report, keep going
         print(f"  (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})",
               flush=True)
@@ -187,41 +179,32 @@ def run(out_dir: str) -> str:
     hdr = ("| D | T | pass | " + " | ".join(f"{c} ms (TFLOP/s)" for c in cols)
            + " | vs cuDNN | vs Flex |")
     lines += ["## Causal attention", "", hdr, "|" + "---|" * (len(cols) + 5)]
-    for d in D_LIST:
-        for t in T_LIST:
-            if d == 64 and t > 8192:
-                continue
-            for backward in (False, True):
-                q, k, v, _ = _inputs(t, d, backward)
-                flops = _fwd_flops(B, H, t, d) * (3.5 if backward else 1.0)
-                ms = {c: _time_impl(impls[c], q, k, v, backward) for c in cols}
-                cells = [f"{ms[c]:.3f} ({flops / ms[c] * 1e-9:.0f})" if math.isfinite(ms[c])
-                         else "n/a" for c in cols]
-                ratio = lambda c: ms[c] / ms["gla"]  # noqa: E731
-                row = (f"| {d} | {t} | {'fwd+bwd' if backward else 'fwd'} | " + " | ".join(cells)
-                       + f" | {ratio('sdpa-cudnn'):.2f} | {ratio('flex'):.2f} |")
-                lines.append(row)
-                print(row, flush=True)
-                del q, k, v
+
+    def causal_rows(ts, timer, tag=""):
+        for d in D_LIST:
+            for t in ts:
+                if d == 64 and t > 8192:
+                    continue
+                for backward in (False, True):
+                    q, k, v, _ = _inputs(t, d, backward)
+                    flops = _fwd_flops(B, H, t, d) * (3.5 if backward else 1.0)
+                    ms = {c: timer(impls[c], q, k, v, backward) for c in cols}
+                    cells = [f"{ms[c]:.3f} ({flops / ms[c] * 1e-9:.0f})" if math.isfinite(ms[c])
+                             else "n/a" for c in cols]
+                    ratio = lambda c: ms[c] / ms["gla"]  # noqa: E731
+                    row = (f"| {d} | {t} | {'fwd+bwd' if backward else 'fwd'}{tag} | "
+                           + " | ".join(cells)
+                           + f" | {ratio('sdpa-cudnn'):.2f} | {ratio('flex'):.2f} |")
+                    lines.append(row)
+                    print(row, flush=True)
+                    del q, k, v
+
+    causal_rows(T_LIST, _time_impl)
     lines += ["", "## Causal attention, host-bound lengths, each call replayed from a CUDA graph",
               "", "GPU time without the host: every backend's step (forward, or forward and "
               "`autograd.grad`) captured once and replayed.", "", hdr,
               "|" + "---|" * (len(cols) + 5)]
-    for d in D_LIST:
-        for t in GRAPH_T_LIST:
-            for backward in (False, True):
-                q, k, v, _ = _inputs(t, d, backward)
-                flops = _fwd_flops(B, H, t, d) * (3.5 if backward else 1.0)
-                ms = {c: _time_graphed(impls[c], q, k, v, backward) for c in cols}
-                cells = [f"{ms[c]:.3f} ({flops / ms[c] * 1e-9:.0f})" if math.isfinite(ms[c])
-                         else "n/a" for c in cols]
-                ratio = lambda c: ms[c] / ms["gla"]  # noqa: E731
-                row = (f"| {d} | {t} | {'fwd+bwd' if backward else 'fwd'} (graph) | "
-                       + " | ".join(cells)
-                       + f" | {ratio('sdpa-cudnn'):.2f} | {ratio('flex'):.2f} |")
-                lines.append(row)
-                print(row, flush=True)
-                del q, k, v
+    causal_rows(GRAPH_T_LIST, _time_graphed, " (graph)")
     lines += ["", "## Gated attention (elementwise gate [B, H, T, D])", "",
               "| D | T | pass | gla ms (TFLOP/s) | SDPA + sigmoid eager ms | SDPA + sigmoid "
               "compiled ms | vs eager | vs compiled |", "|---|---|---|---|---|---|---|---|"]

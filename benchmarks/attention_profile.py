@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+from cuda_graphs import capture
 from results_io import write_table
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -118,16 +119,7 @@ def _profile(fn):
 def _time_graph(fn, n=50) -> float:
     """Per-call time when `fn` is captured once and replayed (nan if it cannot be captured)."""
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = capture(fn)
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize()

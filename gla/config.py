@@ -10,7 +10,7 @@ _CHOICES = {
     "verify": ("once", "always", "off"),
     "inner": ("inductor", "aot_eager", "eager"),
     "mode": ("exact", "linearize"),
-    "kernels": ("auto", "triton", "reference"),
+    "kernels": ("auto", "triton", "pytorch", "reference"),
 }
 
 
@@ -29,7 +29,9 @@ class Config:
     mode:     ``"exact"`` rewrites only what computes the same function; ``"linearize"`` (planned)
               will convert softmax attention into gated linear attention.
     kernels:  ``"auto"`` (Triton on GPUs, fused PyTorch/reference elsewhere), ``"triton"`` (force
-              the Triton kernels; the interpreter on a CPU), ``"reference"`` (pure PyTorch).
+              the Triton kernels; the interpreter on a CPU), ``"pytorch"`` (no Triton: PyTorch's
+              fused SDPA for softmax attention, the reference elsewhere, what a CPU runs under
+              "auto"), ``"reference"`` (pure PyTorch).
     """
 
     patterns: tuple[str, ...] = FAMILIES

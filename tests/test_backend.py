@@ -144,8 +144,31 @@ def test_graph_breaks_are_fine():
     assert report.graphs == 2 and report.counts["glu"] == 2
 
 
-def test_forced_triton_kernels_through_the_backend():
-    """kernels="triton": the model's rewrites run the very Triton kernels GPUs run (the interpreter here)."""
+def test_kernel_choice_on_cuda_by_option():
+    """On (fake) CUDA tensors "auto" picks Triton; "pytorch" picks SDPA for attention and plain
+    PyTorch for GLU and GLA, whatever Triton could do."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gla.config import Config
+    from gla.lowering import attention as la, glu as lg, linear_attention as lla
+
+    with FakeTensorMode():
+        q = torch.empty(1, 2, 16, 64, device="cuda", dtype=torch.bfloat16)
+        x = torch.empty(4, 64, device="cuda", dtype=torch.bfloat16)
+        assert la.choose_impl(Config(), q, q, q) == "triton"
+        assert la.choose_impl(Config(kernels="pytorch"), q, q, q) == "sdpa"
+        assert lg.choose_impl(Config(), x, x, act="silu") == "triton"
+        assert lg.choose_impl(Config(kernels="pytorch"), x, x, act="silu") == "reference"
+    cuda = torch.device("cuda")
+    shapes = {n: ((1, 16, 2, 64), torch.bfloat16) for n in ("q", "k", "v", "g")}
+    assert lla._impl_for(Config(), cuda, shapes) == "triton"
+    assert lla._impl_for(Config(kernels="pytorch"), cuda, shapes) == "reference"
+
+
+@pytest.mark.parametrize("kernels", ["triton", "pytorch"])
+def test_kernels_option_through_the_backend(kernels):
+    """kernels="triton": the model's rewrites run the very Triton kernels GPUs run (the interpreter
+    here); kernels="pytorch": the same rewrites (verified) lowered to SDPA and plain PyTorch."""
     import os
     import sys
 
@@ -158,5 +181,10 @@ def test_forced_triton_kernels_through_the_backend():
     model = TinyLlama(TinyLlamaConfig(vocab_size=64, hidden=64, layers=1, heads=4, kv_heads=2, ffn=96))
     ids = torch.randint(0, 64, (1, 20))
     report = assert_rewrites(model, ids, expect={"gated_attention": 1, "glu": 1}, grad=True,
-                             options={"inner": "aot_eager", "kernels": "triton"})
-    assert all("[triton]" in r.kernel for r in report.rewrites), str(report)
+                             options={"inner": "aot_eager", "kernels": kernels})
+    said = {r.kind: r.kernel for r in report.rewrites}
+    if kernels == "triton":
+        assert all("[triton]" in k for k in said.values()), str(report)
+    else:
+        assert "scaled_dot_product_attention" in said["gated_attention"], str(report)
+        assert not any("triton" in k for k in said.values()), str(report)

@@ -56,6 +56,8 @@ def choose_impl(config: Config, q, k, v, **case) -> str | Decline:
 
     if config.kernels == "reference":
         return "reference"
+    if config.kernels == "pytorch":
+        return "sdpa"
     reason = triton_unsupported_reason(q, k, v, **case)
     if config.kernels == "triton":
         return Decline(reason) if reason else "triton"

@@ -45,7 +45,7 @@ def _glu(a, b, act, impl):
 def choose_impl(config: Config, *tensors, act: str) -> str | Decline:
     from ..kernels.glu import triton_unsupported_reason
 
-    if config.kernels == "reference":
+    if config.kernels in ("reference", "pytorch"):
         return "reference"
     reason = triton_unsupported_reason(*tensors, act=act)
     if config.kernels == "triton":

@@ -94,7 +94,7 @@ def _impl_for(config: Config, device, inputs: dict, gate: str | None = None) -> 
 
     from ..kernels.linear_attention import triton_unsupported_reason
 
-    if config.kernels == "reference":
+    if config.kernels in ("reference", "pytorch"):
         return "reference"
     ns = {k: (SimpleNamespace(shape=tuple(v[0]), dtype=v[1], device=device) if v is not None else None)
           for k, v in inputs.items()}
