@@ -134,7 +134,9 @@ class Launcher:
                tuple(map(type, scalars)))
         try:
             hit = self._exact.get(key)
-        except (TypeError, RuntimeError):  # an unhashable or tensor scalar slipped in
+        except TypeError:  # an unhashable keyword value (a list...): nothing to cache on
+            return self.fn[grid](*args, **kwargs)
+        except RuntimeError:  # a tensor among the scalars met an equal hash: the fine key
             hit, key = None, None
         if hit is None:
             hit = self._lookup(grid, args, kwargs, device, options, key, scalars)

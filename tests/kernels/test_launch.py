@@ -132,14 +132,16 @@ def test_launcher_caches_per_triton_specialization(fake_launcher):
 
 
 def test_launcher_falls_back_on_unexpected_arguments(fake_launcher):
-    """A scalar where a pointer was, or a callable grid, goes through Triton every time."""
+    """A scalar where a pointer was, a callable grid or an unhashable keyword goes through
+    Triton every time."""
     lau, fn = fake_launcher
     x = torch.zeros(32, dtype=torch.float16)
     lau[(1,)](x, x, 16, 0.5, BLOCK=16)
     for _ in range(2):
         lau[(1,)](x, 3, 16, 0.5, BLOCK=16)
         lau[lambda meta: (1,)](x, x, 16, 0.5, BLOCK=16)
-    assert len(fn.triton_launches) == 5 and fn.runs == []
+        lau[(1,)](x, x, 16, 0.5, BLOCK=[16])  # an unhashable keyword
+    assert len(fn.triton_launches) == 7 and fn.runs == []
 
 
 # ----------------------------------------------------------------------------------------------
