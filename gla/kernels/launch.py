@@ -128,10 +128,9 @@ class Launcher:
             with torch.cuda.device(device):
                 return self.launch(grid, args, kwargs)
         scalars = args[n:]
-        options = tuple(kwargs.items())
         # types too: 1, 1.0 and True are equal as keys but not to Triton
-        key = (device, options, tuple(map(type, kwargs.values())), ptrs, scalars,
-               tuple(map(type, scalars)))
+        options = (tuple(kwargs.items()), tuple(map(type, kwargs.values())))
+        key = (device, options, ptrs, scalars, tuple(map(type, scalars)))
         try:
             hit = self._exact.get(key)
         except TypeError:  # an unhashable keyword value (a list...): nothing to cache on

@@ -125,10 +125,14 @@ def test_launcher_caches_per_triton_specialization(fake_launcher):
         before = len(fn.triton_launches)
         lau[(1,)](*args, **kwargs)
         assert len(fn.triton_launches) == before + 1, (args, kwargs)
-    # 1, True and 1.0 are equal as dict keys; Triton specializes them differently
-    n_before = len(fn.triton_launches)
-    lau[(1,)](x, y, True, 0.5, BLOCK=16)
-    assert len(fn.triton_launches) == n_before + 1
+    # 1, True and 1.0 are equal as dict keys; Triton specializes them differently, as scalars
+    # and as constexprs
+    for args, kwargs in [((x, y, True, 0.5), {"BLOCK": 16}),
+                         ((x, y, 48, 0.5), {"BLOCK": 16, "FLAG": 1}),
+                         ((x, y, 48, 0.5), {"BLOCK": 16, "FLAG": True})]:
+        before = len(fn.triton_launches)
+        lau[(1,)](*args, **kwargs)
+        assert len(fn.triton_launches) == before + 1, (args, kwargs)
 
 
 def test_launcher_falls_back_on_unexpected_arguments(fake_launcher):
