@@ -17,14 +17,13 @@ All timings are triton.testing.do_bench medians. Outputs are checked against eag
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from results_io import require_cuda, write_table
+from results_io import out_dir_arg, require_cuda, write_table
 
 
 @dataclass
@@ -401,4 +400,4 @@ def main(out_dir: str) -> str:
 if __name__ == "__main__":
     import sys
 
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results"))
+    main(out_dir_arg(sys.argv))

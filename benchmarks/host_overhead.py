@@ -8,7 +8,7 @@ launchers cost from what any Python autograd node costs on the machine, by timin
 
 * gla ``gated_attention`` fwd and fwd+bwd, and its launchers alone (no autograd), each also with
   every launch through Triton's ``JITFunction.run`` instead of the cached launcher
-  (``gla.kernels.launch.CACHED = False``);
+  (``gla.kernels.launch.triton_launches()``);
 * a do-nothing ``torch.autograd.Function`` (``x * 2``, backward ``g * 2``) on CUDA and on the CPU:
   the cost of a Python backward node itself (the autograd engine runs CUDA nodes on its device
   thread, which must take the GIL);
@@ -28,7 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from results_io import require_cuda, write_table
+from results_io import out_dir_arg, require_cuda, write_table
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -84,13 +84,10 @@ def run(out_dir: str) -> str:
         F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
 
     def triton_path(fn):  # the same call with every launch through JITFunction.run
-        def run_uncached():
-            launch.CACHED = False
-            try:
+        def run():
+            with launch.triton_launches():
                 fn()
-            finally:
-                launch.CACHED = True
-        return run_uncached
+        return run
 
     rows = [
         ("gla gated_attention fwd (no grad)", gla_fwd),
@@ -163,5 +160,4 @@ def main(out_dir: str) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__),
-                                                             "results"))
+    main(out_dir_arg(sys.argv))

@@ -1,171 +1,162 @@
-"""Host-time probe (session 4): where a gla attention fwd+bwd step spends its host time.
+"""Where one gla attention training step spends its host time (one GPU, small shapes).
 
-    OUT=dir python benchmarks/host_probe.py      # from the repository root; writes $OUT/probe2.md
+    python benchmarks/host_probe.py [out_dir]   # writes {out_dir}/host-probe-<device>.md
 
-One-off investigation kept with its output (results/host-probe-nvidia-h200.md): launcher costs
-with and without the cached launcher, the same with the kernels stubbed out (Python only), a
-do-nothing autograd.Function with our signature, the host timeline of one step (when each launch
-is entered), Flex/SDPA host time, and do_bench of attention / GLA calls both ways.
-B=2 H=16 T=1024 D=128 bf16 causal unless a row says otherwise."""
-import os, sys, time, statistics
+A one-off investigation beside ``host_overhead.py`` (whose timer it uses): launcher costs with
+and without the cached launcher, the same with the kernels stubbed out (Python only), the step
+through ``.backward`` with and without gradient accumulation and through ``autograd.grad``, a
+do-nothing ``autograd.Function`` with our signature, the host timeline of one step (when each
+launch is entered), and Flex / SDPA steps for scale. B=2 H=16 T=1024 D=128 bf16 causal; µs of
+host time per call without a sync. (do_bench of the same calls both ways: ``launch_cache.py``.)
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
 import torch
-sys.path.insert(0, os.getcwd())
-from gla.kernels import launch
-from gla.kernels.attention import flash, gated_attention
-from gla.kernels.attention.op import _TritonAttention
+from host_overhead import B, D, H, T, _time
+from results_io import out_dir_arg, require_cuda, write_table
 
-B, H, T, D = 2, 16, 1024, 128
-N = 300
-OUT = os.environ.get("OUT", "/tmp/out")
-lines = []
-def say(s):
-    print(s); lines.append(s)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def timeit(fn, n=N):
-    for _ in range(20): fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n): fn()
-    t1 = time.perf_counter(); torch.cuda.synchronize()
-    return 1e6 * (t1 - t0) / n
 
-mk = lambda: torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-q, k, v = mk(), mk(), mk()
-do = torch.randn_like(q)
-qd, kd, vd = q.detach(), k.detach(), v.detach()
-o, lse, _ = flash.attention_forward(qd, kd, vd, causal=True)
+class _Nop9(torch.autograd.Function):
+    """gla's eager autograd.Function signature (9 inputs, 8 saved tensors), doing nothing."""
 
-def uncached(fn):
-    def f():
-        launch.CACHED = False
-        try: fn()
-        finally: launch.CACHED = True
-    return f
-
-def step():
-    gated_attention(q, k, v, causal=True).backward(do)
-def step_clear():
-    q.grad = k.grad = v.grad = None
-    gated_attention(q, k, v, causal=True).backward(do)
-def step_grad():
-    torch.autograd.grad(gated_attention(q, k, v, causal=True), (q, k, v), do)
-def step_apply():
-    torch.autograd.grad(_TritonAttention.apply(q, k, v, None, None, None, 0.088, True, 0), (q, k, v), do)
-fwd = lambda: flash.attention_forward(qd, kd, vd, None, None, None, 0.088, True, 0)
-bwd = lambda: flash.attention_backward(do, qd, kd, vd, o, lse, None, None, None, None, 0.088, True, 0)
-
-class Nop9(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gate, bias, km, scale, causal, window):
         ctx.save_for_backward(q, k, v, q, q, gate, bias, km)
         ctx.args = (scale, causal, window)
         ctx.set_materialize_grads(False)
         return torch.empty_like(q)
+
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, o, lse, gate, bias, km = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None, None, None, None, None, None
-def nop9():
-    torch.autograd.grad(Nop9.apply(q, k, v, None, None, None, 0.088, True, 0), (q, k, v), do)
+        q, k, v, *_ = ctx.saved_tensors
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                None, None, None, None, None, None)
 
-rows = [("attention_forward (1 launch)", fwd), ("attention_forward, Triton path", uncached(fwd)),
-        ("attention_backward (3 launches)", bwd), ("attention_backward, Triton path", uncached(bwd)),
-        ("step .backward (grads accumulate)", step), ("step .backward, Triton path", uncached(step)),
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _timeline(step, launch, n=200, skip=50) -> dict[str, float]:
+    """Median µs after the step's start at which each kernel's launch is entered, and its end."""
+    orig, marks, seen = launch.Launcher.launch, [], {}
+
+    def traced(self, grid, args, kwargs):
+        marks.append((getattr(self.fn, "__name__", "kernel"), time.perf_counter()))
+        return orig(self, grid, args, kwargs)
+
+    launch.Launcher.launch = traced
+    try:
+        for i in range(n):
+            marks.clear()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            t1 = time.perf_counter()
+            if i >= skip:
+                for name, t in marks + [("end", t1)]:
+                    seen.setdefault(name, []).append(1e6 * (t - t0))
+    finally:
+        launch.Launcher.launch = orig
+    return {name: statistics.median(ts) for name, ts in seen.items()}
+
+
+def run(out_dir: str) -> str:
+    import triton
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from gla.kernels import launch
+    from gla.kernels.attention import flash, gated_attention
+    from gla.kernels.attention.op import _TritonAttention
+
+    mk = lambda: torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16,  # noqa: E731
+                             requires_grad=True)
+    q, k, v = mk(), mk(), mk()
+    do = torch.randn_like(q)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    scale = D ** -0.5
+    o, lse, _ = flash.attention_forward(qd, kd, vd, causal=True)
+
+    def triton_path(fn):
+        def call():
+            with launch.triton_launches():
+                fn()
+        return call
+
+    def step():
+        gated_attention(q, k, v, causal=True).backward(do)
+
+    def step_clear():
+        q.grad = k.grad = v.grad = None
+        step()
+
+    def step_grad():
+        torch.autograd.grad(gated_attention(q, k, v, causal=True), (q, k, v), do)
+
+    def fwd():
+        flash.attention_forward(qd, kd, vd, None, None, None, scale, True, 0)
+
+    def bwd():
+        flash.attention_backward(do, qd, kd, vd, o, lse, None, None, None, None, scale, True, 0)
+
+    rows = [
+        ("attention_forward (1 launch)", fwd), ("attention_forward, Triton path", triton_path(fwd)),
+        ("attention_backward (3 launches)", bwd),
+        ("attention_backward, Triton path", triton_path(bwd)),
+        ("step .backward (grads accumulate)", step),
+        ("step .backward, Triton path", triton_path(step)),
         ("step .backward, grads cleared", step_clear), ("step autograd.grad", step_grad),
-        ("step autograd.grad via _TritonAttention.apply", step_apply),
-        ("Nop9 autograd.Function (same shape as ours), autograd.grad", nop9)]
-say("| call | µs (issue, no sync) |\n|---|---|")
-for name, fn in rows:
-    say(f"| {name} | {timeit(fn):.1f} |")
-
-# Python-only cost: kernels stubbed out
-class _Stub:
-    def __getitem__(self, grid): return lambda *a, **k: None
-saved = {n: getattr(flash, n) for n in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")}
-for n in saved: setattr(flash, n, _Stub())
-say(f"| attention_forward, kernels stubbed (Python only) | {timeit(fwd):.1f} |")
-say(f"| attention_backward, kernels stubbed (Python only) | {timeit(bwd):.1f} |")
-for n, f in saved.items(): setattr(flash, n, f)
-
-# one launch in isolation: the preprocess kernel with fixed args
-args = dict()
-# host timeline of one step: time of each launch relative to the step start
-orig = launch.Launcher.launch
-marks = []
-def traced(self, grid, a, kw):
-    marks.append((getattr(self.fn, "__name__", "kernel"), time.perf_counter()))
-    return orig(self, grid, a, kw)
-launch.Launcher.launch = traced
-tl = {}
-for i in range(200):
-    marks.clear()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    step_grad()
-    t1 = time.perf_counter()
-    if i >= 50:
-        for n, t in marks: tl.setdefault(n, []).append(1e6 * (t - t0))
-        tl.setdefault("end", []).append(1e6 * (t1 - t0))
-launch.Launcher.launch = orig
-say("\nhost timeline of one autograd.grad step (median µs after its start, launch entered):")
-for n, ts in tl.items():
-    say(f"- {n}: {statistics.median(ts):.1f}")
-
-# Flex reference host cost
-try:
-    from torch.nn.attention.flex_attention import flex_attention, create_block_mask
-    bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device="cuda")
+        ("step autograd.grad via _TritonAttention.apply", lambda: torch.autograd.grad(
+            _TritonAttention.apply(q, k, v, None, None, None, scale, True, 0), (q, k, v), do)),
+        ("do-nothing autograd.Function with our signature, autograd.grad",
+         lambda: torch.autograd.grad(_Nop9.apply(q, k, v, None, None, None, scale, True, 0),
+                                     (q, k, v), do)),
+    ]
+    lines = ["| call | µs (issue, no sync) |", "|---|---|"]
+    lines += [f"| {name} | {_time(fn)[0]:.1f} |" for name, fn in rows]
+    kernels = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
+    saved = {n: getattr(flash, n) for n in kernels}
+    for n in kernels:
+        setattr(flash, n, _NoLaunch())
+    try:
+        lines.append(f"| attention_forward, kernels stubbed (Python only) | {_time(fwd)[0]:.1f} |")
+        lines.append(f"| attention_backward, kernels stubbed (Python only) | {_time(bwd)[0]:.1f} |")
+    finally:
+        for n, f in saved.items():
+            setattr(flash, n, f)
+    lines += ["", "host timeline of one autograd.grad step (median µs after its start, launch "
+              "entered):"]
+    lines += [f"- {name}: {t:.1f}" for name, t in _timeline(step_grad, launch).items()]
+    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device="cuda")
     flex = torch.compile(flex_attention)
-    def flex_step():
-        torch.autograd.grad(flex(q, k, v, block_mask=bm), (q, k, v), do)
-    say(f"| flex compiled, autograd.grad | {timeit(flex_step):.1f} |")
-    def sdpa_step():
-        torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), do)
-    say(f"| sdpa, autograd.grad | {timeit(sdpa_step):.1f} |")
-except Exception as e:
-    say(f"flex failed: {e!r}")
-open(os.path.join(OUT, "probe2.md"), "w").write("\n".join(lines) + "\n")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for label, attend in (("flex compiled", lambda: flex(q, k, v, block_mask=mask)),
+                          ("sdpa", lambda: sdpa(q, k, v, is_causal=True))):
+        us = _time(lambda: torch.autograd.grad(attend(), (q, k, v), do))[0]
+        lines.append(f"| {label}, autograd.grad | {us:.1f} |")
 
-# --- same-run effect of the cached launcher on do_bench figures (what the tables report)
-from triton.testing import do_bench
-import torch.nn.functional as F
-from gla.kernels.linear_attention import chunk_gla, fused_recurrent_gla
-def bench(fn, grads=None):
-    return do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
-say("\n| do_bench ms | cached launcher | Triton's launch path | ratio |\n|---|---|---|---|")
-for t in (1024, 2048):
-    qq, kk, vv = (torch.randn(B, H, t, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    dd = torch.randn_like(qq)
-    st = lambda: gated_attention(qq, kk, vv, causal=True).backward(dd)
-    a, b = bench(st, [qq, kk, vv]), bench(uncached(st), [qq, kk, vv])
-    say(f"| attention fwd+bwd D=128 T={t} | {a:.3f} | {b:.3f} | {b/a:.2f} |")
-    with torch.no_grad():
-        f = lambda: gated_attention(qq, kk, vv, causal=True)
-        a, b = bench(f), bench(uncached(f))
-    say(f"| attention fwd D=128 T={t} | {a:.3f} | {b:.3f} | {b/a:.2f} |")
-    del qq, kk, vv, dd
-for t in (1024, 2048):
-    mkg = lambda: torch.randn(2, t, 16, 128, device="cuda", dtype=torch.bfloat16)
-    gq, gk, gv = mkg(), mkg(), mkg()
-    gg = (F.logsigmoid(mkg().float()) / 16).to(torch.bfloat16)
-    leaves = [x.clone().requires_grad_() for x in (gq, gk, gv, gg)]
-    do_ = torch.randn_like(gq)
-    def gf():
-        with torch.no_grad(): chunk_gla(gq, gk, gv, gg, impl="triton")
-    def gfb():
-        o, _ = chunk_gla(*leaves, impl="triton"); o.backward(do_)
-    for name, fn, gr in (("chunk_gla fwd", gf, None), ("chunk_gla fwd+bwd", gfb, leaves)):
-        a, b = bench(fn, gr), bench(uncached(fn), gr)
-        say(f"| {name} B=2 H=16 K=V=128 T={t} | {a:.3f} | {b:.3f} | {b/a:.2f} |")
-h0 = torch.randn(2, 16, 128, 128, device="cuda", dtype=torch.float32)
-x1 = [torch.randn(2, 1, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-g1 = (F.logsigmoid(torch.randn(2, 1, 16, 128, device="cuda")) / 16).to(torch.bfloat16)
-def dec():
-    with torch.no_grad():
-        fused_recurrent_gla(*x1, g1, initial_state=h0, output_final_state=True, impl="triton")
-a, b = bench(dec), bench(uncached(dec))
-say(f"| fused_recurrent_gla decode step (host-bound) | {a:.4f} | {b:.4f} | {b/a:.2f} |")
-a, b = timeit(dec), timeit(uncached(dec))
-say(f"| decode step, host µs per call | {a:.1f} | {b:.1f} | {b/a:.2f} |")
-open(os.path.join(OUT, "probe2.md"), "w").write("\n".join(lines) + "\n")
+    name = torch.cuda.get_device_name()
+    text = "\n".join([f"# Host-time probe on {name} (torch {torch.__version__}, triton "
+                      f"{triton.__version__})", "", f"benchmarks/host_probe.py; B={B} H={H} T={T} "
+                      f"D={D} bf16 causal; host µs per call without a sync.", "", *lines]) + "\n"
+    write_table(out_dir, "host-probe", name, text)
+    print(text)
+    return text
+
+
+def main(out_dir: str) -> str:
+    require_cuda("host_probe.py")
+    return run(out_dir)
+
+
+if __name__ == "__main__":
+    main(out_dir_arg(sys.argv))

@@ -5,7 +5,7 @@
 At short sequences a call is bound by the host: every launch through ``JITFunction.run``
 re-specializes ~40 arguments and rebuilds Triton's cache key. Each row times the same call twice,
 side by side: with the cached launcher (the default) and with every launch through Triton's own
-path (``launch.CACHED = False``, what ``GLA_LAUNCH_CACHE=0`` selects), alternating three times
+path (``launch.triton_launches()``, what ``GLA_LAUNCH_CACHE=0`` selects), alternating three times
 after an unmeasured round (the first timing in a process runs slow). ``do_bench`` medians in ms
 (what the kernel tables report; gradients set to None between calls) and, for the decode step,
 host µs per call without a sync. Shapes: attention B=2 H=16 D=128 causal bf16; GLA B=2 H=16
@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from results_io import require_cuda, write_table
+from results_io import out_dir_arg, require_cuda, write_table
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,7 +32,7 @@ def _bench(fn, grads=None) -> float:
     return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median"))
 
 
-def _host_us(fn, n=300) -> float:
+def _host_us(fn, grads=None, n=300) -> float:  # (grads: the do_bench signature; unused)
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
@@ -51,23 +51,19 @@ def _rows():
 
     def uncached(fn):
         def run():
-            launch.CACHED = False
-            try:
+            with launch.triton_launches():
                 return fn()
-            finally:
-                launch.CACHED = True
         return run
 
     def pair(name, fn, grads=None, unit="ms", timer=_bench):
         """Both ways, alternating three times after one unmeasured round; medians."""
-        args = (grads,) if timer is _bench else ()
         ways = (fn, uncached(fn))
         for way in ways:
-            timer(way, *args)
+            timer(way, grads)
         times = ([], [])
         for _ in range(3):
             for way, ts in zip(ways, times):
-                ts.append(timer(way, *args))
+                ts.append(timer(way, grads))
         a, b = (sorted(ts)[1] for ts in times)
         return f"| {name} | {unit} | {a:.4g} | {b:.4g} | {b / a:.2f} |"
 
@@ -135,5 +131,4 @@ def main(out_dir: str) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__),
-                                                             "results"))
+    main(out_dir_arg(sys.argv))

@@ -27,7 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from results_io import require_cuda, write_table
+from results_io import out_dir_arg, require_cuda, write_table
 
 B, H, D = 2, 16, 128
 # GLA_BENCH_TS="4096,16384" picks sequence lengths (fla autotunes for minutes at each new T)
@@ -314,4 +314,4 @@ def main(out_dir: str) -> str:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results"))
+    main(out_dir_arg(sys.argv))

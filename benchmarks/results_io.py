@@ -16,6 +16,12 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
+def out_dir_arg(argv: list[str]) -> str:
+    """A script's output directory: its first argument, else ``benchmarks/results``."""
+    return argv[1] if len(argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      "results")
+
+
 def write_table(out_dir: str, stem: str, device_name: str, text: str) -> str:
     """Write ``{out_dir}/{stem}-{device}.md``; return its path."""
     os.makedirs(out_dir, exist_ok=True)

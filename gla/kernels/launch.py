@@ -8,6 +8,7 @@ a ``torch.library`` custom op costs tens of µs of dispatch in eager mode.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -44,6 +45,18 @@ def eager_ok(*tensors) -> bool:
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 # GLA_LAUNCH_CACHE=0: every launch through Triton's own path (to compare, or to rule us out).
 CACHED = os.environ.get("GLA_LAUNCH_CACHE", "1") != "0"
+
+
+@contextlib.contextmanager
+def triton_launches():
+    """Inside the block every launch goes through Triton's own ``JITFunction.run`` (to compare
+    with the cached path, or to rule it out); the setting before the block is restored."""
+    global CACHED
+    before, CACHED = CACHED, False
+    try:
+        yield
+    finally:
+        CACHED = before
 
 
 def _arg_key(a):
@@ -83,7 +96,7 @@ class Launcher:
 
     Falls back to Triton's path under the interpreter, while a launch hook is installed
     (profilers), when an argument is neither a number nor a tensor, and always with
-    ``GLA_LAUNCH_CACHE=0`` (module attribute ``CACHED``).
+    ``GLA_LAUNCH_CACHE=0`` (module attribute ``CACHED``; :func:`triton_launches` for a block).
 
     Runtime arguments are positional, pointers (tensors or None) first, then scalars;
     constexprs and options (``num_warps``...) are keywords. The kernel runs on the first tensor's

@@ -148,6 +148,20 @@ def test_launcher_falls_back_on_unexpected_arguments(fake_launcher):
     assert len(fn.triton_launches) == 7 and fn.runs == []
 
 
+def test_triton_launches_block_bypasses_and_restores(fake_launcher):
+    """Inside ``triton_launches()`` a cached kernel still goes through Triton; after it, the
+    cache is used again."""
+    from gla.kernels import launch
+    lau, fn = fake_launcher
+    x = torch.zeros(32, dtype=torch.float16)
+    lau[(1,)](x, x, 16, 0.5, BLOCK=16)
+    with launch.triton_launches():
+        lau[(1,)](x, x, 16, 0.5, BLOCK=16)
+    assert len(fn.triton_launches) == 2 and fn.runs == []
+    lau[(1,)](x, x, 16, 0.5, BLOCK=16)
+    assert len(fn.triton_launches) == 2 and len(fn.runs) == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +182,7 @@ def _fwd_bwd(q, k, v, g, dout):
 @pytest.mark.gpu
 def test_gpu_cached_launch_matches_first_and_respecializes():
     """A cached launch gives bit-identical results to the first (Triton-path) launch; a
-    misaligned or odd-strided input compiles a new entry instead of reusing an aligned kernel,
+    misaligned input compiles a new entry instead of reusing an aligned kernel,
     and still matches float64."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     B, H, T, D = 2, 4, 257, 64
@@ -239,3 +253,4 @@ def test_gpu_cached_launch_in_cuda_graph():
         graph.replay()
         ref = attention_reference(q.double(), k.double(), v.double(), causal=True, scale=scale)
         assert rel_rms_error(out, ref) <= 1e-2
+
