@@ -1,23 +1,36 @@
-"""GPU, model level: a Llama-style decoder under backend="gla" vs backend="inductor" vs eager.
+"""GPU, model level: decoders under backend="gla" (three kernel choices) vs "inductor" vs eager.
 
     python benchmarks/model_gpu.py [out_dir]   # writes {out_dir}/model-<device>.md
 
-The model is ``examples/tiny_llama.py`` (hand-written attention the way model code writes it:
-RoPE, ``repeat_kv`` GQA, an ``arange`` causal mask added as finfo.min, fp32-upcast softmax, a
-sigmoid output gate from extra ``q_proj`` columns, SwiGLU) at Llama-1B-like widths: hidden 2048,
-16 query / 4 kv heads of 128, FFN 5632, 4 layers, vocabulary 8192; bf16, B=2, T=2048
-(``GLA_MODEL_T`` / ``GLA_MODEL_LAYERS`` change them). Side by side in one run: inference
-(no grad) and a training step (forward, cross-entropy, backward; grads set to None between
-steps), do_bench medians; first call includes compilation; errors are relative to eager bf16.
-gla's report of the compiled graph gives what it rewrote. ``gla kernels=pytorch``: the same
-rewrites lowered without Triton (SDPA for the attention, the gate and GLU as PyTorch ops that
-Inductor fuses), which isolates what gla's Triton kernels add.
+Two models at Llama-1B-like widths (hidden 2048, 16 query / 4 kv heads of 128, FFN 5632, 4
+layers, vocabulary 8192), bf16, B=2, T=2048 (``GLA_MODEL_T`` / ``GLA_MODEL_LAYERS`` change them):
+
+* ``tiny_llama``: ``examples/tiny_llama.py``, attention hand-written the way model code writes it
+  (RoPE, ``repeat_kv`` GQA, an ``arange`` causal mask added as finfo.min, fp32-upcast softmax, a
+  sigmoid output gate from extra ``q_proj`` columns, SwiGLU);
+* ``hf_llama``: transformers' ``LlamaForCausalLM`` from a config (random weights) with its default
+  SDPA attention, no gate (skipped where transformers is missing).
+
+Each backend compiles first (first call timed, with what gla rewrote), then inference (no grad)
+and a training step (forward, cross-entropy, backward; grads set to None) are timed in
+``ROUNDS`` interleaved rounds, each round in a rotated backend order, do_bench medians per
+round; the table gives the median round and the spread (max/min − 1). A kernel-time breakdown of
+one training step per backend (torch.profiler, CUDA kernels only) says where the GPU time goes.
+Errors are relative to eager bf16 (the gradients: all parameters' together, and the worst
+single tensor, which for a tensor with a tiny gradient is bf16 noise under any backend).
+
+gla's rows: ``gla`` = ``kernels="auto"`` (the lowering picks per call: SDPA where it would run
+cuDNN, gla's Triton kernels elsewhere); ``kernels=triton`` forces gla's kernels everywhere;
+``kernels=pytorch`` lowers the same verified rewrites without Triton (SDPA for attention, the gate
+and GLU as PyTorch ops that Inductor fuses).
 """
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -30,30 +43,87 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 B = 2
 T = int(os.environ.get("GLA_MODEL_T", "2048"))
 LAYERS = int(os.environ.get("GLA_MODEL_LAYERS", "4"))
+ROUNDS = int(os.environ.get("GLA_MODEL_ROUNDS", "5"))
 DEVICE = "cuda"
+BACKENDS = {  # name -> (torch.compile backend, options); None = eager
+    "eager": None,
+    "inductor": ("inductor", None),
+    "gla": ("gla", None),
+    "gla kernels=triton": ("gla", {"kernels": "triton"}),
+    "gla kernels=pytorch": ("gla", {"kernels": "pytorch"}),
+}
+CATEGORIES = (  # kernel-name fragments, first match wins
+    ("gla attention", ("_attn_",)),
+    ("SDPA attention", ("fmha", "flash", "sdpa", "cudnn", "attention")),
+    ("gla GLU", ("_glu",)),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),
+    ("Inductor Triton", ("triton_",)),
+)
 
 
-def _model(device, dtype):
+def tiny_llama():
     from tiny_llama import TinyLlama, TinyLlamaConfig
     torch.manual_seed(0)
     cfg = TinyLlamaConfig(vocab_size=8192, hidden=2048, layers=LAYERS, heads=16, kv_heads=4,
                           ffn=5632, gated_attention=True)
-    return TinyLlama(cfg).to(device=device, dtype=dtype), cfg
+    return TinyLlama(cfg).to(device=DEVICE, dtype=torch.bfloat16), cfg.vocab_size
+
+
+def hf_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=2048, intermediate_size=5632,
+                      num_hidden_layers=LAYERS, num_attention_heads=16, num_key_value_heads=4,
+                      max_position_embeddings=max(4096, T), attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).to(device=DEVICE, dtype=torch.bfloat16)
+
+    class Logits(torch.nn.Module):  # the same call signature as tiny_llama: ids -> logits
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=False).logits
+    return Logits(model), cfg.vocab_size
 
 
 def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def run(out_dir: str) -> str:
-    import triton
-    from triton.testing import do_bench
+def _category(kernel: str) -> str:
+    low = kernel.lower()
+    for name, parts in CATEGORIES:
+        if any(p in low for p in parts):
+            return name
+    return "other"
 
+
+def _breakdown(step) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """GPU ms per category and the five longest kernels of one step (after a warm-up step)."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    acts = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]  # (CPU: smoke runs)
+    with profile(activities=acts) as prof:
+        step()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
+            per_kernel[e.name] += e.device_time_total / 1e3
+    cats: dict[str, float] = defaultdict(float)
+    for name, ms in per_kernel.items():
+        cats[_category(name)] += ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:5]
+    return dict(cats), top
+
+
+def bench_model(label: str, build, bench) -> list[str]:
     from gla.report import collect
 
-    bench = lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))  # noqa: E731
-    model, cfg = _model(DEVICE, torch.bfloat16)
-    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=DEVICE)
+    model, vocab = build()
+    ids = torch.randint(0, vocab, (B, T + 1), device=DEVICE)
     x, y = ids[:, :-1], ids[:, 1:]
 
     def train_step(fn):
@@ -66,57 +136,103 @@ def run(out_dir: str) -> str:
             return loss.detach(), grads
         return step
 
-    rows, counts = [], {}
     with torch.no_grad():
         ref = model(x)
     ref_loss, ref_grads = train_step(model)()
-    for backend in ("eager", "inductor", "gla", "gla kernels=pytorch"):
-        torch._dynamo.reset()
-        if backend == "eager":
-            fn = model
-        elif backend == "gla kernels=pytorch":  # the same rewrites, lowered to SDPA / PyTorch
-            fn = torch.compile(model, backend="gla", options={"kernels": "pytorch"})
-        else:
-            fn = torch.compile(model, backend=backend)
+    fns, info, counts = {}, {}, {}
+    for name, spec in BACKENDS.items():  # compile everything first, then time interleaved
+        fn = model if spec is None else torch.compile(model, backend=spec[0], options=spec[1])
         with torch.no_grad():
             t0 = time.perf_counter()
             with collect() as report:
                 out = fn(x)
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
-            if backend == "gla":
-                counts["infer"] = report.counts
-            infer_ms = bench(lambda: fn(x))
         step = train_step(fn)
         t0 = time.perf_counter()
-        with collect() as report:
+        with collect() as train_report:
             loss, grads = step()
         torch.cuda.synchronize()
         first_train = time.perf_counter() - t0
-        if backend == "gla":
-            counts["train"] = report.counts
-        train_ms = bench(step)
-        gerr = max(_rel(g, r) for g, r in zip(grads, ref_grads) if r is not None)
-        rows.append((backend, infer_ms, first, _rel(out, ref), train_ms, first_train, gerr,
-                     abs(loss - ref_loss).item()))
-        print(rows[-1], flush=True)
-        del fn
-    by = {r[0]: r for r in rows}
-    eager, ind = by["eager"], by["inductor"]
+        if spec is not None and spec[0] == "gla":
+            counts[name] = ({k: v for k, v in report.counts.items() if v},
+                            sorted({r.kernel for r in train_report.rewrites}))
+        pairs = [(g.float().flatten(), r.float().flatten()) for g, r in zip(grads, ref_grads) if r is not None]
+        gerr = _rel(torch.cat([g for g, _ in pairs]), torch.cat([r for _, r in pairs]))
+        worst = max(_rel(g, r) for g, r in pairs)
+        info[name] = (first, _rel(out, ref), first_train, gerr, worst, abs(loss - ref_loss).item())
+        fns[name] = (fn, step)
+        print(label, name, "compiled", info[name], flush=True)
+    names = list(BACKENDS)
+    infer, train = defaultdict(list), defaultdict(list)
+    for r in range(ROUNDS):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            fn, step = fns[name]
+            with torch.no_grad():
+                infer[name].append(bench(lambda: fn(x)))
+            train[name].append(bench(step))
+        print(label, "round", r, {n: (round(infer[n][-1], 2), round(train[n][-1], 2)) for n in names},
+              flush=True)
+    med = lambda v: statistics.median(v)  # noqa: E731
+    spread = lambda v: max(v) / min(v) - 1  # noqa: E731
+    lines = [f"## {label}", ""]
+    for name, (kinds, kernels) in counts.items():
+        lines.append(f"- {name} rewrote {kinds}; training graph kernels: {'; '.join(kernels)}")
+    lines += ["", "| backend | inference ms (spread) | vs eager | vs inductor | train step ms (spread) "
+              "| vs eager | vs inductor | first call s | first step s | logits rel err "
+              "| grads rel err (all / worst tensor) | loss diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ie, ii = med(infer["eager"]), med(infer["inductor"])
+    te, ti = med(train["eager"]), med(train["inductor"])
+    for name in names:
+        first, err, first_train, gerr, worst, dl = info[name]
+        i, t = med(infer[name]), med(train[name])
+        lines.append(f"| {name} | {i:.2f} ({spread(infer[name]):.0%}) | {ie / i:.2f}x | {ii / i:.2f}x | "
+                     f"{t:.2f} ({spread(train[name]):.0%}) | {te / t:.2f}x | {ti / t:.2f}x | {first:.1f} | "
+                     f"{first_train:.1f} | {err:.1e} | {gerr:.1e} / {worst:.1e} | {dl:.1e} |")
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    lines += ["", "GPU time of one training step by kernel kind (ms, torch.profiler):", "",
+              "| backend | total | " + " | ".join(cats) + " |", "|---" * (len(cats) + 2) + "|"]
+    tops = []
+    for name in names:
+        by, top = _breakdown(fns[name][1])
+        lines.append(f"| {name} | {sum(by.values()):.2f} | "
+                     + " | ".join(f"{by.get(c, 0.0):.2f}" for c in cats) + " |")
+        tops.append(f"- {name}: " + "; ".join(f"`{k[:60]}` {ms:.2f}" for k, ms in top))
+    lines += ["", "Longest kernels of that step (ms):", ""] + tops + [""]
+    del fns
+    torch.cuda.empty_cache()
+    return lines
+
+
+def run(out_dir: str) -> str:
+    import triton
+    from triton.testing import do_bench
+
+    # five backends x (inference, training) graphs of one forward: keep Dynamo from falling back
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 256)
+    bench = lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))  # noqa: E731
     name = torch.cuda.get_device_name()
-    lines = [f"# Model level on {name}: Llama-style decoder, backend gla vs inductor vs eager", "",
-             f"torch {torch.__version__}, triton {triton.__version__}; examples/tiny_llama.py at "
-             f"hidden 2048, 16/4 heads of 128, FFN 5632, {LAYERS} layers, vocab 8192, gated "
-             f"attention; bf16, B={B}, T={T}; do_bench medians. `vs X` = X's time / this one's.",
-             "", f"gla rewrote (inference graph): {counts.get('infer')}; (training graph): "
-             f"{counts.get('train')}", "",
-             "| backend | inference ms | vs eager | vs inductor | first call s | logits rel err "
-             "| train step ms | vs eager | vs inductor | first step s | worst grad rel err "
-             "| loss diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for b, ims, fs, err, tms, fts, gerr, dl in rows:
-        lines.append(f"| {b} | {ims:.2f} | {eager[1] / ims:.2f}x | {ind[1] / ims:.2f}x | "
-                     f"{fs:.1f} | {err:.1e} | {tms:.2f} | {eager[4] / tms:.2f}x | "
-                     f"{ind[4] / tms:.2f}x | {fts:.1f} | {gerr:.1e} | {dl:.1e} |")
+    lines = [f"# Model level on {name}: backend gla vs inductor vs eager", "",
+             f"torch {torch.__version__}, triton {triton.__version__}; hidden 2048, 16/4 heads of 128, "
+             f"FFN 5632, {LAYERS} layers, vocab 8192; bf16, B={B}, T={T}; {ROUNDS} interleaved rounds "
+             "(rotated order), each a do_bench median; the table gives the median round and its "
+             "spread (max/min - 1). `vs X` = X's time / this one's. benchmarks/model_gpu.py.", ""]
+    models = [("tiny_llama (hand-written attention, gated, SwiGLU)", tiny_llama)]
+    try:
+        import transformers  # noqa: F401
+        models.append((f"hf_llama (transformers {transformers.__version__} LlamaForCausalLM, SDPA "
+                       "attention)", hf_llama))
+    except ImportError:
+        lines.append("(transformers is not installed here: hf_llama skipped)")
+    t0 = time.perf_counter()
+    for label, build in models:
+        lines += bench_model(label, build, bench)
+        torch._dynamo.reset()
+    lines.append(f"total benchmark time {time.perf_counter() - t0:.0f} s")
     text = "\n".join(lines) + "\n"
     write_table(out_dir, "model", name, text)
     print(text)

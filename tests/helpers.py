@@ -20,10 +20,19 @@ def run_gla(fn, *args, options=None, grad=False):
     return report, out, ref
 
 
-def position_mask(positions, *, prepend_shift=1, index_shift=0):
+def position_mask(positions, *, prepend_shift=1, index_shift=0, spelling="operators"):
     """The causal mask transformers (5.x) builds from position ids ``[B, T]``: ``kv_pos <= q_pos``
     over ``positions[batch, q]`` / ``positions[batch, kv]``, and the packed-sequence ids
-    ``cumsum(diff(positions) != 1)`` equal between query and key; additive, ``[B, 1, T, T]``."""
+    ``cumsum(diff(positions) != 1)`` equal between query and key; additive, ``[B, 1, T, T]``.
+
+    ``spelling``: the comparisons and ``&`` as operators, as tensor methods (``a.__eq__(b)``, how
+    torch 2.11's Dynamo records ``a == b`` inside transformers 5.17), or as ``torch.le``-style
+    functions."""
+    le, eq, and_ = {
+        "operators": (lambda a, b: a <= b, lambda a, b: a == b, lambda a, b: a & b),
+        "methods": (lambda a, b: a.__le__(b), lambda a, b: a.__eq__(b), lambda a, b: a.__and__(b)),
+        "functions": (torch.le, torch.eq, torch.logical_and),
+    }[spelling]
     b, t = positions.shape
     first = positions[:, :1] - prepend_shift
     packed = (torch.diff(positions, prepend=first, dim=-1) != 1).cumsum(-1)
@@ -31,7 +40,7 @@ def position_mask(positions, *, prepend_shift=1, index_shift=0):
     qi = (torch.arange(t, device=positions.device) + index_shift)[None, None, :, None]
     ki = (torch.arange(t, device=positions.device) + index_shift)[None, None, None, :]
     allowed = qi.new_ones((), dtype=torch.bool)
-    allowed = allowed & (positions[bi, ki] <= positions[bi, qi]).to(positions.device)
-    allowed = allowed & (packed[bi, qi] == packed[bi, ki]).to(positions.device)
+    allowed = and_(allowed, le(positions[bi, ki], positions[bi, qi]).to(positions.device))
+    allowed = and_(allowed, eq(packed[bi, qi], packed[bi, ki]).to(positions.device))
     return torch.where(allowed.expand(b, -1, t, t), torch.zeros((), device=positions.device),
                        torch.finfo(torch.float32).min)

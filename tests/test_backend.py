@@ -165,6 +165,107 @@ def test_kernel_choice_on_cuda_by_option():
     assert lla._impl_for(Config(kernels="pytorch"), cuda, shapes) == "reference"
 
 
+def test_auto_takes_sdpa_only_where_it_would_run_cudnn(monkeypatch):
+    """"auto" on CUDA: SDPA where PyTorch would run cuDNN's kernel for a plain or square-causal
+    call; gla's Triton kernel wherever SDPA would run another kernel or would need a mask."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import gla.kernels.attention as ka
+    from gla.config import Config
+    from gla.lowering.attention import choose_impl
+
+    asked = []
+
+    def answer(backend):
+        def sdpa_backend(q, k, v, *, causal=False, enable_gqa=False):
+            asked.append((tuple(q.shape), tuple(k.shape), causal, enable_gqa))
+            return backend
+        monkeypatch.setattr(ka, "sdpa_backend", sdpa_backend)
+
+    with FakeTensorMode():
+        q = torch.empty(1, 4, 16, 64, device="cuda", dtype=torch.bfloat16)
+        kv1 = torch.empty(1, 1, 16, 64, device="cuda", dtype=torch.bfloat16)
+        k_long = torch.empty(1, 4, 32, 64, device="cuda", dtype=torch.bfloat16)
+        bias = torch.empty(1, 1, 16, 16, device="cuda")
+        answer("cudnn")
+        assert choose_impl(Config(), q, q, q, causal=True) == "sdpa"
+        assert choose_impl(Config(), q, q, q) == "sdpa"
+        assert choose_impl(Config(), q, kv1, kv1, causal=True) == "sdpa"
+        assert asked[-1] == ((1, 4, 16, 64), (1, 1, 16, 64), True, True)  # GQA asked as such
+        n = len(asked)
+        assert choose_impl(Config(), q, q, q, causal=True, window=8) == "triton"
+        assert choose_impl(Config(), q, q, q, masked=True) == "triton"
+        assert choose_impl(Config(), q, q, q, bias=bias) == "triton"
+        assert choose_impl(Config(), q, k_long, k_long, causal=True) == "triton"  # bottom-right
+        assert choose_impl(Config(kernels="triton"), q, q, q, causal=True) == "triton"
+        assert len(asked) == n  # none of those needed SDPA's answer
+        for other in ("flash", "efficient", "math", None):
+            answer(other)
+            assert choose_impl(Config(), q, q, q, causal=True) == "triton", other
+
+
+@pytest.mark.gpu
+def test_sdpa_backend_answers_for_fake_tensors_as_for_real_ones():
+    """The lowering asks with Dynamo's FakeTensors: the answer must be what real tensors of the
+    same shapes get, and the choice follows it (cuDNN takes no fp32)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gla.config import Config
+    from gla.kernels.attention import sdpa_backend
+    from gla.lowering.attention import choose_impl
+
+    def make(h, d, dtype, grad, bthd):
+        if bthd:  # the [B, T, H, D] projections' layout
+            return torch.randn(2, 256, h, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_(grad)
+        return torch.randn(2, h, 256, d, device="cuda", dtype=dtype, requires_grad=grad)
+
+    for dtype, hq, hkv, d, grad, bthd in [(torch.bfloat16, 8, 8, 128, True, True), (torch.bfloat16, 8, 2, 64, False, False),
+                                          (torch.bfloat16, 8, 2, 128, True, True), (torch.float16, 4, 4, 40, True, False),
+                                          (torch.bfloat16, 4, 4, 256, True, True), (torch.float32, 4, 4, 64, True, False)]:
+        real = [make(h, d, dtype, grad, bthd) for h in (hq, hkv, hkv)]
+        want = sdpa_backend(*real, causal=True, enable_gqa=hq != hkv)
+        assert want in ("cudnn", "flash", "efficient", "math"), want
+        with FakeTensorMode() as mode:
+            fake = [mode.from_tensor(t) for t in real]
+            assert sdpa_backend(*fake, causal=True, enable_gqa=hq != hkv) == want
+            impl = choose_impl(Config(), *fake, causal=True)
+        assert impl == ("sdpa" if want == "cudnn" else "triton"), (dtype, hq, hkv, d, want, impl)
+        if dtype == torch.float32:
+            assert want != "cudnn"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [False, True])
+def test_auto_kernel_choice_end_to_end_on_cuda(gated):
+    """A compiled causal attention (GQA, with and without an output gate) runs the kernel the
+    rule names, matches eager in value and gradient, and says which kernel it chose."""
+    from gla.kernels.attention import sdpa_backend
+
+    torch.manual_seed(0)
+    B, H, HKV, T, D = 2, 8, 2, 320, 128
+
+    def f(q, k, v, g):
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return o * torch.sigmoid(g) if gated else o
+
+    args = [torch.randn(B, h, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for h in (H, HKV, HKV, H)]
+    report = gla.explain(f, *args)
+    kernels = [r.kernel for r in report.rewrites]
+    cudnn = sdpa_backend(*args[:3], causal=True, enable_gqa=True) == "cudnn"
+    assert len(kernels) == 1, str(report)
+    assert ("scaled_dot_product_attention" in kernels[0]) == cudnn, (cudnn, str(report))
+    assert ("[triton]" in kernels[0]) == (not cudnn), str(report)
+    ref = f(*[a.double() for a in args])
+    out = torch.compile(f, backend="gla", fullgraph=True)(*args)
+    assert rel_rms_error(out, ref) < 2e-2
+    wrt = args if gated else args[:3]
+    grads = torch.autograd.grad(out.float().square().sum(), wrt)
+    ref_grads = torch.autograd.grad(ref.square().sum(), wrt)
+    for g, r in zip(grads, ref_grads):
+        assert rel_rms_error(g, r) < 3e-2
+
+
 @pytest.mark.parametrize("kernels", ["triton", "pytorch"])
 def test_kernels_option_through_the_backend(kernels):
     """kernels="triton": the model's rewrites run the very Triton kernels GPUs run (the interpreter

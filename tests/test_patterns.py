@@ -294,19 +294,21 @@ def test_causal_proof_from_triangular_masks_built_in_the_graph(form):
     assert "causal" in r.rewrites[0].kernel
 
 
-def test_causal_proof_of_a_mask_built_from_position_ids():
+@pytest.mark.parametrize("spelling", ["operators", "methods", "functions"])
+def test_causal_proof_of_a_mask_built_from_position_ids(spelling):
     def attn(q, k, v):
         positions = (torch.arange(q.shape[-2]) + 0).unsqueeze(0).expand(q.shape[0], -1)
-        mask = position_mask(positions)
+        mask = position_mask(positions, spelling=spelling)
         return torch.softmax(q @ k.transpose(-2, -1) * 0.1 + mask[:, :, :, : k.shape[-2]], -1) @ v
 
     r = check(attn, *qkv(), expect={"attention": 1})
     assert "causal" in r.rewrites[0].kernel, str(r)
 
 
+@pytest.mark.parametrize("spelling", ["operators", "methods"])
 @pytest.mark.parametrize("case", ["positions_given", "positions_restart", "prepend_without_shift",
                                   "negative_index"])
-def test_position_masks_that_are_not_provably_causal_stay_a_bias(case):
+def test_position_masks_that_are_not_provably_causal_stay_a_bias(case, spelling):
     """Look-alikes: runtime position ids (packed sequences), positions that restart (not affine),
     a prepend that makes the first diff 0 (the packed ids are not all equal), and index tensors
     that reach -1 (which would wrap around). Each stays an exact general bias."""
@@ -317,13 +319,15 @@ def test_position_masks_that_are_not_provably_causal_stay_a_bias(case):
     def attn(q, k, v, given):
         t = q.shape[-2]
         if case == "positions_given":
-            mask = position_mask(given)
+            mask = position_mask(given, spelling=spelling)
         elif case == "positions_restart":
-            mask = position_mask((torch.arange(t) % 40).unsqueeze(0).expand(q.shape[0], -1))
+            mask = position_mask((torch.arange(t) % 40).unsqueeze(0).expand(q.shape[0], -1), spelling=spelling)
         elif case == "prepend_without_shift":
-            mask = position_mask(torch.arange(t).unsqueeze(0).expand(q.shape[0], -1), prepend_shift=0)
+            mask = position_mask(torch.arange(t).unsqueeze(0).expand(q.shape[0], -1), prepend_shift=0,
+                                 spelling=spelling)
         else:  # positions[-1] is the last position: row 0 sees every key, not a causal mask
-            mask = position_mask(torch.arange(t).unsqueeze(0).expand(q.shape[0], -1), index_shift=-1)
+            mask = position_mask(torch.arange(t).unsqueeze(0).expand(q.shape[0], -1), index_shift=-1,
+                                 spelling=spelling)
         return torch.softmax(q @ k.transpose(-2, -1) * 0.1 + mask, -1) @ v
 
     r = check(attn, q, k, v, given, expect={"attention": 1})

@@ -50,8 +50,10 @@ def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill
     return out if out_dtype is None else out.to(out_dtype)
 
 
-def choose_impl(config: Config, q, k, v, **case) -> str | Decline:
-    """Which implementation runs: Triton where it can, PyTorch's fused SDPA otherwise, or the reference."""
+def choose_impl(config: Config, q, k, v, *, masked=False, **case) -> str | Decline:
+    """Which implementation runs. ``"auto"``: PyTorch's SDPA where it would run cuDNN's kernel
+    (see :func:`sdpa_runs_cudnn`), else Triton on CUDA where it can, else SDPA (CPU) — or what
+    ``config.kernels`` forces. ``masked``: a mask the kernel gets as a bias (``keep``/``masked``)."""
     from ..kernels.attention import triton_unsupported_reason
 
     if config.kernels == "reference":
@@ -61,9 +63,28 @@ def choose_impl(config: Config, q, k, v, **case) -> str | Decline:
     reason = triton_unsupported_reason(q, k, v, **case)
     if config.kernels == "triton":
         return Decline(reason) if reason else "triton"
-    if q.device.type == "cuda" and reason is None:
-        return "triton"
-    return "sdpa"
+    if q.device.type != "cuda" or reason is not None:
+        return "sdpa"
+    plain = not masked and case.get("bias") is None and not case.get("window") and not case.get("key_mask")
+    return "sdpa" if plain and sdpa_runs_cudnn(q, k, v, causal=case.get("causal", False)) else "triton"
+
+
+def sdpa_runs_cudnn(q, k, v, *, causal: bool) -> bool:
+    """True where ``F.scaled_dot_product_attention`` would run cuDNN's fused kernel for this call
+    (plain or causal with Tq = Tk; PyTorch picks cuDNN first on Hopper and newer).
+
+    Measured on an H200 (``benchmarks/results/attention-nvidia-h200.md``, same runs): cuDNN's
+    kernels beat gla's Triton kernel at every length timed, forward 0.83–0.96× and forward+backward
+    0.79–0.89× (gla / cuDNN speed), and SDPA plus a gate that Inductor fuses beats the gate fused
+    into the Triton kernel at D=128 and ties at D=64. Where SDPA would run its FlashAttention-2,
+    memory-efficient or math kernel, gla's kernel is faster (1.25–1.7× FlashAttention-2), and
+    windows, biases and padding masks are gla's alone (block skipping, no dense mask).
+    """
+    from ..kernels.attention import sdpa_backend
+
+    if causal and not statically_known_true(q.shape[-2] == k.shape[-2]):
+        return False  # SDPA's is_causal is top-left aligned: it would need a mask
+    return sdpa_backend(q, k, v, causal=causal, enable_gqa=q.shape[-3] != k.shape[-3]) == "cudnn"
 
 
 def kernel_name(impl: str) -> str:
@@ -165,7 +186,8 @@ class AttentionLowering:
         if tq.shape[-1] > MAX_HEAD_DIM:
             return Decline(f"head dim {tq.shape[-1]} > {MAX_HEAD_DIM}")
         case = dict(bias=tensor_meta(kwargs.get("bias")), causal=causal, window=window)
-        impl = choose_impl(config, tq, k_meta if not kt_transposed else tkt.transpose(-2, -1), v_meta, **case)
+        impl = choose_impl(config, tq, k_meta if not kt_transposed else tkt.transpose(-2, -1), v_meta,
+                           masked="keep" in kwargs or "masked" in kwargs, **case)
         if isinstance(impl, Decline):
             return impl
         kwargs["impl"] = impl
@@ -234,7 +256,7 @@ class SDPALowering:
             else:
                 kwargs["bias"] = mask
         case = dict(bias=tensor_meta(kwargs.get("bias")), causal=kwargs["causal"], window=window)
-        impl = choose_impl(config, tq, tensor_meta(k), tensor_meta(v), **case)
+        impl = choose_impl(config, tq, tensor_meta(k), tensor_meta(v), masked="keep" in kwargs, **case)
         if isinstance(impl, Decline):
             return impl
         kwargs["impl"] = impl

@@ -108,6 +108,30 @@ def _sub(a: Affine, b: Affine) -> Affine:
                   max(a.rank, b.rank), tuple(sorted(lengths.items())))
 
 
+# The same comparison or conjunction, however the model (or the torch version's Dynamo) spells it:
+# ``a == b`` is ``operator.eq`` in one torch release and ``call_method __eq__`` in another.
+_BINARY = {operator.eq: ("__eq__", "eq", torch.eq), operator.ne: ("__ne__", "ne", torch.ne),
+           operator.le: ("__le__", "le", torch.le), operator.lt: ("__lt__", "lt", torch.lt),
+           operator.ge: ("__ge__", "ge", torch.ge), operator.gt: ("__gt__", "gt", torch.gt),
+           operator.and_: ("__and__", "bitwise_and", "logical_and", torch.bitwise_and, torch.logical_and)}
+_METHOD_ALIASES = {name: op for op, names in _BINARY.items() for name in names if isinstance(name, str)}
+_FUNCTION_ALIASES = {fn: op for op, names in _BINARY.items() for fn in names if not isinstance(fn, str)}
+
+
+def _binary_op(n: fx.Node):
+    """``operator.<op>`` for a two-operand comparison / ``&`` node in any of its spellings, else None.
+
+    (``logical_and`` equals ``&`` only on booleans; a non-boolean operand never evaluates to a
+    constraint or a boolean ``Const`` here, so the proof cannot go through it.)"""
+    if len(n.args) != 2 or n.kwargs:
+        return None
+    if n.op == "call_method":
+        return _METHOD_ALIASES.get(n.target)
+    if n.op == "call_function":
+        return n.target if n.target in _BINARY else _FUNCTION_ALIASES.get(n.target)
+    return None
+
+
 class _Eval:
     def __init__(self):
         self.nodes: list[fx.Node] = []
@@ -122,6 +146,9 @@ class _Eval:
 
     def _node(self, n: fx.Node):
         t, a = n.target, n.args
+        binary = _binary_op(n)
+        if binary is not None:
+            return self._binary(binary, a)
         if n.op == "call_function" and t is torch.arange:
             if len(a) != 1 or set(n.kwargs) - {"device", "dtype"}:
                 return None
@@ -186,33 +213,8 @@ class _Eval:
         if (n.op == "call_method" and t == "cumsum") or (n.op == "call_function" and t is torch.cumsum):
             x = self(a[0])
             return Const(0) if isinstance(x, Const) and x.value == 0 and not n.kwargs else None
-        if n.op == "call_function" and t in (operator.eq, operator.ne):
-            x, y = self(a[0]), (self(a[1]) if isinstance(a[1], fx.Node) else a[1])
-            x = x.value if isinstance(x, Const) else None
-            y = y.value if isinstance(y, Const) else (y if isinstance(y, (int, bool)) else None)
-            if x is None or y is None:
-                return None
-            return Const((x == y) if t is operator.eq else (x != y))
         if n.op == "call_function" and t is ops.cast:
             return self(a[0])
-        if n.op == "call_function" and t in (operator.le, operator.lt, operator.ge, operator.gt):
-            x, y = self(a[0]), self(a[1])
-            if not (isinstance(x, Affine) and isinstance(y, Affine)):
-                return None
-            if t is operator.le:
-                return Allowed((_sub(x, y),))
-            if t is operator.lt:
-                return Allowed((_sub(x, y).shift(1),))
-            if t is operator.ge:
-                return Allowed((_sub(y, x),))
-            return Allowed((_sub(y, x).shift(1),))
-        if n.op == "call_function" and t is operator.and_:
-            x, y = self(a[0]), self(a[1])
-            x = Allowed(()) if isinstance(x, Const) and x.value is True else x  # all True: no constraint
-            y = Allowed(()) if isinstance(y, Const) and y.value is True else y
-            if isinstance(x, Allowed) and isinstance(y, Allowed):
-                return Allowed(x.constraints + y.constraints)
-            return None
         if n.op == "call_function" and t in (torch.full, torch.ones) and not (set(n.kwargs) - {"device", "dtype"}):
             size = a[0] if t is torch.ones and len(a) == 1 else (a[0] if t is torch.full else a)
             value = 1 if t is torch.ones else (a[1] if len(a) > 1 else None)
@@ -238,6 +240,32 @@ class _Eval:
                 return ("bias", cond)
             return None
         return None
+
+    def _binary(self, t, a):
+        if t in (operator.eq, operator.ne):
+            x, y = self(a[0]), (self(a[1]) if isinstance(a[1], fx.Node) else a[1])
+            x = x.value if isinstance(x, Const) else None
+            y = y.value if isinstance(y, Const) else (y if isinstance(y, (int, bool)) else None)
+            if x is None or y is None:
+                return None
+            return Const((x == y) if t is operator.eq else (x != y))
+        if t is operator.and_:
+            x, y = self(a[0]), self(a[1])
+            x = Allowed(()) if isinstance(x, Const) and x.value is True else x  # all True: no constraint
+            y = Allowed(()) if isinstance(y, Const) and y.value is True else y
+            if isinstance(x, Allowed) and isinstance(y, Allowed):
+                return Allowed(x.constraints + y.constraints)
+            return None
+        x, y = self(a[0]), self(a[1])  # le / lt / ge / gt
+        if not (isinstance(x, Affine) and isinstance(y, Affine)):
+            return None
+        if t is operator.le:
+            return Allowed((_sub(x, y),))
+        if t is operator.lt:
+            return Allowed((_sub(x, y).shift(1),))
+        if t is operator.ge:
+            return Allowed((_sub(y, x),))
+        return Allowed((_sub(y, x).shift(1),))
 
     def _gather(self, base: fx.Node, idx: tuple):
         """``base[i0, i1, ...]``, every dim indexed by an affine index tensor: the base's formula at

@@ -68,7 +68,9 @@ class MHALowering:
         d = c["embed_dim"] // c["num_heads"]
         heads = q.new_empty((q.shape[1], c["num_heads"], q.shape[0], d), device="meta")
         kv = k.new_empty((k.shape[1], c["num_heads"], k.shape[0], d), device="meta")
-        impl = choose_impl(config, heads.to(q.device) if q.device.type != "meta" else heads, kv, kv)
+        on_device = (lambda t, like: t.to(like.device) if like.device.type != "meta" else t)
+        impl = choose_impl(config, on_device(heads, q), on_device(kv, k), on_device(kv, k),
+                           masked=c["attn_mask"] is not None or c["key_padding_mask"] is not None)
         if isinstance(impl, Decline):
             return impl
         kwargs = {name: c[name] for name in ("query", "key", "value", "num_heads", "in_proj_weight", "in_proj_bias",

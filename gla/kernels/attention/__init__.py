@@ -4,7 +4,8 @@
 entry; it calls the ``torch.ops.gla.attention`` op (backward: ``torch.ops.gla.attention_backward``).
 """
 from .naive import attention_reference
-from .op import attention_sdpa, gated_attention, resolve_impl, triton_unsupported_reason
+from .op import (attention_sdpa, gated_attention, resolve_impl, sdpa_backend,
+                 triton_unsupported_reason)
 
 __all__ = ["gated_attention", "attention_reference", "attention_sdpa", "resolve_impl",
-           "triton_unsupported_reason"]
+           "sdpa_backend", "triton_unsupported_reason"]

@@ -16,6 +16,7 @@ Both ops allocate fresh outputs, never sync with the host, and so are CUDA-graph
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -154,6 +155,64 @@ def attention_sdpa(q, k, v, gate=None, bias=None, key_mask=None, scale=None, cau
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = (out.to(ct) * torch.sigmoid(gate.to(ct))).to(q.dtype)
     return out
+
+
+# torch.nn.attention.SDPBackend's values, as ``torch._fused_sdp_choice`` returns them
+_SDPA_BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+
+
+def sdpa_backend(q, k, v, *, causal=False, enable_gqa=False) -> str | None:
+    """The kernel ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=...)``
+    would run for these CUDA tensors, without an ``attn_mask``: "cudnn", "flash", "efficient" or
+    "math"; None for other devices, on a machine without CUDA, or if PyTorch cannot say.
+
+    Real tensors ask PyTorch's dispatcher itself (``torch._fused_sdp_choice``). FakeTensors (what
+    a lowering sees) cannot: the dispatcher runs its meta kernel, where every device reads as
+    "meta" and the answer is always "math". For them the answer is rebuilt from the public
+    per-backend checks (``torch.backends.cuda.can_use_*_attention``, which read shapes, strides,
+    dtypes, ``requires_grad``, the GPU and the backend switches) in the order the dispatcher
+    prefers the backends on this GPU (:func:`_sdpa_preference`).
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if q.device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        if not isinstance(q, FakeTensor):
+            choice = torch._fused_sdp_choice(q, k, v, None, 0.0, bool(causal),
+                                             enable_gqa=bool(enable_gqa))
+            return _SDPA_BACKENDS.get(int(choice))
+        from torch.backends import cuda as tbc
+        params = tbc.SDPAParams(q, k, v, None, 0.0, bool(causal), bool(enable_gqa))
+        usable = {"cudnn": tbc.can_use_cudnn_attention(params),
+                  "flash": tbc.can_use_flash_attention(params),
+                  "efficient": tbc.can_use_efficient_attention(params)}
+        return next((b for b in _sdpa_preference(q.device, q.dtype) if usable.get(b)), "math")
+    except Exception:  # noqa: BLE001 - an unanswerable question, not the caller's error
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _sdpa_preference(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    """The fused backends in the order SDPA's dispatcher tries them on this GPU and dtype, read
+    off a small case every backend takes: ask, switch the answer off, ask again."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    left = {SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.FLASH_ATTENTION: "flash",
+            SDPBackend.EFFICIENT_ATTENTION: "efficient"}
+    order = []
+    with unset_fake_temporarily():  # a lowering runs under Dynamo's fake mode: ask real tensors
+        x = torch.empty(1, 2, 128, 64, device=device, dtype=dtype)
+        while left:
+            with sdpa_kernel(list(left) + [SDPBackend.MATH]):
+                name = _SDPA_BACKENDS.get(int(torch._fused_sdp_choice(x, x, x, None, 0.0, True)))
+            chosen = [b for b, n in left.items() if n == name]
+            if not chosen:  # math: none of the rest runs this case
+                break
+            order.append(name)
+            del left[chosen[0]]
+    return tuple(order)
 
 
 def _forward_fn(impl: str):
