@@ -8,8 +8,9 @@ gate — is compiled twice with ``backend="gla"``: ``kernels="triton"`` (gla's f
 gate in its epilogue) and ``kernels="pytorch"`` (SDPA, whichever kernel PyTorch picks, and the
 gate as PyTorch ops that Inductor fuses). Both are timed in the same run, forward (no grad) and
 forward+backward (``autograd.grad`` of q, k, v, g), do_bench medians. ``auto`` is what the
-lowering's rule (``gla.lowering.attention.choose_impl``) picks for those tensors; ``auto / best``
-is the best variant's time over auto's (1.00 = auto picked the faster one).
+lowering's rule (``gla.lowering.attention.choose_impl``) picks for those tensors as Dynamo sees
+them (without grad for the forward row, requiring grad for forward+backward); ``auto / best`` is
+the best variant's time over auto's (1.00 = auto picked the faster one).
 
 q, k, v and the gate are ``transpose(1, 2)`` views of [B, T, H, D] tensors, the layout a
 model's projections give.
@@ -65,9 +66,11 @@ def run(out_dir: str) -> str:
         args = _inputs(d, h, hkv, t, grad=True)
         dout = torch.randn_like(args[0])
         backend = sdpa_backend(*args[:3], causal=True, enable_gqa=h != hkv)
-        with FakeTensorMode() as mode:  # what the lowering sees under Dynamo
-            auto = choose_impl(Config(), *[mode.from_tensor(a) for a in args[:3]], causal=True)
-        auto = {"sdpa": "pytorch", "triton": "triton"}[auto]
+        picks = {}
+        for name, inputs in (("fwd", [a.detach() for a in args[:3]]), ("fwd+bwd", args[:3])):
+            with FakeTensorMode() as mode:  # what the lowering sees under Dynamo (grad or not)
+                impl = choose_impl(Config(), *[mode.from_tensor(a) for a in inputs], causal=True)
+            picks[name] = {"sdpa": "pytorch", "triton": "triton"}[impl]
         fn = _fn(gated, h != hkv)
         times = {}
         for kernels in ("triton", "pytorch"):
@@ -84,6 +87,7 @@ def run(out_dir: str) -> str:
         for i, name in enumerate(("fwd", "fwd+bwd")):
             tri, sd = times["triton"][i], times["pytorch"][i]
             best = min(tri, sd)
+            auto = picks[name]
             rows.append((d, f"{h}/{hkv}", "yes" if gated else "no", t, name, backend, tri, sd, auto,
                          best / times[auto][i]))
             print(rows[-1], flush=True)

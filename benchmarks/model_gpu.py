@@ -16,8 +16,8 @@ and a training step (forward, cross-entropy, backward; grads set to None) are ti
 ``ROUNDS`` interleaved rounds, each round in a rotated backend order, do_bench medians per
 round; the table gives the median round and the spread (max/min − 1). A kernel-time breakdown of
 one training step per backend (torch.profiler, CUDA kernels only) says where the GPU time goes.
-Errors are relative to eager bf16 (the gradients: all parameters' together, and the worst
-single tensor, which for a tensor with a tiny gradient is bf16 noise under any backend).
+Errors are relative to the same model in fp32 with SDPA's math kernel (the gradients: all
+parameters' together, and the worst single tensor), copied right after the checked step's backward.
 
 gla's rows: ``gla`` = ``kernels="auto"`` (the lowering picks per call: SDPA where it would run
 cuDNN, gla's Triton kernels elsewhere); ``kernels=triton`` forces gla's kernels everywhere;
@@ -26,6 +26,7 @@ and GLU as PyTorch ops that Inductor fuses).
 """
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import sys
@@ -34,6 +35,7 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from results_io import out_dir_arg, require_cuda, write_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -126,19 +128,24 @@ def bench_model(label: str, build, bench) -> list[str]:
     ids = torch.randint(0, vocab, (B, T + 1), device=DEVICE)
     x, y = ids[:, :-1], ids[:, 1:]
 
-    def train_step(fn):
+    def train_step(fn, m=model, keep=False):
         def step():
             logits = fn(x)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             loss.backward()
-            grads = [p.grad for p in model.parameters()]
-            model.zero_grad(set_to_none=True)
+            # copies, taken before the grads are dropped (keep: the step whose grads are checked)
+            grads = [p.grad.detach().float().clone() for p in m.parameters()] if keep else None
+            m.zero_grad(set_to_none=True)
             return loss.detach(), grads
         return step
 
-    with torch.no_grad():
-        ref = model(x)
-    ref_loss, ref_grads = train_step(model)()
+    # The reference: the same weights in fp32, SDPA's math kernel (what every bf16 row is held to)
+    ref_model = copy.deepcopy(model).float()
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        ref = ref_model(x)
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref_loss, ref_grads = train_step(ref_model, ref_model, keep=True)()
+    del ref_model
     fns, info, counts = {}, {}, {}
     for name, spec in BACKENDS.items():  # compile everything first, then time interleaved
         fn = model if spec is None else torch.compile(model, backend=spec[0], options=spec[1])
@@ -151,13 +158,13 @@ def bench_model(label: str, build, bench) -> list[str]:
         step = train_step(fn)
         t0 = time.perf_counter()
         with collect() as train_report:
-            loss, grads = step()
+            loss, grads = train_step(fn, keep=True)()
         torch.cuda.synchronize()
         first_train = time.perf_counter() - t0
         if spec is not None and spec[0] == "gla":
             counts[name] = ({k: v for k, v in report.counts.items() if v},
                             sorted({r.kernel for r in train_report.rewrites}))
-        pairs = [(g.float().flatten(), r.float().flatten()) for g, r in zip(grads, ref_grads) if r is not None]
+        pairs = [(g.flatten(), r.flatten()) for g, r in zip(grads, ref_grads)]
         gerr = _rel(torch.cat([g for g, _ in pairs]), torch.cat([r for _, r in pairs]))
         worst = max(_rel(g, r) for g, r in pairs)
         info[name] = (first, _rel(out, ref), first_train, gerr, worst, abs(loss - ref_loss).item())
@@ -180,8 +187,8 @@ def bench_model(label: str, build, bench) -> list[str]:
     for name, (kinds, kernels) in counts.items():
         lines.append(f"- {name} rewrote {kinds}; training graph kernels: {'; '.join(kernels)}")
     lines += ["", "| backend | inference ms (spread) | vs eager | vs inductor | train step ms (spread) "
-              "| vs eager | vs inductor | first call s | first step s | logits rel err "
-              "| grads rel err (all / worst tensor) | loss diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| vs eager | vs inductor | first call s | first step s | logits rel err vs fp32 "
+              "| grads rel err vs fp32 (all / worst tensor) | loss diff vs fp32 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ie, ii = med(infer["eager"]), med(infer["inductor"])
     te, ti = med(train["eager"]), med(train["inductor"])
     for name in names:

@@ -28,7 +28,9 @@ class Config:
     inner:    what compiles the rest of the graph.
     mode:     ``"exact"`` rewrites only what computes the same function; ``"linearize"`` (planned)
               will convert softmax attention into gated linear attention.
-    kernels:  ``"auto"`` (Triton on GPUs, fused PyTorch/reference elsewhere), ``"triton"`` (force
+    kernels:  ``"auto"`` (Triton on GPUs — attention without grad takes PyTorch's SDPA where it
+              would run cuDNN, see ``gla.lowering.attention.choose_impl`` — fused
+              PyTorch/reference elsewhere), ``"triton"`` (force
               the Triton kernels; the interpreter on a CPU), ``"pytorch"`` (no Triton: PyTorch's
               fused SDPA for softmax attention, the reference elsewhere, what a CPU runs under
               "auto"), ``"reference"`` (pure PyTorch).

@@ -166,8 +166,9 @@ def test_kernel_choice_on_cuda_by_option():
 
 
 def test_auto_takes_sdpa_only_where_it_would_run_cudnn(monkeypatch):
-    """"auto" on CUDA: SDPA where PyTorch would run cuDNN's kernel for a plain or square-causal
-    call; gla's Triton kernel wherever SDPA would run another kernel or would need a mask."""
+    """"auto" on CUDA: SDPA for inference where PyTorch would run cuDNN's kernel for a plain or
+    square-causal call; gla's Triton kernel for training, and wherever SDPA would run another kernel
+    or would need a mask."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import gla.kernels.attention as ka
@@ -198,6 +199,10 @@ def test_auto_takes_sdpa_only_where_it_would_run_cudnn(monkeypatch):
         assert choose_impl(Config(), q, q, q, bias=bias) == "triton"
         assert choose_impl(Config(), q, k_long, k_long, causal=True) == "triton"  # bottom-right
         assert choose_impl(Config(kernels="triton"), q, q, q, causal=True) == "triton"
+        trained = torch.empty(1, 4, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        assert choose_impl(Config(), trained, q, q, causal=True) == "triton"  # training keeps gla's kernel
+        assert choose_impl(Config(), q, trained, trained, causal=True) == "triton"
+        assert choose_impl(Config(kernels="pytorch"), trained, q, q, causal=True) == "sdpa"
         assert len(asked) == n  # none of those needed SDPA's answer
         for other in ("flash", "efficient", "math", None):
             answer(other)
@@ -229,7 +234,7 @@ def test_sdpa_backend_answers_for_fake_tensors_as_for_real_ones():
             fake = [mode.from_tensor(t) for t in real]
             assert sdpa_backend(*fake, causal=True, enable_gqa=hq != hkv) == want
             impl = choose_impl(Config(), *fake, causal=True)
-        assert impl == ("sdpa" if want == "cudnn" else "triton"), (dtype, hq, hkv, d, want, impl)
+        assert impl == ("sdpa" if want == "cudnn" and not grad else "triton"), (dtype, hq, hkv, d, want, impl)
         if dtype == torch.float32:
             assert want != "cudnn"
 
@@ -238,7 +243,8 @@ def test_sdpa_backend_answers_for_fake_tensors_as_for_real_ones():
 @pytest.mark.parametrize("gated", [False, True])
 def test_auto_kernel_choice_end_to_end_on_cuda(gated):
     """A compiled causal attention (GQA, with and without an output gate) runs the kernel the
-    rule names, matches eager in value and gradient, and says which kernel it chose."""
+    rule names — SDPA for inference where it runs cuDNN, gla's kernel for training — matches
+    float64 in value and gradient, and says which kernel it chose."""
     from gla.kernels.attention import sdpa_backend
 
     torch.manual_seed(0)
@@ -250,12 +256,20 @@ def test_auto_kernel_choice_end_to_end_on_cuda(gated):
 
     args = [torch.randn(B, h, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for h in (H, HKV, HKV, H)]
+    with torch.no_grad():
+        plain = [a.detach() for a in args]
+        cudnn = sdpa_backend(*plain[:3], causal=True, enable_gqa=True) == "cudnn"
+        infer = [r.kernel for r in gla.explain(f, *plain).rewrites]
+        assert len(infer) == 1 and ("scaled_dot_product_attention" in infer[0]) == cudnn, (cudnn, infer)
+        assert ("[triton]" in infer[0]) == (not cudnn), infer
+        torch._dynamo.reset()
+        out = torch.compile(f, backend="gla", fullgraph=True)(*plain)
+        assert rel_rms_error(out, f(*[a.double() for a in plain])) < 2e-2
+    torch._dynamo.reset()
     report = gla.explain(f, *args)
     kernels = [r.kernel for r in report.rewrites]
-    cudnn = sdpa_backend(*args[:3], causal=True, enable_gqa=True) == "cudnn"
-    assert len(kernels) == 1, str(report)
-    assert ("scaled_dot_product_attention" in kernels[0]) == cudnn, (cudnn, str(report))
-    assert ("[triton]" in kernels[0]) == (not cudnn), str(report)
+    assert len(kernels) == 1 and "[triton]" in kernels[0], str(report)
+    torch._dynamo.reset()
     ref = f(*[a.double() for a in args])
     out = torch.compile(f, backend="gla", fullgraph=True)(*args)
     assert rel_rms_error(out, ref) < 2e-2

@@ -51,9 +51,14 @@ def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill
 
 
 def choose_impl(config: Config, q, k, v, *, masked=False, **case) -> str | Decline:
-    """Which implementation runs. ``"auto"``: PyTorch's SDPA where it would run cuDNN's kernel
-    (see :func:`sdpa_runs_cudnn`), else Triton on CUDA where it can, else SDPA (CPU) — or what
-    ``config.kernels`` forces. ``masked``: a mask the kernel gets as a bias (``keep``/``masked``)."""
+    """Which implementation runs. ``"auto"``: PyTorch's SDPA for inference where it would run
+    cuDNN's kernel (see :func:`sdpa_runs_cudnn`), else Triton on CUDA where it can, else SDPA
+    (CPU) — or what ``config.kernels`` forces. ``masked``: a mask the kernel gets as a bias.
+
+    Training (q, k or v requires grad) keeps gla's kernel: on an H200 (torch 2.11, cuDNN 9.19)
+    a process that had run cuDNN attention at the same shapes with other strides then got
+    gradients far off from cuDNN's backward (``benchmarks/results/model-nvidia-h200.md``,
+    ``benchmarks/cudnn_stale_plan.py``), while gla's kernel matched fp32 in the same runs."""
     from ..kernels.attention import triton_unsupported_reason
 
     if config.kernels == "reference":
@@ -66,7 +71,10 @@ def choose_impl(config: Config, q, k, v, *, masked=False, **case) -> str | Decli
     if q.device.type != "cuda" or reason is not None:
         return "sdpa"
     plain = not masked and case.get("bias") is None and not case.get("window") and not case.get("key_mask")
-    return "sdpa" if plain and sdpa_runs_cudnn(q, k, v, causal=case.get("causal", False)) else "triton"
+    grad = any(t is not None and t.requires_grad for t in (q, k, v))
+    if plain and not grad and sdpa_runs_cudnn(q, k, v, causal=case.get("causal", False)):
+        return "sdpa"
+    return "triton"
 
 
 def sdpa_runs_cudnn(q, k, v, *, causal: bool) -> bool:

@@ -1,0 +1,98 @@
+"""GPU diagnostic: does cuDNN's SDPA backward go wrong after a same-shape call with other strides?
+
+    python benchmarks/cudnn_stale_plan.py [out_dir]   # writes {out_dir}/cudnn-stale-plan-<device>.md
+
+Why: in ``benchmarks/model_gpu.py`` (one process: tiny_llama, then transformers' Llama, both at
+B=2, 16/4 heads of 128, T=2048) the Llama training gradients of every path through cuDNN's
+``is_causal`` kernel — eager PyTorch included — were ~130% off an fp32 reference, while Inductor's
+cuDNN-with-mask path and gla's Triton kernel matched it to 1.6e-2; the same model alone in a fresh
+process matched fp32 on every path. The two models' q/k/v (and so dO) have the same shapes and
+stride order but different strides (tiny_llama's q is a slice of a wider projection), which fits
+PyTorch reusing a cuDNN backward graph cached for the first layout (pytorch/pytorch#191576 changes
+that key for dO). This script isolates that: one process runs cuDNN's backward on a sequence of
+same-shape calls whose layouts change, and compares every call's gradients against float64.
+
+gla's ``kernels="auto"`` keeps its own kernel for training until this comes back clean.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from results_io import out_dir_arg, require_cuda, write_table
+
+B, H, HKV, T, D = 2, 16, 4, 2048, 128
+
+
+def _qkv(layout: str, grad: bool = True):
+    """q [B, H, T, D], k/v [B, HKV, T, D] as views with the given memory layout."""
+    def make(heads, wide):
+        x = torch.randn(B, T, heads * wide, D, device="cuda", dtype=torch.bfloat16)
+        x = x[:, :, :heads] if wide > 1 else x      # a slice of a wider projection (a gate beside q)
+        return x.transpose(1, 2).detach().requires_grad_(grad)
+    if layout == "bthd":
+        return make(H, 1), make(HKV, 1), make(HKV, 1)
+    if layout == "bthd-wide-q":
+        return make(H, 2), make(HKV, 1), make(HKV, 1)
+    if layout == "bhtd":
+        return tuple(torch.randn(B, h, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+                     for h in (H, HKV, HKV))
+    raise ValueError(layout)
+
+
+def _dout(layout: str):
+    """The output gradient as a model hands it back: [B, T, H, D] memory unless the layout is bhtd."""
+    if layout == "bhtd":
+        return torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+    return torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+
+
+def _grads(q, k, v, dout, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([backend]):
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return torch.autograd.grad(o, (q, k, v), dout)
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+SEQUENCE = ["bthd", "bthd", "bthd-wide-q", "bthd", "bhtd", "bthd-wide-q", "bthd"]
+
+
+def run(out_dir: str) -> str:
+    from torch.nn.attention import SDPBackend
+
+    rows = []
+    torch.manual_seed(0)
+    for i, layout in enumerate(SEQUENCE):  # one process, calls in this order, each checked
+        q, k, v = _qkv(layout)
+        dout = _dout(layout)
+        got = _grads(q, k, v, dout, SDPBackend.CUDNN_ATTENTION)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+        ref = torch.autograd.grad(od, (qd, kd, vd), dout.double())
+        strides = "; ".join(str(tuple(t.stride())) for t in (q, k, dout))
+        rows.append((i + 1, layout, strides, *(_rel(g, r) for g, r in zip(got, ref))))
+        print(rows[-1], flush=True)
+    name = torch.cuda.get_device_name()
+    lines = [f"# cuDNN SDPA backward, same shapes, calls with other strides in between, {name}", "",
+             f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; B={B}, heads {H}/{HKV}, "
+             f"T={T}, D={D}, bf16, causal, enable_gqa; each call's gradients vs float64 (relative RMS; "
+             "bf16 gives ~1e-2), calls in the order listed, one process.", "",
+             "| call | layout | strides q; k; dO | dq | dk | dv |", "|---|---|---|---|---|---|"]
+    lines += [f"| {i} | {lay} | {st} | {dq:.1e} | {dk:.1e} | {dv:.1e} |" for i, lay, st, dq, dk, dv in rows]
+    text = "\n".join(lines) + "\n"
+    write_table(out_dir, "cudnn-stale-plan", name, text)
+    return text
+
+
+def main(out_dir: str) -> str:
+    require_cuda("cudnn_stale_plan.py")
+    return run(out_dir)
+
+
+if __name__ == "__main__":
+    print(main(out_dir_arg(sys.argv)))
