@@ -209,6 +209,33 @@ def test_auto_takes_sdpa_only_where_it_would_run_cudnn(monkeypatch):
             assert choose_impl(Config(), q, q, q, causal=True) == "triton", other
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_lowering_sees_whether_attention_is_trained(monkeypatch, grad):
+    """The rule's premise: the tensors the attention lowering chooses with carry requires_grad
+    exactly when the compiled graph trains through them (Dynamo's example values)."""
+    import gla.lowering.attention as la
+
+    seen = []
+    choose = la.choose_impl
+
+    def spy(config, q, k, v, **case):
+        seen.append((q.requires_grad, k.requires_grad, v.requires_grad))
+        return choose(config, q, k, v, **case)
+
+    monkeypatch.setattr(la, "choose_impl", spy)
+
+    def attn(x, w):  # q, k, v from a projection, as in a model
+        q = (x @ w).unflatten(-1, (2, 8)).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    x, w = torch.randn(1, 16, 16), torch.randn(16, 16, requires_grad=grad)
+    gla.explain(attn, x, w)                 # grad mode on: trains through q iff w requires grad
+    torch._dynamo.reset()
+    with torch.no_grad():                   # inference: no grad whatever w says
+        gla.explain(attn, x, w)
+    assert seen == [(grad, grad, grad), (False, False, False)], seen
+
+
 @pytest.mark.gpu
 def test_sdpa_backend_answers_for_fake_tensors_as_for_real_ones():
     """The lowering asks with Dynamo's FakeTensors: the answer must be what real tensors of the
