@@ -16,11 +16,14 @@ gla's ``kernels="auto"`` keeps its own kernel for training until this comes back
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 from results_io import out_dir_arg, require_cuda, write_table
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 B, H, HKV, T, D = 2, 16, 4, 2048, 128
 
@@ -55,15 +58,13 @@ def _grads(q, k, v, dout, backend):
     return torch.autograd.grad(o, (q, k, v), dout)
 
 
-def _rel(a, b) -> float:
-    return ((a.double() - b).norm() / b.norm()).item()
-
-
 SEQUENCE = ["bthd", "bthd", "bthd-wide-q", "bthd", "bhtd", "bthd-wide-q", "bthd"]
 
 
 def run(out_dir: str) -> str:
     from torch.nn.attention import SDPBackend
+
+    from gla.testing import rel_rms_error
 
     rows = []
     torch.manual_seed(0)
@@ -75,7 +76,7 @@ def run(out_dir: str) -> str:
         od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
         ref = torch.autograd.grad(od, (qd, kd, vd), dout.double())
         strides = "; ".join(str(tuple(t.stride())) for t in (q, k, dout))
-        rows.append((i + 1, layout, strides, *(_rel(g, r) for g, r in zip(got, ref))))
+        rows.append((i + 1, layout, strides, *(rel_rms_error(g, r) for g, r in zip(got, ref))))
         print(rows[-1], flush=True)
     name = torch.cuda.get_device_name()
     lines = [f"# cuDNN SDPA backward, same shapes, calls with other strides in between, {name}", "",

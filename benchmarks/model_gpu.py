@@ -89,8 +89,12 @@ def hf_llama():
     return Logits(model), cfg.vocab_size
 
 
-def _rel(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+def raise_recompile_limits() -> None:
+    """Five backends x (inference, training) graphs of one forward: keep Dynamo from falling back."""
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 256)
 
 
 def _category(kernel: str) -> str:
@@ -123,6 +127,7 @@ def _breakdown(step) -> tuple[dict[str, float], list[tuple[str, float]]]:
 
 def bench_model(label: str, build, bench) -> list[str]:
     from gla.report import collect
+    from gla.testing import rel_rms_error
 
     model, vocab = build()
     ids = torch.randint(0, vocab, (B, T + 1), device=DEVICE)
@@ -165,9 +170,9 @@ def bench_model(label: str, build, bench) -> list[str]:
             counts[name] = ({k: v for k, v in report.counts.items() if v},
                             sorted({r.kernel for r in train_report.rewrites}))
         pairs = [(g.flatten(), r.flatten()) for g, r in zip(grads, ref_grads)]
-        gerr = _rel(torch.cat([g for g, _ in pairs]), torch.cat([r for _, r in pairs]))
-        worst = max(_rel(g, r) for g, r in pairs)
-        info[name] = (first, _rel(out, ref), first_train, gerr, worst, abs(loss - ref_loss).item())
+        gerr = rel_rms_error(torch.cat([g for g, _ in pairs]), torch.cat([r for _, r in pairs]))
+        worst = max(rel_rms_error(g, r) for g, r in pairs)
+        info[name] = (first, rel_rms_error(out, ref), first_train, gerr, worst, abs(loss - ref_loss).item())
         fns[name] = (fn, step)
         print(label, name, "compiled", info[name], flush=True)
     names = list(BACKENDS)
@@ -216,11 +221,7 @@ def run(out_dir: str) -> str:
     import triton
     from triton.testing import do_bench
 
-    # five backends x (inference, training) graphs of one forward: keep Dynamo from falling back
-    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                 "accumulated_recompile_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 256)
+    raise_recompile_limits()
     bench = lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))  # noqa: E731
     name = torch.cuda.get_device_name()
     lines = [f"# Model level on {name}: backend gla vs inductor vs eager", "",

@@ -71,7 +71,7 @@ def choose_impl(config: Config, q, k, v, *, masked=False, **case) -> str | Decli
     if q.device.type != "cuda" or reason is not None:
         return "sdpa"
     plain = not masked and case.get("bias") is None and not case.get("window") and not case.get("key_mask")
-    grad = any(t is not None and t.requires_grad for t in (q, k, v))
+    grad = q.requires_grad or k.requires_grad or v.requires_grad
     if plain and not grad and sdpa_runs_cudnn(q, k, v, causal=case.get("causal", False)):
         return "sdpa"
     return "triton"
