@@ -296,7 +296,7 @@ def sweep(ts=(1024, 4096), ds=D_LIST, kernels=None) -> str:
             base = flash.attention_configs(d, d, DTYPE, True, t, interpret=False,
                                            batch_heads=B * H, device=q.device)
             scale = 1 / math.sqrt(d)
-            o, lse, _ = flash.attention_forward(q, k, v, None, None, None, scale, True, 0)
+            o, lse = flash.attention_forward(q, k, v, None, None, None, scale, True, 0)
             do = torch.randn_like(o)
             fwd_flops = _fwd_flops(B, H, t, d)
             for kern, lst in (SWEEP_CANDS_D256 if d > 128 else SWEEP_CANDS).items():
@@ -315,9 +315,9 @@ def sweep(ts=(1024, 4096), ds=D_LIST, kernels=None) -> str:
                         flops = fwd_flops
                     else:
                         fn = lambda cfg=cfg: flash.attention_backward(  # noqa: E731
-                            do, q, k, v, o, lse, None, None, None, None, scale, True, 0,
+                            do, q, k, v, o, lse, None, None, None, scale, True, 0,
                             config=cfg)
-                        flops = 2.5 * fwd_flops  # (the whole backward: pre + dkdv + dq)
+                        flops = 2.5 * fwd_flops  # (the whole backward: dq + dkdv)
                     ms = _bench(fn)
                     res.append((ms, cand))
                     totals[(kern, cand)] = totals.get((kern, cand), 0.0) + ms

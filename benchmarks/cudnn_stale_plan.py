@@ -45,9 +45,12 @@ def _qkv(layout: str, grad: bool = True):
 
 
 def _dout(layout: str):
-    """The output gradient as a model hands it back: [B, T, H, D] memory unless the layout is bhtd."""
+    """The output gradient [B, H, T, D]: [B, T, H, D] memory (what a model's ``transpose(1, 2)``
+    hands back), contiguous (bhtd), or a slice of a wider [B, T, 2H, D] buffer."""
     if layout == "bhtd":
         return torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+    if layout == "bthd-wide":
+        return torch.randn(B, T, 2 * H, D, device="cuda", dtype=torch.bfloat16)[:, :, :H].transpose(1, 2)
     return torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
 
 
@@ -58,7 +61,11 @@ def _grads(q, k, v, dout, backend):
     return torch.autograd.grad(o, (q, k, v), dout)
 
 
-SEQUENCE = ["bthd", "bthd", "bthd-wide-q", "bthd", "bhtd", "bthd-wide-q", "bthd"]
+# (q/k/v layout, dO layout). Calls 2, 3, 7, 9 change only dO's layout: a cached backward graph
+# keyed without dO's strides would be reused there.
+SEQUENCE = [("bthd", "bthd"), ("bthd", "bhtd"), ("bthd", "bthd-wide"), ("bthd", "bthd"),
+            ("bthd-wide-q", "bthd"), ("bhtd", "bhtd"), ("bhtd", "bthd"), ("bthd-wide-q", "bthd"),
+            ("bthd", "bhtd"), ("bthd", "bthd")]
 
 
 def run(out_dir: str) -> str:
@@ -68,15 +75,15 @@ def run(out_dir: str) -> str:
 
     rows = []
     torch.manual_seed(0)
-    for i, layout in enumerate(SEQUENCE):  # one process, calls in this order, each checked
+    for i, (layout, dlayout) in enumerate(SEQUENCE):  # one process, in this order, each checked
         q, k, v = _qkv(layout)
-        dout = _dout(layout)
+        dout = _dout(dlayout)
         got = _grads(q, k, v, dout, SDPBackend.CUDNN_ATTENTION)
         qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
         od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
         ref = torch.autograd.grad(od, (qd, kd, vd), dout.double())
         strides = "; ".join(str(tuple(t.stride())) for t in (q, k, dout))
-        rows.append((i + 1, layout, strides, *(rel_rms_error(g, r) for g, r in zip(got, ref))))
+        rows.append((i + 1, f"{layout}, dO {dlayout}", strides, *(rel_rms_error(g, r) for g, r in zip(got, ref))))
         print(rows[-1], flush=True)
     name = torch.cuda.get_device_name()
     lines = [f"# cuDNN SDPA backward, same shapes, calls with other strides in between, {name}", "",

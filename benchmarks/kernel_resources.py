@@ -151,8 +151,8 @@ def _capture_attention(calls):
     B, T, H, D = 2, 4096, 16, 128
     q, k, v, do = (torch.randn(B, H, T, D).to(torch.bfloat16) for _ in range(4))
     with _Patched(flash, **_captures(flash, calls, lambda n: n.startswith("_attn"))):
-        o, lse, _ = flash.attention_forward(q, k, v, None, None, None, D ** -0.5, True, 0)
-        flash.attention_backward(do, q, k, v, o, lse, None, None, None, None, D ** -0.5, True, 0)
+        o, lse = flash.attention_forward(q, k, v, None, None, None, D ** -0.5, True, 0)
+        flash.attention_backward(do, q, k, v, o, lse, None, None, None, D ** -0.5, True, 0)
 
 
 def main(out_dir: str) -> str:

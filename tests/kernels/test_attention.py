@@ -173,7 +173,7 @@ def test_matches_float64_reference(case, impl, dtype):
 # ----------------------------------------------------------------------------------------------
 def _cfg(fwd, dq, dkdv):
     c = lambda bm, bn: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)  # noqa: E731
-    return {"fwd": c(*fwd), "dq": c(*dq), "dkdv": c(*dkdv), "pre": c(16, 16)}
+    return {"fwd": c(*fwd), "dq": c(*dq), "dkdv": c(*dkdv)}
 
 
 @pytest.mark.parametrize("cfg", [_cfg((32, 16), (16, 32), (16, 32)),
@@ -187,8 +187,8 @@ def test_block_m_differs_from_block_n(case, cfg):
     q, k, v, kw, dout = make_case(Hq=2, Hkv=1, D=32, gate="elementwise", **case)
     scale = 1 / math.sqrt(32)
     args = (kw["gate"], kw["bias"], kw["key_mask"], scale, kw["causal"], kw["window"])
-    out, lse, o_ung = flash.attention_forward(q, k, v, *args, config=cfg)
-    grads = flash.attention_backward(dout, q, k, v, out, lse, o_ung, *args, config=cfg)
+    out, lse = flash.attention_forward(q, k, v, *args, config=cfg)
+    grads = flash.attention_backward(dout, q, k, v, out, lse, *args, config=cfg)
     ref, ref_grads = _reference(q, k, v, kw, dout)
     errs = [rel_rms_error(out, ref)] + [rel_rms_error(a, e) for a, e in zip(grads, ref_grads)]
     assert all(e <= 1e-5 for e in errs), errs
@@ -312,8 +312,8 @@ def test_opcheck(impl):
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
             kw["gate"].requires_grad_(), bias, None, 0.25, True, 0, impl)
     torch.library.opcheck(attention_op, args)
-    out, lse, o = attention_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
-    saved = (o if impl == "triton" else lse)
+    out, lse = attention_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    saved = (out if impl == "triton" else lse)
     bargs = (dout, q.detach(), k.detach(), v.detach(), saved, lse, kw["gate"], bias.detach(),
              None, 0.25, True, 0, impl, impl != "triton")
     torch.library.opcheck(attention_backward_op, bargs,
@@ -354,23 +354,37 @@ def test_dispatch_mode_sees_the_op():
     assert "gla.attention.default" in seen
 
 
-def test_gated_no_grad_forward_skips_ungated_output():
-    q, k, v, kw, _ = make_case(causal=True, gate="elementwise", Hq=2, Hkv=1)
-    with torch.no_grad():
-        out = gated_attention(q, k, v, gate=kw["gate"], causal=True, impl="triton")
-    ref = attention_reference(q.double(), k.double(), v.double(), gate=kw["gate"].double(),
-                              causal=True)
-    assert rel_rms_error(out, ref) <= 1e-5
-    _, _, o_ung = flash.attention_forward(q, k, v, kw["gate"], None, None, 0.2, True, 0,
-                                          save_ungated=False)
-    assert o_ung.numel() == 0
+@pytest.mark.parametrize("headwise", [False, True], ids=["elementwise", "headwise"])
+@pytest.mark.parametrize("force_op", [False, True], ids=["fast-path", "op"])
+def test_gated_training_saves_only_the_gated_output(headwise, force_op, monkeypatch):
+    """The backward works from the gated output alone (dO·O = dout·out, dgate = dout·out·σ(−g)):
+    no ungated copy is written or saved. Gates span ±16 so σ(g) saturates at both ends."""
+    if force_op:
+        monkeypatch.setenv("GLA_EAGER_OP", "1")
+    q, k, v, kw, dout = make_case(causal=True, Hq=4, Hkv=2, gate="elementwise")
+    gate = kw["gate"][..., :1] if headwise else kw["gate"]
+    gate = (8 * gate).detach().requires_grad_()
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = gated_attention(*leaves, gate=gate, causal=True, impl="triton")
+    known = {t.data_ptr() for t in leaves + [gate]}
+    extra = [tuple(t.shape) for t in saved if t.dim() == 4 and t.data_ptr() not in known
+             and t.data_ptr() != out.data_ptr()]
+    assert not extra and out.data_ptr() in {t.data_ptr() for t in saved}, extra
+    grads = torch.autograd.grad(out, leaves + [gate], dout)
+    ref_in = [t.detach().double().requires_grad_() for t in leaves + [gate]]
+    ref = attention_reference(*ref_in[:3], gate=ref_in[3], causal=True)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+    errs = [rel_rms_error(out, ref)] + [rel_rms_error(a, e) for a, e in zip(grads, ref_grads)]
+    assert all(e <= 1e-5 for e in errs), errs
 
 
 def test_backward_through_out_only_materializes_nothing():
     """Autograd must not build zero grads for lse / o_ungated (no aten::zeros in the backward)."""
     q, k, v, kw, dout = make_case(causal=True, gate="elementwise", Tq=16, Tk=16, D=16)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, kw["gate"])]
-    out, _, _ = torch.ops.gla.attention(*leaves, None, None, 0.25, True, 0, "triton")
+    out, _ = torch.ops.gla.attention(*leaves, None, None, 0.25, True, 0, "triton")
     with torch.profiler.profile() as prof:
         torch.autograd.grad(out, leaves, dout)
     names = {e.name for e in prof.events()}
@@ -446,8 +460,8 @@ def test_gpu_every_default_config(D, few_tiles, extras):
     kw = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
     cfg = flash._configs_cached(D, D, torch.bfloat16, True, 65, extras, False, few_tiles)
     args = (kw["gate"], None, kw["key_mask"], 1 / math.sqrt(D), True, kw["window"])
-    out, lse, o_ung = flash.attention_forward(q, k, v, *args, config=cfg)
-    grads = flash.attention_backward(dout, q, k, v, out, lse, o_ung, *args, config=cfg)
+    out, lse = flash.attention_forward(q, k, v, *args, config=cfg)
+    grads = flash.attention_backward(dout, q, k, v, out, lse, *args, config=cfg)
     ref, ref_grads = _reference(q, k, v, kw, dout)
     errs = {"out": rel_rms_error(out, ref)}
     errs.update({n: rel_rms_error(a, e) for n, a, e in zip(["dq", "dk", "dv", "dg"], grads,

@@ -1,7 +1,7 @@
 """``gla::attention`` and ``gla::attention_backward``: the torch.library ops and the public API.
 
 ``gated_attention`` validates its arguments, resolves ``impl`` and calls ``gla::attention``,
-which returns ``(out, lse, o_ungated)``; autograd (registered with ``register_autograd``) saves
+which returns ``(out, lse)``; autograd (registered with ``register_autograd``) saves
 what the backward needs and calls ``gla::attention_backward``, so a compiled graph keeps both
 ops opaque. ``impl`` picks the body of both ops:
 
@@ -234,17 +234,17 @@ def _bthd_like(q: torch.Tensor, dv: int) -> torch.Tensor:
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], scale: float,
                  causal: bool, window: int, impl: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(out, lse, o_ungated)``. ``out`` is ``[B, Hq, Tq, Dv]`` with ``[B, Tq, Hq, Dv]``
-    memory. For ``impl="triton"``: ``lse`` fp32 ``[B, Hq, Tq]`` and ``o_ungated`` (empty without
-    a gate); other impls return both empty (their backward recomputes)."""
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out, lse)``. ``out`` is ``[B, Hq, Tq, Dv]`` with ``[B, Tq, Hq, Dv]`` memory.
+    For ``impl="triton"`` ``lse`` is fp32 ``[B, Hq, Tq]``; other impls return it empty (their
+    backward recomputes)."""
     if impl == "triton":
         return flash.attention_forward(q, k, v, gate, bias, key_mask, scale, causal, window)
     res = _forward_fn(impl)(q, k, v, gate=gate, bias=bias, key_mask=key_mask, scale=scale,
                             causal=causal, window=window)
     out = _bthd_like(q, v.shape[-1])
     out.copy_(res)
-    return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0)
+    return out, q.new_empty(0, dtype=torch.float32)
 
 
 @attention_op.register_fake
@@ -252,10 +252,8 @@ def _attention_fake(q, k, v, gate, bias, key_mask, scale, causal, window, impl):
     B, H, T, _ = q.shape
     out = _bthd_like(q, v.shape[-1])
     if impl == "triton":
-        lse = q.new_empty(B, H, T, dtype=torch.float32)
-        o_ung = _bthd_like(q, v.shape[-1]) if gate is not None else q.new_empty(0)
-        return out, lse, o_ung
-    return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0)
+        return out, q.new_empty(B, H, T, dtype=torch.float32)
+    return out, q.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.custom_op("gla::attention_backward", mutates_args=())
@@ -267,14 +265,13 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor]:
     """Returns ``(dq, dk, dv, dgate, dbias)``; ``dgate`` is empty without a gate, ``dbias``
-    empty unless ``bias_requires_grad``. ``o`` is the ungated output (``o_ungated`` if gated,
-    else ``out``) for ``impl="triton"``; the recomputing impls ignore ``o`` and ``lse``."""
+    empty unless ``bias_requires_grad``. ``o`` is the forward's (gated) ``out`` for
+    ``impl="triton"``; the recomputing impls ignore ``o`` and ``lse``."""
     if impl == "triton":
         if bias_requires_grad:
             raise RuntimeError("bias requires grad; the Triton kernel has no dbias")
         dq, dk, dv, dgate = flash.attention_backward(
-            dout, q, k, v, o, lse, o if gate is not None else None, gate, bias, key_mask, scale,
-            causal, window)
+            dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window)
         return dq, dk, dv, dgate if dgate is not None else q.new_empty(0), q.new_empty(0)
     with autograd_reenabled():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -301,18 +298,18 @@ def _attention_backward_fake(dout, q, k, v, o, lse, gate, bias, key_mask, scale,
 
 def _setup_context(ctx, inputs, output):
     q, k, v, gate, bias, key_mask, scale, causal, window, impl = inputs
-    out, lse, o_ung = output
-    o = (o_ung if gate is not None else out) if impl == "triton" else lse
+    out, lse = output
+    o = out if impl == "triton" else lse  # (the recomputing impls need neither: save the empty)
     ctx.save_for_backward(q, k, v, o, lse, gate, bias, key_mask)
     ctx.args = (scale, causal, window, impl)
     ctx.bias_requires_grad = bias is not None and ctx.needs_input_grad[4]
-    ctx.mark_non_differentiable(lse, o_ung)
-    # lse / o_ung never get gradients: without this, autograd materializes zeros for them before
-    # every backward (a memset of [B, H, T] fp32, and of [B, H, T, Dv] when gated).
+    ctx.mark_non_differentiable(lse)
+    # lse never gets a gradient: without this, autograd materializes zeros for it before every
+    # backward (a memset of [B, H, T] fp32).
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, _dlse, _do_ung):
+def _backward(ctx, dout, _dlse):
     q, k, v, o, lse, gate, bias, key_mask = ctx.saved_tensors
     scale, causal, window, impl = ctx.args
     if dout is None:  # (grads are not materialized)
@@ -338,10 +335,8 @@ class _TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, gate, bias, key_mask, scale, causal, window):
-        out, lse, o_ung = flash.attention_forward(q, k, v, gate, bias, key_mask, scale, causal,
-                                                  window)
-        ctx.save_for_backward(q, k, v, o_ung if gate is not None else out, lse, gate, bias,
-                              key_mask)
+        out, lse = flash.attention_forward(q, k, v, gate, bias, key_mask, scale, causal, window)
+        ctx.save_for_backward(q, k, v, out, lse, gate, bias, key_mask)
         ctx.args = (scale, causal, window)
         ctx.set_materialize_grads(False)
         return out
@@ -354,8 +349,7 @@ class _TritonAttention(torch.autograd.Function):
         if dout is None:
             dout = _bthd_like(q, v.shape[-1]).zero_()
         dq, dk, dv, dgate = flash.attention_backward(
-            dout, q, k, v, o, lse, o if gate is not None else None, gate, bias, key_mask, scale,
-            causal, window)
+            dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window)
         return dq, dk, dv, dgate, None, None, None, None, None
 
 
@@ -424,9 +418,9 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                         or (gate is not None and gate.requires_grad)):
             return _TritonAttention.apply(q, k, v, gate, bias, key_mask, float(scale),
                                           bool(causal), int(window))
-        out, _, _ = flash.attention_forward(q, k, v, gate, bias, key_mask, float(scale),
-                                            bool(causal), int(window), save_ungated=False)
+        out, _ = flash.attention_forward(q, k, v, gate, bias, key_mask, float(scale),
+                                         bool(causal), int(window))
         return out
-    out, _, _ = torch.ops.gla.attention(q, k, v, gate, bias, key_mask, float(scale),
+    out, _ = torch.ops.gla.attention(q, k, v, gate, bias, key_mask, float(scale),
                                         bool(causal), int(window), impl)
     return out
