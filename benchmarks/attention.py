@@ -317,7 +317,7 @@ def sweep(ts=(1024, 4096), ds=D_LIST, kernels=None) -> str:
                         fn = lambda cfg=cfg: flash.attention_backward(  # noqa: E731
                             do, q, k, v, o, lse, None, None, None, scale, True, 0,
                             config=cfg)
-                        flops = 2.5 * fwd_flops  # (the whole backward: dq + dkdv)
+                        flops = 2.5 * fwd_flops  # (the whole backward: pre + dkdv + dq)
                     ms = _bench(fn)
                     res.append((ms, cand))
                     totals[(kern, cand)] = totals.get((kern, cand), 0.0) + ms

@@ -68,14 +68,19 @@ SEQUENCE = [("bthd", "bthd"), ("bthd", "bhtd"), ("bthd", "bthd-wide"), ("bthd", 
             ("bthd", "bhtd"), ("bthd", "bthd")]
 
 
-def run(out_dir: str) -> str:
+# The same mismatched layouts as the first call of a fresh process: wrong there too would mean
+# cuDNN mishandles a dO whose strides differ from O's; right means a graph reused from call 1.
+FRESH = [("bthd", "bhtd"), ("bthd", "bthd"), ("bhtd", "bthd")]
+
+
+def _calls(sequence) -> list:
     from torch.nn.attention import SDPBackend
 
     from gla.testing import rel_rms_error
 
     rows = []
     torch.manual_seed(0)
-    for i, (layout, dlayout) in enumerate(SEQUENCE):  # one process, in this order, each checked
+    for i, (layout, dlayout) in enumerate(sequence):  # one process, in this order, each checked
         q, k, v = _qkv(layout)
         dout = _dout(dlayout)
         got = _grads(q, k, v, dout, SDPBackend.CUDNN_ATTENTION)
@@ -85,6 +90,23 @@ def run(out_dir: str) -> str:
         strides = "; ".join(str(tuple(t.stride())) for t in (q, k, dout))
         rows.append((i + 1, f"{layout}, dO {dlayout}", strides, *(rel_rms_error(g, r) for g, r in zip(got, ref))))
         print(rows[-1], flush=True)
+    return rows
+
+
+def _fresh_process_rows() -> list:
+    """:data:`FRESH` run in a new interpreter (no cuDNN graph cached yet)."""
+    import json
+    import subprocess
+    code = ("import json, sys; sys.path.insert(0, %r); import cudnn_stale_plan as c; "
+            "print('ROWS' + json.dumps(c._calls(c.FRESH)))" % os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("ROWS"))
+    return json.loads(line[4:])
+
+
+def run(out_dir: str) -> str:
+    rows = _calls(SEQUENCE)
+    fresh = _fresh_process_rows()
     name = torch.cuda.get_device_name()
     lines = [f"# cuDNN SDPA backward, same shapes, calls with other strides in between, {name}", "",
              f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; B={B}, heads {H}/{HKV}, "
@@ -92,6 +114,9 @@ def run(out_dir: str) -> str:
              "bf16 gives ~1e-2), calls in the order listed, one process.", "",
              "| call | layout | strides q; k; dO | dq | dk | dv |", "|---|---|---|---|---|---|"]
     lines += [f"| {i} | {lay} | {st} | {dq:.1e} | {dk:.1e} | {dv:.1e} |" for i, lay, st, dq, dk, dv in rows]
+    lines += ["", "A fresh process, the same checks:", "",
+              "| call | layout | strides q; k; dO | dq | dk | dv |", "|---|---|---|---|---|---|"]
+    lines += [f"| {i} | {lay} | {st} | {dq:.1e} | {dk:.1e} | {dv:.1e} |" for i, lay, st, dq, dk, dv in fresh]
     text = "\n".join(lines) + "\n"
     write_table(out_dir, "cudnn-stale-plan", name, text)
     return text

@@ -96,7 +96,7 @@ def run(out_dir: str) -> str:
         ("gla gated_attention fwd+bwd, Triton's launch path", triton_path(gla_step)),
         ("gla launchers alone: attention_forward", lambda: flash.attention_forward(
             qd, kd, vd, causal=True)),
-        ("gla launchers alone: attention_backward (2 launches)", lambda: flash.attention_backward(
+        ("gla launchers alone: attention_backward (3 launches)", lambda: flash.attention_backward(
             do, qd, kd, vd, o, lse, causal=True)),
         ("gla launchers alone: attention_backward, Triton's launch path", triton_path(
             lambda: flash.attention_backward(do, qd, kd, vd, o, lse, causal=True))),

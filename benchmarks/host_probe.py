@@ -123,7 +123,7 @@ def run(out_dir: str) -> str:
     ]
     lines = ["| call | µs (issue, no sync) |", "|---|---|"]
     lines += [f"| {name} | {_time(fn)[0]:.1f} |" for name, fn in rows]
-    kernels = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+    kernels = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
     saved = {n: getattr(flash, n) for n in kernels}
     for n in kernels:
         setattr(flash, n, _NoLaunch())

@@ -173,7 +173,7 @@ def test_matches_float64_reference(case, impl, dtype):
 # ----------------------------------------------------------------------------------------------
 def _cfg(fwd, dq, dkdv):
     c = lambda bm, bn: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)  # noqa: E731
-    return {"fwd": c(*fwd), "dq": c(*dq), "dkdv": c(*dkdv)}
+    return {"fwd": c(*fwd), "dq": c(*dq), "dkdv": c(*dkdv), "pre": c(16, 16)}
 
 
 @pytest.mark.parametrize("cfg", [_cfg((32, 16), (16, 32), (16, 32)),

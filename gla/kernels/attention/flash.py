@@ -6,11 +6,10 @@ FlashAttention-2 structure, read top to bottom like Triton's ``06-fused-attentio
   is folded into the scale), fp32 accumulation, key blocks outside the causal/window band are
   skipped and blocks entirely inside it run without masks. The sigmoid gate is applied in the
   epilogue, so the output is written once. Saves the log-sum-exp (base 2) per row.
-* backward, two launches: a dQ kernel (one program per query block) that first writes the
-  per-row terms the whole backward needs (``delta = rowsum(dO·O)``, the gated ``dO``, and
-  ``dgate``, all from the gated output: no ungated copy is saved), then a dK/dV kernel (one
-  program per key block and kv head; it loops over the query heads of its GQA group, so no
-  atomics and no repeated K/V).
+* backward: a preprocess kernel (``delta = rowsum(dO·O)``, the gated ``dO``, and ``dgate``, all
+  from the gated output: no ungated copy is saved), a
+  dK/dV kernel (one program per key block and kv head; it loops over the query heads of its GQA
+  group, so no atomics and no repeated K/V), and a dQ kernel (one program per query block).
 
 Semantics (see ``naive.attention_reference``): GQA head ``h`` reads kv head ``h // group``;
 bottom-right aligned causal / left window; additive ``bias`` broadcast with zero strides; bool
@@ -269,51 +268,53 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, LSE, sm_scale,
 # ----------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------
+@launcher
 @triton.jit
-def _attn_bwd_rows(O, DOUT, GATE, DO_EFF, DGATE, DELTA, off_b, off_h, row_base, start_m,
-                   stride_ob, stride_oh, stride_om, stride_od,
-                   stride_dob, stride_doh, stride_dom, stride_dod,
-                   stride_gb, stride_gh, stride_gm, stride_gd,
-                   stride_eb, stride_eh, stride_em, stride_ed,
-                   stride_dgb, stride_dgh, stride_dgm, stride_dgd,
-                   TQ, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                   ROWS: tl.constexpr, HAS_GATE: tl.constexpr, GATE_HEADWISE: tl.constexpr,
-                   INT64: tl.constexpr):
-    """Per query row, before any score is recomputed: ``delta = rowsum(dO_att · O)``, the
-    attention's ``dO_att = dout·σ(g)`` and ``dgate``, for rows [start_m, start_m + BLOCK_M) in
-    chunks of ROWS (bounded registers at wide head dims); written to DELTA, DO_EFF, DGATE.
-
-    Only the gated output ``out = O·σ(g)`` is needed, not O: ``dO_att · O = dout · out`` and
-    ``dgate = dout·O·σ(1−σ) = dout·out·σ(−g)`` (summed over Dv for a headwise gate)."""
+def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA,
+                         stride_ob, stride_oh, stride_om, stride_od,
+                         stride_dob, stride_doh, stride_dom, stride_dod,
+                         stride_gb, stride_gh, stride_gm, stride_gd,
+                         stride_eb, stride_eh, stride_em, stride_ed,
+                         stride_dgb, stride_dgh, stride_dgm, stride_dgd,
+                         H, TQ, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                         HAS_GATE: tl.constexpr, GATE_HEADWISE: tl.constexpr,
+                         INT64: tl.constexpr):
+    """Per query row: ``delta = rowsum(dO_att · O)``, the attention's ``dO_att = dout·σ(g)`` and
+    ``dgate``. O is the forward's gated output ``out = O_att·σ(g)``; no ungated copy is needed:
+    ``dO_att · O_att = dout · out`` and ``dgate = dout·O_att·σ(1−σ) = dout·out·σ(−g)`` (summed
+    over Dv for a headwise gate)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INT64:  # offsets past 2**31 elements
+        offs_m = offs_m.to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
-    for r in tl.static_range(0, BLOCK_M, ROWS):
-        offs_m = start_m + r + tl.arange(0, ROWS)
-        if INT64:  # offsets past 2**31 elements
-            offs_m = offs_m.to(tl.int64)
-        row_ok = offs_m < TQ
-        msk = row_ok[:, None] & (offs_dv[None, :] < DV)
-        o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
-                    + offs_dv[None, :] * stride_od, mask=msk, other=0.0).to(tl.float32)
-        do = tl.load(DOUT + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-                     + offs_dv[None, :] * stride_dod, mask=msk, other=0.0).to(tl.float32)
-        delta = tl.sum(do * o, 1)
-        if HAS_GATE:
-            g_base = GATE + off_b * stride_gb + off_h * stride_gh
-            dg_base = DGATE + off_b * stride_dgb + off_h * stride_dgh
-            if GATE_HEADWISE:
-                g = tl.load(g_base + offs_m * stride_gm, mask=row_ok, other=0.0).to(tl.float32)
-                tl.store(dg_base + offs_m * stride_dgm,
-                         (delta * tl.sigmoid(-g)).to(DGATE.dtype.element_ty), mask=row_ok)
-                do = do * tl.sigmoid(g)[:, None]
-            else:
-                g = tl.load(g_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-                            mask=msk, other=0.0).to(tl.float32)
-                tl.store(dg_base + offs_m[:, None] * stride_dgm + offs_dv[None, :] * stride_dgd,
-                         (do * o * tl.sigmoid(-g)).to(DGATE.dtype.element_ty), mask=msk)
-                do = do * tl.sigmoid(g)
-            tl.store(DO_EFF + off_b * stride_eb + off_h * stride_eh + offs_m[:, None] * stride_em
-                     + offs_dv[None, :] * stride_ed, do.to(DO_EFF.dtype.element_ty), mask=msk)
-        tl.store(DELTA + row_base + offs_m, delta, mask=row_ok)
+    row_ok = offs_m < TQ
+    msk = row_ok[:, None] & (offs_dv[None, :] < DV)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                + offs_dv[None, :] * stride_od, mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DOUT + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=msk, other=0.0).to(tl.float32)
+    delta = tl.sum(do * o, 1)
+    if HAS_GATE:
+        g_base = GATE + off_b * stride_gb + off_h * stride_gh
+        dg_base = DGATE + off_b * stride_dgb + off_h * stride_dgh
+        if GATE_HEADWISE:
+            g = tl.load(g_base + offs_m * stride_gm, mask=row_ok, other=0.0).to(tl.float32)
+            tl.store(dg_base + offs_m * stride_dgm,
+                     (delta * tl.sigmoid(-g)).to(DGATE.dtype.element_ty), mask=row_ok)
+            do = do * tl.sigmoid(g)[:, None]
+        else:
+            g = tl.load(g_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                        mask=msk, other=0.0).to(tl.float32)
+            tl.store(dg_base + offs_m[:, None] * stride_dgm + offs_dv[None, :] * stride_dgd,
+                     (do * o * tl.sigmoid(-g)).to(DGATE.dtype.element_ty), mask=msk)
+            do = do * tl.sigmoid(g)
+        tl.store(DO_EFF + off_b * stride_eb + off_h * stride_eh + offs_m[:, None] * stride_em
+                 + offs_dv[None, :] * stride_ed, do.to(DO_EFF.dtype.element_ty), mask=msk)
+    tl.store(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, delta, mask=row_ok)
 
 
 @triton.jit
@@ -466,27 +467,19 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_
 
 @launcher
 @triton.jit
-def _attn_bwd_dq(Q, K, V, BIAS, KMASK, OUT, DOUT, GATE, DO, DGATE, LSE, DELTA, DQ, sm_scale,
+def _attn_bwd_dq(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DQ, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_bb, stride_bh, stride_bm, stride_bn,
                  stride_kmb, stride_kmn,
-                 stride_ob, stride_oh, stride_om, stride_od,
-                 stride_db, stride_dh, stride_dm, stride_dd,
-                 stride_gb, stride_gh, stride_gm, stride_gd,
                  stride_dob, stride_doh, stride_dom, stride_dod,
-                 stride_dgb, stride_dgh, stride_dgm, stride_dgd,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                  H, GROUP, TQ, TK, WINDOW,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 ROWS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 HAS_GATE: tl.constexpr, GATE_HEADWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
-    """dQ for one query block, after the per-row terms of the backward (:func:`_attn_bwd_rows`),
-    which the dK/dV kernel, launched next, reads too. DO is the attention's dO: DOUT itself
-    without a gate, else the buffer the row pass writes."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -503,16 +496,6 @@ def _attn_bwd_dq(Q, K, V, BIAS, KMASK, OUT, DOUT, GATE, DO, DGATE, LSE, DELTA, D
     sm_scale = tl.cast(sm_scale, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     row_ok = offs_m < TQ
-    row_base = pid_bh.to(tl.int64) * TQ
-
-    _attn_bwd_rows(OUT, DOUT, GATE, DO, DGATE, DELTA, off_b, off_h, row_base, start_m,
-                   stride_ob, stride_oh, stride_om, stride_od,
-                   stride_db, stride_dh, stride_dm, stride_dd,
-                   stride_gb, stride_gh, stride_gm, stride_gd,
-                   stride_dob, stride_doh, stride_dom, stride_dod,
-                   stride_dgb, stride_dgh, stride_dgm, stride_dgd,
-                   TQ, DV, BLOCK_DV, BLOCK_M, ROWS, HAS_GATE, GATE_HEADWISE, INT64)
-    tl.debug_barrier()  # the block's own delta / dO rows, just written, are read back below
 
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < D),
@@ -520,6 +503,7 @@ def _attn_bwd_dq(Q, K, V, BIAS, KMASK, OUT, DOUT, GATE, DO, DGATE, LSE, DELTA, D
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_dv[None, :] * stride_dod,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    row_base = pid_bh.to(tl.int64) * TQ
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -567,7 +551,7 @@ def _parse_config_override(text: str | None) -> dict:
     """``GLA_ATTN_CONFIG``: ``"fwd=128,128,8,2;dq@64=128,64,8,3"`` -> {(kernel, bd | None): cfg}.
 
     Each entry is ``kernel[@head_dim_bucket]=BLOCK_M,BLOCK_N,num_warps,num_stages`` with kernel
-    one of fwd / dq / dkdv and the bucket the padded head dim (16, 32, 64, 128, 256);
+    one of fwd / dq / dkdv / pre and the bucket the padded head dim (16, 32, 64, 128, 256);
     without ``@`` it applies to every head dim. Only compiled (GPU) configs are overridden."""
     out = {}
     for item in (text or "").replace(" ", "").split(";"):
@@ -580,8 +564,8 @@ def _parse_config_override(text: str | None) -> dict:
         except ValueError:
             raise ValueError(f"GLA_ATTN_CONFIG entry {item!r}: expected "
                              "kernel[@D]=BLOCK_M,BLOCK_N,num_warps,num_stages") from None
-        if kern not in ("fwd", "dq", "dkdv"):
-            raise ValueError(f"GLA_ATTN_CONFIG entry {item!r}: kernel must be fwd, dq or dkdv")
+        if kern not in ("fwd", "dq", "dkdv", "pre"):
+            raise ValueError(f"GLA_ATTN_CONFIG entry {item!r}: kernel must be fwd, dq, dkdv or pre")
         out[(kern, int(bd) if bd else None)] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
                                                     num_stages=st)
     return out
@@ -596,10 +580,10 @@ def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int
                       extras: bool = False, interpret: bool = INTERPRETED,
                       batch_heads: int | None = None, device=None
                       ) -> dict[str, dict[str, int]]:
-    """Block sizes / warps / stages of the three kernels: the one heuristic table, no autotune.
+    """Block sizes / warps / stages of the four kernels: the one heuristic table, no autotune.
 
     Keys: ``fwd`` and ``dq`` (BLOCK_M query rows per program, BLOCK_N keys per step), ``dkdv``
-    (BLOCK_N keys per program, BLOCK_M query rows per step).
+    (BLOCK_N keys per program, BLOCK_M query rows per step), ``pre`` (BLOCK_M rows).
     ``extras``: a bias, key_mask or window is present (more registers per score tile).
     ``batch_heads`` (B·Hq) and ``device`` size the forward's grid: a causal forward with few
     128-row tiles per multiprocessor takes 64-row tiles (None: assume a large grid).
@@ -641,7 +625,7 @@ def _configs_cached(d, dv, dtype, causal, tq, extras, interpret, few_tiles=False
     bd = max(_pow2(d), _pow2(dv))
     if interpret:  # small tiles: the interpreter's cost is per op, and tests hit every edge
         c = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-        return {"fwd": dict(c), "dq": dict(c), "dkdv": dict(c)}
+        return {"fwd": dict(c), "dq": dict(c), "dkdv": dict(c), "pre": dict(c, BLOCK_M=16)}
     # From the backward/forward sweeps on an H200 (benchmarks/results/attention-sweep-*-h200*.txt,
     # causal bf16, T = 4k/8k; retune with `python benchmarks/attention.py --sweep`): 64-key dK/dV
     # tiles on one warpgroup beat 128-key tiles on two by 17-19% of the whole backward.
@@ -681,16 +665,13 @@ def _configs_cached(d, dv, dtype, causal, tq, extras, interpret, few_tiles=False
         bm = _pow2(tq)
         fwd = dict(fwd, BLOCK_M=min(fwd["BLOCK_M"], bm), num_warps=4)
         dq = dict(dq, BLOCK_M=min(dq["BLOCK_M"], bm), num_warps=4)
-    cfg = {"fwd": fwd, "dq": dq, "dkdv": dkdv}
+    pre = dict(BLOCK_M=max(16, min(128, 4096 // _next_pow2(dv))), num_warps=4,
+               num_stages=1)
+    cfg = {"fwd": fwd, "dq": dq, "dkdv": dkdv, "pre": pre}
     for (kern, obd), c in CONFIG_OVERRIDE.items():
         if obd is None or obd == bd:
             cfg[kern] = dict(c)
     return cfg
-
-
-# The dQ kernel's row pass works in chunks of this many elements ([rows, Dv] tiles): the old
-# preprocess kernel's tile, so its registers stay bounded at head dim 256.
-_ROW_ELEMS = 4096
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -810,9 +791,8 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
 
 def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=None,
                        scale=None, causal=False, window=0, config=None):
-    """Launch the dQ kernel (which first writes the per-row terms: delta, the gated dO, dgate),
-    then the dK/dV kernel. Returns ``(dq, dk, dv, dgate)`` (dgate None without a gate).
-    ``out`` and ``lse`` are what :func:`attention_forward` returned."""
+    """Launch preprocess, dK/dV and dQ kernels. Returns ``(dq, dk, dv, dgate)`` (dgate None
+    without a gate). ``out`` and ``lse`` are what :func:`attention_forward` returned."""
     B, H, TQ, D = q.shape
     HK, TK, DV = k.shape[1], k.shape[2], v.shape[3]
     if scale is None:
@@ -837,34 +817,39 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
                          b if bias is not None else None)
     delta = _empty(B, H, TQ, dtype=torch.float32, device=q.device)
     if gate is not None:
-        do_att = _empty_bthd(B, H, TQ, DV, q.dtype, q.device)
+        do_eff = _empty_bthd(B, H, TQ, DV, q.dtype, q.device)
         dg = dgate.expand(B, H, TQ, gate.shape[-1])
         dgs = dg.stride()
     else:
-        do_att, dg, dgs = dout, delta, (0, 0, 0, 0)
+        do_eff, dg, dgs = dout, delta, (0, 0, 0, 0)
+    if TQ > 0:
+        c = cfg["pre"]
+        _attn_bwd_preprocess[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
+            out, dout, g, do_eff, dg, delta, *out.stride(), *dout.stride(), *gs, *do_eff.stride(),
+            *dgs, H, TQ, DV=DV, BLOCK_DV=_pow2(DV), BLOCK_M=c["BLOCK_M"],
+            HAS_GATE=gate is not None, GATE_HEADWISE=headwise, INT64=int64,
+            num_warps=c["num_warps"],
+            num_stages=c["num_stages"])
     common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), IS_CAUSAL=bool(causal),
                   HAS_WINDOW=window > 0, HAS_BIAS=bias is not None,
                   HAS_KMASK=key_mask is not None, PRECISION=_precision(q.dtype),
                   INT64=int64)
-    if TQ > 0:  # first: the dK/dV kernel reads the delta / dO rows this one writes
-        c = cfg["dq"]
-        _attn_bwd_dq[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
-            q, k, v, b, km, out, dout, g, do_att, dg, lse, delta, dq, scale,
-            *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *out.stride(), *dout.stride(),
-            *gs, *do_att.stride(), *dgs, *dq.stride(),
-            H, H // HK, TQ, TK, int(window),
-            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-            ROWS=min(c["BLOCK_M"], _ROW_ELEMS // _pow2(DV)), HAS_GATE=gate is not None,
-            GATE_HEADWISE=headwise, num_warps=c["num_warps"], num_stages=c["num_stages"],
-            **common)
     if TK > 0:
         c = cfg["dkdv"]
         _attn_bwd_dkdv[(_cdiv(TK, c["BLOCK_N"]), B * HK)](
-            q, k, v, b, km, do_att, lse, delta, dk, dv, scale,
-            *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_att.stride(), *dk.stride(),
+            q, k, v, b, km, do_eff, lse, delta, dk, dv, scale,
+            *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *dk.stride(),
             *dv.stride(), H, HK, H // HK, TQ, TK, int(window),
             BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], EVEN_M=TQ % c["BLOCK_M"] == 0,
             num_warps=c["num_warps"],
+            num_stages=c["num_stages"], **common)
+    if TQ > 0:
+        c = cfg["dq"]
+        _attn_bwd_dq[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
+            q, k, v, b, km, do_eff, lse, delta, dq, scale,
+            *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *dq.stride(),
+            H, H // HK, TQ, TK, int(window),
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"],
             num_stages=c["num_stages"], **common)
     if final[0] is not dq:  # interpreter bf16: computed in fp32
         for dst, src in zip(final, (dq, dk, dv, dgate)):
