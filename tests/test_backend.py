@@ -1,6 +1,7 @@
 import functools
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -202,11 +203,18 @@ def test_auto_takes_sdpa_only_where_it_would_run_cudnn(monkeypatch):
         trained = torch.empty(1, 4, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         assert choose_impl(Config(), trained, q, q, causal=True) == "triton"  # training keeps gla's kernel
         assert choose_impl(Config(), q, trained, trained, causal=True) == "triton"
-        assert choose_impl(Config(kernels="pytorch"), trained, q, q, causal=True) == "sdpa"
         assert len(asked) == n  # none of those needed SDPA's answer
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # inference through cuDNN: no warning
+            assert choose_impl(Config(kernels="pytorch"), q, q, q, causal=True) == "sdpa"
+        with pytest.warns(UserWarning, match="cuDNN's backward"):  # training through cuDNN
+            assert choose_impl(Config(kernels="pytorch"), trained, q, q, causal=True) == "sdpa"
         for other in ("flash", "efficient", "math", None):
             answer(other)
             assert choose_impl(Config(), q, q, q, causal=True) == "triton", other
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert choose_impl(Config(kernels="pytorch"), trained, q, q, causal=True) == "sdpa"
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
@@ -55,26 +56,37 @@ def choose_impl(config: Config, q, k, v, *, masked=False, **case) -> str | Decli
     cuDNN's kernel (see :func:`sdpa_runs_cudnn`), else Triton on CUDA where it can, else SDPA
     (CPU) — or what ``config.kernels`` forces. ``masked``: a mask the kernel gets as a bias.
 
-    Training (q, k or v requires grad) keeps gla's kernel: on an H200 (torch 2.11, cuDNN 9.19)
-    a process that had run cuDNN attention at the same shapes with other strides then got
-    gradients far off from cuDNN's backward (``benchmarks/results/model-nvidia-h200.md``,
-    ``benchmarks/cudnn_stale_plan.py``), while gla's kernel matched fp32 in the same runs."""
+    Training (q, k or v requires grad) keeps gla's kernel: with torch 2.11 and cuDNN 9.19 (H200)
+    cuDNN's SDPA backward reuses the graph it built for the first call at a shape and q/k/v/out
+    layout when a later call's dO has other strides, and returns gradients 140% off
+    (``benchmarks/cudnn_stale_plan.py``, ``benchmarks/results/cudnn-stale-plan-nvidia-h200.md``);
+    a model's dO layout is not ours to fix. ``kernels="pytorch"`` still takes SDPA, with a
+    warning when that may run cuDNN's backward."""
     from ..kernels.attention import triton_unsupported_reason
 
     if config.kernels == "reference":
         return "reference"
+    plain = not masked and case.get("bias") is None and not case.get("window") and not case.get("key_mask")
+    grad = q.requires_grad or k.requires_grad or v.requires_grad
     if config.kernels == "pytorch":
+        if grad and plain and sdpa_runs_cudnn(q, k, v, causal=case.get("causal", False)):
+            warnings.warn(_CUDNN_BACKWARD_WARNING, stacklevel=2)
         return "sdpa"
     reason = triton_unsupported_reason(q, k, v, **case)
     if config.kernels == "triton":
         return Decline(reason) if reason else "triton"
     if q.device.type != "cuda" or reason is not None:
         return "sdpa"
-    plain = not masked and case.get("bias") is None and not case.get("window") and not case.get("key_mask")
-    grad = q.requires_grad or k.requires_grad or v.requires_grad
     if plain and not grad and sdpa_runs_cudnn(q, k, v, causal=case.get("causal", False)):
         return "sdpa"
     return "triton"
+
+
+_CUDNN_BACKWARD_WARNING = (
+    "gla: kernels='pytorch' lowers a trained attention to SDPA, which runs cuDNN's backward "
+    "here. With torch 2.11 / cuDNN 9.19 that backward returned wrong gradients when dO's strides "
+    "changed between same-shape calls (benchmarks/cudnn_stale_plan.py); kernels='auto' trains "
+    "with gla's kernel.")
 
 
 def sdpa_runs_cudnn(q, k, v, *, causal: bool) -> bool:
