@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import library
 from . import naive
 from .elementwise import glu_bwd, glu_fwd, glu_packed_bwd, glu_packed_fwd, triton_unsupported_reason
 from .matmul import glu_linear_fwd
@@ -89,27 +90,31 @@ def _empty(like: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gla::glu", mutates_args=())
-def glu_op(a: Tensor, b: Tensor, act: str, impl: str) -> Tensor:
+def _glu(a: Tensor, b: Tensor, act: str, impl: str) -> Tensor:
     if _use_triton(impl, a, b, act=act):
         return glu_fwd(a, b, act)
     return naive.glu_reference(a, b, act).contiguous()
 
 
-@glu_op.register_fake
+glu_op = library.define("glu", _glu)
+
+
+@torch.library.register_fake("gla::glu", lib=library.LIB)
 def _(a, b, act, impl):
     return a.new_empty(a.shape)
 
 
-@torch.library.custom_op("gla::glu_backward", mutates_args=())
-def glu_backward_op(dy: Tensor, a: Tensor, b: Tensor, act: str, impl: str) -> tuple[Tensor, Tensor]:
+def _glu_backward(dy: Tensor, a: Tensor, b: Tensor, act: str, impl: str) -> tuple[Tensor, Tensor]:
     if _use_triton(impl, dy, a, b, act=act):
         return glu_bwd(dy, a, b, act)
     da, db = naive.glu_backward_reference(dy, a, b, act)
     return da.contiguous(), db.contiguous()
 
 
-@glu_backward_op.register_fake
+glu_backward_op = library.define_backward("glu_backward", _glu_backward)
+
+
+@torch.library.register_fake("gla::glu_backward", lib=library.LIB)
 def _(dy, a, b, act, impl):
     return a.new_empty(a.shape), b.new_empty(b.shape)
 
@@ -126,7 +131,8 @@ def _glu_bwd(ctx, dy):
     return da, db, None, None
 
 
-glu_op.register_autograd(_glu_bwd, setup_context=_glu_setup)
+torch.library.register_autograd("gla::glu", _glu_bwd, setup_context=_glu_setup,
+                                lib=library.LIB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,27 +146,31 @@ def _packed_out_shape(x: Tensor) -> tuple[int, ...]:
     return (*x.shape[:-1], x.shape[-1] // 2)
 
 
-@torch.library.custom_op("gla::glu_packed", mutates_args=())
-def glu_packed_op(x: Tensor, act: str, gate_first: bool, impl: str) -> Tensor:
+def _glu_packed(x: Tensor, act: str, gate_first: bool, impl: str) -> Tensor:
     _packed_out_shape(x)
     if _use_triton(impl, x, act=act):
         return glu_packed_fwd(x, act, gate_first)
     return naive.glu_packed_reference(x, act, gate_first).contiguous()
 
 
-@glu_packed_op.register_fake
+glu_packed_op = library.define("glu_packed", _glu_packed)
+
+
+@torch.library.register_fake("gla::glu_packed", lib=library.LIB)
 def _(x, act, gate_first, impl):
     return x.new_empty(_packed_out_shape(x))
 
 
-@torch.library.custom_op("gla::glu_packed_backward", mutates_args=())
-def glu_packed_backward_op(dy: Tensor, x: Tensor, act: str, gate_first: bool, impl: str) -> Tensor:
+def _glu_packed_backward(dy: Tensor, x: Tensor, act: str, gate_first: bool, impl: str) -> Tensor:
     if _use_triton(impl, dy, x, act=act):
         return glu_packed_bwd(dy, x, act, gate_first)
     return naive.glu_packed_backward_reference(dy, x, act, gate_first)
 
 
-@glu_packed_backward_op.register_fake
+glu_packed_backward_op = library.define_backward("glu_packed_backward", _glu_packed_backward)
+
+
+@torch.library.register_fake("gla::glu_packed_backward", lib=library.LIB)
 def _(dy, x, act, gate_first, impl):
     return x.new_empty(x.shape)
 
@@ -177,7 +187,8 @@ def _glu_packed_bwd(ctx, dy):
     return dx, None, None, None
 
 
-glu_packed_op.register_autograd(_glu_packed_bwd, setup_context=_glu_packed_setup)
+torch.library.register_autograd("gla::glu_packed", _glu_packed_bwd, setup_context=_glu_packed_setup,
+                                lib=library.LIB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,8 +196,7 @@ glu_packed_op.register_autograd(_glu_packed_bwd, setup_context=_glu_packed_setup
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gla::glu_linear", mutates_args=())
-def glu_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, impl: str,
+def _glu_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, impl: str,
                   recompute: bool) -> tuple[Tensor, Tensor]:
     naive.check_linear_shapes(x, weight, bias)
     which = _resolve_linear(impl, x, weight, bias, act)
@@ -201,7 +211,10 @@ def glu_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, i
     return y, (_empty(x) if recompute else h.contiguous())
 
 
-@glu_linear_op.register_fake
+glu_linear_op = library.define("glu_linear", _glu_linear)
+
+
+@torch.library.register_fake("gla::glu_linear", lib=library.LIB)
 def _(x, weight, bias, act, impl, recompute):
     naive.check_linear_shapes(x, weight, bias)
     F2 = weight.shape[0]
@@ -210,8 +223,7 @@ def _(x, weight, bias, act, impl, recompute):
     return y, h
 
 
-@torch.library.custom_op("gla::glu_linear_backward", mutates_args=())
-def glu_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], h: Tensor,
+def _glu_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], h: Tensor,
                            act: str, impl: str, need_dx: bool, need_dweight: bool,
                            need_dbias: bool) -> tuple[Tensor, Tensor, Tensor]:
     d = x.shape[-1]
@@ -234,7 +246,10 @@ def glu_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional
     return dx, dw, db
 
 
-@glu_linear_backward_op.register_fake
+glu_linear_backward_op = library.define_backward("glu_linear_backward", _glu_linear_backward)
+
+
+@torch.library.register_fake("gla::glu_linear_backward", lib=library.LIB)
 def _(dy, x, weight, bias, h, act, impl, need_dx, need_dweight, need_dbias):
     dx = x.new_empty(x.shape) if need_dx else _empty(x)
     dw = weight.new_empty(weight.shape) if need_dweight else _empty(x)
@@ -263,7 +278,8 @@ def _glu_linear_bwd(ctx, dy, _dh):
             None, None, None)
 
 
-glu_linear_op.register_autograd(_glu_linear_bwd, setup_context=_glu_linear_setup)
+torch.library.register_autograd("gla::glu_linear", _glu_linear_bwd, setup_context=_glu_linear_setup,
+                                lib=library.LIB)
 
 
 # ---------------------------------------------------------------------------------------------
