@@ -517,5 +517,5 @@ def test_second_derivative_raises(force_op, monkeypatch):
     q = q.detach().clone().requires_grad_()
     out = gated_attention(q, k, v, causal=True, impl="triton")
     (dq,) = torch.autograd.grad((out * out).sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|has no autograd formula"):
+    with pytest.raises(RuntimeError, match="once_differentiable|no autograd formula"):
         dq.sum().backward()

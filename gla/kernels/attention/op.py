@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import library
 from ..device import triton_device_reason
 from ..launch import eager_ok
 from ..recompute import autograd_reenabled, owned_grads
@@ -231,7 +230,8 @@ def _bthd_like(q: torch.Tensor, dv: int) -> torch.Tensor:
     return q.new_empty(B, T, H, dv).transpose(1, 2)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: Optional[torch.Tensor],
+@torch.library.custom_op("gla::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], scale: float,
                  causal: bool, window: int, impl: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,10 +247,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: Optional
     return out, q.new_empty(0, dtype=torch.float32)
 
 
-attention_op = library.define("attention", _attention)
-
-
-@torch.library.register_fake("gla::attention", lib=library.LIB)
+@attention_op.register_fake
 def _attention_fake(q, k, v, gate, bias, key_mask, scale, causal, window, impl):
     B, H, T, _ = q.shape
     out = _bthd_like(q, v.shape[-1])
@@ -259,7 +256,8 @@ def _attention_fake(q, k, v, gate, bias, key_mask, scale, causal, window, impl):
     return out, q.new_empty(0, dtype=torch.float32)
 
 
-def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+@torch.library.custom_op("gla::attention_backward", mutates_args=())
+def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           o: torch.Tensor, lse: torch.Tensor, gate: Optional[torch.Tensor],
                           bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
                           scale: float, causal: bool, window: int, impl: str,
@@ -290,10 +288,7 @@ def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     return dq, dk, dv, dgate, dbias
 
 
-attention_backward_op = library.define_backward("attention_backward", _attention_backward)
-
-
-@torch.library.register_fake("gla::attention_backward", lib=library.LIB)
+@attention_backward_op.register_fake
 def _attention_backward_fake(dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window,
                              impl, bias_requires_grad):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
@@ -326,8 +321,7 @@ def _backward(ctx, dout, _dlse):
             dbias if ctx.bias_requires_grad else None, None, None, None, None, None)
 
 
-torch.library.register_autograd("gla::attention", _backward, setup_context=_setup_context,
-                                lib=library.LIB)
+torch.library.register_autograd("gla::attention", _backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import library
 from . import naive
 from .elementwise import glu_bwd, glu_fwd, glu_packed_bwd, glu_packed_fwd, triton_unsupported_reason
 from .matmul import glu_linear_fwd
@@ -90,31 +89,27 @@ def _empty(like: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _glu(a: Tensor, b: Tensor, act: str, impl: str) -> Tensor:
+@torch.library.custom_op("gla::glu", mutates_args=())
+def glu_op(a: Tensor, b: Tensor, act: str, impl: str) -> Tensor:
     if _use_triton(impl, a, b, act=act):
         return glu_fwd(a, b, act)
     return naive.glu_reference(a, b, act).contiguous()
 
 
-glu_op = library.define("glu", _glu)
-
-
-@torch.library.register_fake("gla::glu", lib=library.LIB)
+@glu_op.register_fake
 def _(a, b, act, impl):
     return a.new_empty(a.shape)
 
 
-def _glu_backward(dy: Tensor, a: Tensor, b: Tensor, act: str, impl: str) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op("gla::glu_backward", mutates_args=())
+def glu_backward_op(dy: Tensor, a: Tensor, b: Tensor, act: str, impl: str) -> tuple[Tensor, Tensor]:
     if _use_triton(impl, dy, a, b, act=act):
         return glu_bwd(dy, a, b, act)
     da, db = naive.glu_backward_reference(dy, a, b, act)
     return da.contiguous(), db.contiguous()
 
 
-glu_backward_op = library.define_backward("glu_backward", _glu_backward)
-
-
-@torch.library.register_fake("gla::glu_backward", lib=library.LIB)
+@glu_backward_op.register_fake
 def _(dy, a, b, act, impl):
     return a.new_empty(a.shape), b.new_empty(b.shape)
 
@@ -131,8 +126,7 @@ def _glu_bwd(ctx, dy):
     return da, db, None, None
 
 
-torch.library.register_autograd("gla::glu", _glu_bwd, setup_context=_glu_setup,
-                                lib=library.LIB)
+glu_op.register_autograd(_glu_bwd, setup_context=_glu_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,31 +140,27 @@ def _packed_out_shape(x: Tensor) -> tuple[int, ...]:
     return (*x.shape[:-1], x.shape[-1] // 2)
 
 
-def _glu_packed(x: Tensor, act: str, gate_first: bool, impl: str) -> Tensor:
+@torch.library.custom_op("gla::glu_packed", mutates_args=())
+def glu_packed_op(x: Tensor, act: str, gate_first: bool, impl: str) -> Tensor:
     _packed_out_shape(x)
     if _use_triton(impl, x, act=act):
         return glu_packed_fwd(x, act, gate_first)
     return naive.glu_packed_reference(x, act, gate_first).contiguous()
 
 
-glu_packed_op = library.define("glu_packed", _glu_packed)
-
-
-@torch.library.register_fake("gla::glu_packed", lib=library.LIB)
+@glu_packed_op.register_fake
 def _(x, act, gate_first, impl):
     return x.new_empty(_packed_out_shape(x))
 
 
-def _glu_packed_backward(dy: Tensor, x: Tensor, act: str, gate_first: bool, impl: str) -> Tensor:
+@torch.library.custom_op("gla::glu_packed_backward", mutates_args=())
+def glu_packed_backward_op(dy: Tensor, x: Tensor, act: str, gate_first: bool, impl: str) -> Tensor:
     if _use_triton(impl, dy, x, act=act):
         return glu_packed_bwd(dy, x, act, gate_first)
     return naive.glu_packed_backward_reference(dy, x, act, gate_first)
 
 
-glu_packed_backward_op = library.define_backward("glu_packed_backward", _glu_packed_backward)
-
-
-@torch.library.register_fake("gla::glu_packed_backward", lib=library.LIB)
+@glu_packed_backward_op.register_fake
 def _(dy, x, act, gate_first, impl):
     return x.new_empty(x.shape)
 
@@ -187,8 +177,7 @@ def _glu_packed_bwd(ctx, dy):
     return dx, None, None, None
 
 
-torch.library.register_autograd("gla::glu_packed", _glu_packed_bwd, setup_context=_glu_packed_setup,
-                                lib=library.LIB)
+glu_packed_op.register_autograd(_glu_packed_bwd, setup_context=_glu_packed_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +185,8 @@ torch.library.register_autograd("gla::glu_packed", _glu_packed_bwd, setup_contex
 # ---------------------------------------------------------------------------------------------
 
 
-def _glu_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, impl: str,
+@torch.library.custom_op("gla::glu_linear", mutates_args=())
+def glu_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, impl: str,
                   recompute: bool) -> tuple[Tensor, Tensor]:
     naive.check_linear_shapes(x, weight, bias)
     which = _resolve_linear(impl, x, weight, bias, act)
@@ -211,10 +201,7 @@ def _glu_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, imp
     return y, (_empty(x) if recompute else h.contiguous())
 
 
-glu_linear_op = library.define("glu_linear", _glu_linear)
-
-
-@torch.library.register_fake("gla::glu_linear", lib=library.LIB)
+@glu_linear_op.register_fake
 def _(x, weight, bias, act, impl, recompute):
     naive.check_linear_shapes(x, weight, bias)
     F2 = weight.shape[0]
@@ -223,7 +210,8 @@ def _(x, weight, bias, act, impl, recompute):
     return y, h
 
 
-def _glu_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], h: Tensor,
+@torch.library.custom_op("gla::glu_linear_backward", mutates_args=())
+def glu_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], h: Tensor,
                            act: str, impl: str, need_dx: bool, need_dweight: bool,
                            need_dbias: bool) -> tuple[Tensor, Tensor, Tensor]:
     d = x.shape[-1]
@@ -246,10 +234,7 @@ def _glu_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     return dx, dw, db
 
 
-glu_linear_backward_op = library.define_backward("glu_linear_backward", _glu_linear_backward)
-
-
-@torch.library.register_fake("gla::glu_linear_backward", lib=library.LIB)
+@glu_linear_backward_op.register_fake
 def _(dy, x, weight, bias, h, act, impl, need_dx, need_dweight, need_dbias):
     dx = x.new_empty(x.shape) if need_dx else _empty(x)
     dw = weight.new_empty(weight.shape) if need_dweight else _empty(x)
@@ -278,8 +263,7 @@ def _glu_linear_bwd(ctx, dy, _dh):
             None, None, None)
 
 
-torch.library.register_autograd("gla::glu_linear", _glu_linear_bwd, setup_context=_glu_linear_setup,
-                                lib=library.LIB)
+glu_linear_op.register_autograd(_glu_linear_bwd, setup_context=_glu_linear_setup)
 
 
 # ---------------------------------------------------------------------------------------------

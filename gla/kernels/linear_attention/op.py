@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 
-from .. import library
 from ..device import triton_device_reason
 from ..launch import eager_ok
 from ..recompute import autograd_reenabled, owned_grads
@@ -138,7 +137,8 @@ def _o_like(q, v):
 # ----------------------------------------------------------------------------------------------
 # The ops
 # ----------------------------------------------------------------------------------------------
-def _chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
+@torch.library.custom_op("gla::chunk_gla", mutates_args=())
+def chunk_gla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
                  initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                  scale: float, output_final_state: bool, impl: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,15 +150,13 @@ def _chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[to
     return _reference_forward(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state)
 
 
-chunk_gla_op = library.define("chunk_gla", _chunk_gla)
-
-
-@torch.library.register_fake("gla::chunk_gla", lib=library.LIB)
+@chunk_gla_op.register_fake
 def _chunk_gla_fake(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state, impl):
     return _o_like(q, v), _final_state_like(q, k, v, cu_seqlens, output_final_state)
 
 
-def _fused_recurrent_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+@torch.library.custom_op("gla::fused_recurrent_gla", mutates_args=())
+def fused_recurrent_gla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            g: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
                            scale: float, output_final_state: bool, impl: str
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,15 +168,13 @@ def _fused_recurrent_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _reference_forward(q, k, v, g, initial_state, None, scale, output_final_state)
 
 
-fused_recurrent_gla_op = library.define("fused_recurrent_gla", _fused_recurrent_gla)
-
-
-@torch.library.register_fake("gla::fused_recurrent_gla", lib=library.LIB)
+@fused_recurrent_gla_op.register_fake
 def _fused_recurrent_gla_fake(q, k, v, g, initial_state, scale, output_final_state, impl):
     return _o_like(q, v), _final_state_like(q, k, v, None, output_final_state)
 
 
-def _chunk_gla_backward(do: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Tensor,
+@torch.library.custom_op("gla::chunk_gla_backward", mutates_args=())
+def chunk_gla_backward_op(do: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Tensor,
                           k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
                           initial_state: Optional[torch.Tensor],
                           cu_seqlens: Optional[torch.Tensor], final_state: Optional[torch.Tensor],
@@ -218,10 +214,7 @@ def _chunk_gla_backward(do: torch.Tensor, dht: Optional[torch.Tensor], q: torch.
     return dq, dk, dv, dg, dh0
 
 
-chunk_gla_backward_op = library.define_backward("chunk_gla_backward", _chunk_gla_backward)
-
-
-@torch.library.register_fake("gla::chunk_gla_backward", lib=library.LIB)
+@chunk_gla_backward_op.register_fake
 def _chunk_gla_backward_fake(do, dht, q, k, v, g, initial_state, cu_seqlens, final_state, scale,
                              impl):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
@@ -265,10 +258,9 @@ def _backward_recurrent(ctx, do, dht):
     return dq, dk, dv, dg, dh0, None, None, None
 
 
-torch.library.register_autograd("gla::chunk_gla", _backward_chunk, setup_context=_setup_chunk,
-                                lib=library.LIB)
+torch.library.register_autograd("gla::chunk_gla", _backward_chunk, setup_context=_setup_chunk)
 torch.library.register_autograd("gla::fused_recurrent_gla", _backward_recurrent,
-                                setup_context=_setup_recurrent, lib=library.LIB)
+                                setup_context=_setup_recurrent)
 
 
 # ----------------------------------------------------------------------------------------------
