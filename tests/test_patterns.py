@@ -251,6 +251,29 @@ def test_rows_eager_leaves_undefined_do_not_block_the_rewrite():
     assert r.rewrites[0].verification["rel_rms"] <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("form", ["masked_fill", "where"])
+def test_rows_with_every_key_masked_by_a_finite_fill(form, dtype):
+    """A row whose every score is replaced by finfo.min is a uniform softmax: the mean of v. As an
+    additive bias the scores' differences survive (fp16's min is only -65504), so gla sets those
+    rows explicitly; batch 1 is all padding, GQA 2:1."""
+    def attn(q, k, v, pad):
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        w = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        fill = torch.finfo(w.dtype).min
+        if form == "masked_fill":
+            w = w.masked_fill(pad[:, None, None, :], fill)
+        else:
+            w = torch.where(~pad[:, None, None, :], w, fill)
+        return torch.softmax(w, -1) @ v
+
+    q, k, v = (x.to(dtype) for x in qkv(h=4, hkv=2, t=7))
+    pad = torch.rand(B, 7) < 0.4
+    pad[0, 0], pad[1] = False, True
+    r = check(attn, q, k, v, pad, expect={"attention": 1}, tol=1e-5 if dtype == torch.float32 else 2e-3)
+    assert "bias" in r.rewrites[0].kernel
+
+
 def test_gated_attention_gate_split_per_kv_group():
     """The paper's layout: q_proj columns grouped per KV head as [q heads of the group | their gates]."""
     hkv, n_rep, d, t = 2, 2, 16, 11

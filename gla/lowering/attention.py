@@ -30,10 +30,14 @@ def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill
 
     if kt:
         k = k.transpose(-2, -1)
+    empty_rows = None  # rows whose every score the model replaced with ``fill``
     if keep is not None:
         bias = torch.where(keep, 0.0, fill).to(torch.float32)
+        empty_rows = ~keep.any(-1, keepdim=True)
     if masked is not None:
         bias = torch.where(masked, fill, 0.0).to(torch.float32)
+        empty_rows = masked.all(-1, keepdim=True)
+    v_model, gate_model = v, gate
     if flat_heads:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
         if bias is not None and bias.dim() == 3:
@@ -48,7 +52,22 @@ def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill
         out = torch.where(torch.isfinite(q).all(-1, keepdim=True), out, float("nan"))
     if flat_heads:
         out = out.squeeze(0)
+    if empty_rows is not None:
+        out = torch.where(empty_rows, _uniform_rows(v_model, gate_model, out.shape[-3]).to(out.dtype), out)
     return out if out_dtype is None else out.to(out_dtype)
+
+
+def _uniform_rows(v, gate, heads: int):
+    """The output of a query row whose every score was set to the same fill value: softmax is
+    uniform there, so the row is the mean of v (gated). An additive bias keeps the scores'
+    differences instead (``fill + s`` with ``s`` still visible once the sum is rounded to fp32),
+    so those rows are set explicitly. v ``[..., Hkv, Tk, Dv]``, returned ``[..., Hq, 1, Dv]``."""
+    mean = v.float().mean(-2, keepdim=True)
+    if v.dim() == 4 and mean.shape[-3] != heads:  # GQA: query head h reads kv head h // group
+        mean = mean.repeat_interleave(heads // mean.shape[-3], dim=-3)
+    if gate is not None:
+        mean = mean * torch.sigmoid(gate.float())
+    return mean
 
 
 def choose_impl(config: Config, q, k, v, *, masked=False, **case) -> str | Decline:
@@ -214,7 +233,7 @@ class AttentionLowering:
         if impl == "sdpa":  # hand-written softmax attention propagates NaN rows; CPU SDPA does not
             kwargs["nan_rows"] = True
         form = "causal" + (f", window {window}" if window else "") if causal else \
-            ("bias" if "bias" in kwargs or "keep" in kwargs else "no mask")
+            ("bias" if {"bias", "keep", "masked"} & kwargs.keys() else "no mask")
         gqa = f", GQA {groups_v}:1" if groups_v > 1 else ""
         return Selected(attention_call, kwargs, f"{kernel_name(impl)} ({form}{gqa})", extra)
 
@@ -280,5 +299,5 @@ class SDPALowering:
         if isinstance(impl, Decline):
             return impl
         kwargs["impl"] = impl
-        form_s = "causal" if kwargs["causal"] else ("bias" if "bias" in kwargs or "keep" in kwargs else "no mask")
+        form_s = "causal" if kwargs["causal"] else ("bias" if {"bias", "keep", "masked"} & kwargs.keys() else "no mask")
         return Selected(attention_call, kwargs, f"{kernel_name(impl)} ({form_s})", extra)
