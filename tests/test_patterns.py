@@ -274,6 +274,18 @@ def test_rows_with_every_key_masked_by_a_finite_fill(form, dtype):
     assert "bias" in r.rewrites[0].kernel
 
 
+def test_sdpa_bool_mask_rows_with_no_key_stay_as_sdpa_gives_them():
+    """The -inf counterpart of the test above: SDPA's boolean mask leaves a row with no visible key
+    to SDPA's convention (0), not the mean of v."""
+    def attn(q, k, v, keep):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], enable_gqa=True)
+
+    q, k, v = qkv(h=4, hkv=2, t=7)
+    keep = torch.rand(B, 7) > 0.4
+    keep[0, 0], keep[1] = True, False
+    check(attn, q, k, v, keep, expect={"attention": 1})
+
+
 def test_gated_attention_gate_split_per_kv_group():
     """The paper's layout: q_proj columns grouped per KV head as [q heads of the group | their gates]."""
     hkv, n_rep, d, t = 2, 2, 16, 11

@@ -1,6 +1,7 @@
 """Softmax attention → ``gla.kernels.attention.gated_attention``: layouts, GQA, masks, kernel choice."""
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 
@@ -30,13 +31,17 @@ def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill
 
     if kt:
         k = k.transpose(-2, -1)
-    empty_rows = None  # rows whose every score the model replaced with ``fill``
+    # Rows whose every score the model replaced with a finite ``fill`` (a -inf fill leaves them
+    # undefined: NaN in eager softmax, 0 from SDPA and the kernels).
+    empty_rows = None
     if keep is not None:
         bias = torch.where(keep, 0.0, fill).to(torch.float32)
-        empty_rows = ~keep.any(-1, keepdim=True)
+        if math.isfinite(fill):
+            empty_rows = ~keep.any(-1, keepdim=True)
     if masked is not None:
         bias = torch.where(masked, fill, 0.0).to(torch.float32)
-        empty_rows = masked.all(-1, keepdim=True)
+        if math.isfinite(fill):
+            empty_rows = masked.all(-1, keepdim=True)
     v_model, gate_model = v, gate
     if flat_heads:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
