@@ -82,7 +82,7 @@ def choose_impl(config: Config, q, k, v, *, masked=False, **case) -> str | Decli
 
     Training (q, k or v requires grad) keeps gla's kernel: with torch 2.11 and cuDNN 9.19 (H200)
     cuDNN's SDPA backward reuses the graph it built for the first call at a shape and q/k/v/out
-    layout when a later call's dO has other strides, and returns gradients 140% off
+    layout when a later call's dO has other strides, and returns gradients 130–140% off
     (``benchmarks/cudnn_stale_plan.py``, ``benchmarks/results/cudnn-stale-plan-nvidia-h200.md``);
     a model's dO layout is not ours to fix. ``kernels="pytorch"`` still takes SDPA, with a
     warning when that may run cuDNN's backward."""
