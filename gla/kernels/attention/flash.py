@@ -245,7 +245,8 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, LSE, sm_scale,
     # epilogue: normalise, empty rows -> 0 with lse = +inf, gate, write once.
     empty = l_i == 0.0
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # one reciprocal per row, then a multiply per element (0.2-2% of the forward on the H200)
+    o = acc * (1.0 / tl.where(empty, 1.0, l_i))[:, None]
     row_ok = offs_m < TQ
     tl.store(LSE + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=row_ok)
     o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
