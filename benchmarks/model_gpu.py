@@ -23,6 +23,10 @@ gla's rows: ``gla`` = ``kernels="auto"`` (the lowering picks per call: SDPA wher
 cuDNN, gla's Triton kernels elsewhere); ``kernels=triton`` forces gla's kernels everywhere;
 ``kernels=pytorch`` lowers the same verified rewrites without Triton (SDPA for attention, the gate
 and GLU as PyTorch ops that Inductor fuses).
+
+``GLA_MODEL_CUDAGRAPHS=1`` times inductor and gla with and without CUDA graphs instead (Inductor's
+``mode="reduce-overhead"``; gla's option ``inductor_mode``) and writes
+``model-cudagraphs-t<T>-<device>.md``: at short sequences the host, not the GPU, sets the pace.
 """
 from __future__ import annotations
 
@@ -47,13 +51,26 @@ T = int(os.environ.get("GLA_MODEL_T", "2048"))
 LAYERS = int(os.environ.get("GLA_MODEL_LAYERS", "4"))
 ROUNDS = int(os.environ.get("GLA_MODEL_ROUNDS", "5"))
 DEVICE = "cuda"
-BACKENDS = {  # name -> (torch.compile backend, options); None = eager
+BACKENDS = {  # name -> torch.compile keywords; None = eager
     "eager": None,
-    "inductor": ("inductor", None),
-    "gla": ("gla", None),
-    "gla kernels=triton": ("gla", {"kernels": "triton"}),
-    "gla kernels=pytorch": ("gla", {"kernels": "pytorch"}),
+    "inductor": dict(backend="inductor"),
+    "gla": dict(backend="gla"),
+    "gla kernels=triton": dict(backend="gla", options={"kernels": "triton"}),
+    "gla kernels=pytorch": dict(backend="gla", options={"kernels": "pytorch"}),
 }
+# GLA_MODEL_CUDAGRAPHS=1: the same backends with and without CUDA graphs (Inductor's
+# "reduce-overhead"), for the host-bound short sequences (GLA_MODEL_T=256...)
+CUDAGRAPHS = os.environ.get("GLA_MODEL_CUDAGRAPHS", "0") == "1"
+if CUDAGRAPHS:
+    BACKENDS = {
+        "eager": None,
+        "inductor": dict(backend="inductor"),
+        "inductor reduce-overhead": dict(backend="inductor", mode="reduce-overhead"),
+        "gla": dict(backend="gla"),
+        "gla reduce-overhead": dict(backend="gla", options={"inductor_mode": "reduce-overhead"}),
+        "gla kernels=triton reduce-overhead": dict(
+            backend="gla", options={"kernels": "triton", "inductor_mode": "reduce-overhead"}),
+    }
 CATEGORIES = (  # kernel-name fragments, first match wins
     ("gla attention", ("_attn_",)),
     ("SDPA attention", ("fmha", "flash", "sdpa", "cudnn", "attention")),
@@ -135,6 +152,7 @@ def bench_model(label: str, build, bench) -> list[str]:
 
     def train_step(fn, m=model, keep=False):
         def step():
+            torch.compiler.cudagraph_mark_step_begin()  # (a no-op without CUDA graphs)
             logits = fn(x)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             loss.backward()
@@ -153,26 +171,27 @@ def bench_model(label: str, build, bench) -> list[str]:
     del ref_model
     fns, info, counts = {}, {}, {}
     for name, spec in BACKENDS.items():  # compile everything first, then time interleaved
-        fn = model if spec is None else torch.compile(model, backend=spec[0], options=spec[1])
+        fn = model if spec is None else torch.compile(model, **spec)
         with torch.no_grad():
             t0 = time.perf_counter()
             with collect() as report:
                 out = fn(x)
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
+            err = rel_rms_error(out, ref)  # now: a CUDA graph's output is overwritten by its next run
         step = train_step(fn)
         t0 = time.perf_counter()
         with collect() as train_report:
             loss, grads = train_step(fn, keep=True)()
         torch.cuda.synchronize()
         first_train = time.perf_counter() - t0
-        if spec is not None and spec[0] == "gla":
+        if spec is not None and spec["backend"] == "gla":
             counts[name] = ({k: v for k, v in report.counts.items() if v},
                             sorted({r.kernel for r in train_report.rewrites}))
         pairs = [(g.flatten(), r.flatten()) for g, r in zip(grads, ref_grads)]
         gerr = rel_rms_error(torch.cat([g for g, _ in pairs]), torch.cat([r for _, r in pairs]))
         worst = max(rel_rms_error(g, r) for g, r in pairs)
-        info[name] = (first, rel_rms_error(out, ref), first_train, gerr, worst, abs(loss - ref_loss).item())
+        info[name] = (first, err, first_train, gerr, worst, abs(loss - ref_loss).item())
         fns[name] = (fn, step)
         print(label, name, "compiled", info[name], flush=True)
     names = list(BACKENDS)
@@ -182,7 +201,7 @@ def bench_model(label: str, build, bench) -> list[str]:
         for name in order:
             fn, step = fns[name]
             with torch.no_grad():
-                infer[name].append(bench(lambda: fn(x)))
+                infer[name].append(bench(lambda: (torch.compiler.cudagraph_mark_step_begin(), fn(x))))
             train[name].append(bench(step))
         print(label, "round", r, {n: (round(infer[n][-1], 2), round(train[n][-1], 2)) for n in names},
               flush=True)
@@ -224,7 +243,8 @@ def run(out_dir: str) -> str:
     raise_recompile_limits()
     bench = lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))  # noqa: E731
     name = torch.cuda.get_device_name()
-    lines = [f"# Model level on {name}: backend gla vs inductor vs eager", "",
+    lines = [f"# Model level on {name}: backend gla vs inductor vs eager"
+             + (", with and without CUDA graphs" if CUDAGRAPHS else ""), "",
              f"torch {torch.__version__}, triton {triton.__version__}; hidden 2048, 16/4 heads of 128, "
              f"FFN 5632, {LAYERS} layers, vocab 8192; bf16, B={B}, T={T}; {ROUNDS} interleaved rounds "
              "(rotated order), each a do_bench median; the table gives the median round and its "
@@ -242,7 +262,7 @@ def run(out_dir: str) -> str:
         torch._dynamo.reset()
     lines.append(f"total benchmark time {time.perf_counter() - t0:.0f} s")
     text = "\n".join(lines) + "\n"
-    write_table(out_dir, "model", name, text)
+    write_table(out_dir, f"model-cudagraphs-t{T}" if CUDAGRAPHS else "model", name, text)
     print(text)
     return text
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .config import Config
+from .config import Config, ConfigError
 from .pipeline import rewrite_graph
 from .report import publish
 
@@ -20,10 +20,18 @@ def gla_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
                 mode: str | None = None) -> Callable:
     """Rewrite attention, GLU and gating subgraphs into gla ops, then hand the graph to ``inner``.
 
-    ``mode`` is torch.compile's own mode (e.g. "max-autotune"), passed on to Inductor; gla's
+    ``mode`` is torch.compile's own mode (e.g. "reduce-overhead"), passed on to Inductor; with
+    gla's options it is ``options["inductor_mode"]`` (torch.compile takes one or the other). gla's
     ``exact``/``linearize`` choice is ``options["mode"]``.
     """
     config = Config.from_options(options)
+    if config.inductor_mode is not None:
+        if mode is not None and mode != config.inductor_mode:
+            raise ConfigError(f"gla: torch.compile mode={mode!r} and option "
+                              f"inductor_mode={config.inductor_mode!r} disagree; give one")
+        mode = config.inductor_mode
+    if mode not in (None, "default") and config.inner != "inductor":
+        raise ConfigError(f"gla: mode {mode!r} is Inductor's; it has no meaning with inner={config.inner!r}")
     if config.mode == "linearize":
         raise NotImplementedError("gla: mode='linearize' (softmax attention → gated linear attention) is "
                                   "planned but not implemented in this version; use mode='exact'")

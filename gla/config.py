@@ -11,6 +11,7 @@ _CHOICES = {
     "inner": ("inductor", "aot_eager", "eager"),
     "mode": ("exact", "linearize"),
     "kernels": ("auto", "triton", "pytorch", "reference"),
+    "inductor_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -34,6 +35,9 @@ class Config:
               the Triton kernels; the interpreter on a CPU), ``"pytorch"`` (no Triton: PyTorch's
               fused SDPA for softmax attention, the reference elsewhere, what a CPU runs under
               "auto"), ``"reference"`` (pure PyTorch).
+    inductor_mode: torch.compile's ``mode`` for the inner Inductor compile, for use together with
+              gla's options (``torch.compile`` refuses ``mode=`` and ``options=`` in one call);
+              ``"reduce-overhead"`` records the compiled graph, gla's ops included, in CUDA graphs.
     """
 
     patterns: tuple[str, ...] = FAMILIES
@@ -41,6 +45,7 @@ class Config:
     inner: str = "inductor"
     mode: str = "exact"
     kernels: str = "auto"
+    inductor_mode: str | None = None
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> "Config":

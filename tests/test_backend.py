@@ -28,10 +28,37 @@ def test_entry_point_resolves_in_a_fresh_process():
     ({"inner": "tvm"}, "choose one of"),
     ({"kernels": "cuda"}, "choose one of"),
     ({"patterns": ["attention", "mlp"]}, "unknown families"),
+    ({"inductor_mode": "fast"}, "choose one of"),
 ])
 def test_invalid_options_are_clear_errors(options, message):
     with pytest.raises(gla.ConfigError, match=message):
         gla.Config.from_options(options)
+
+
+def test_inductor_mode_reaches_inductor_with_glas_options(monkeypatch):
+    """torch.compile refuses mode= together with options=, so gla's options carry Inductor's
+    mode; it arrives as Inductor's config patches, and a mode Inductor would not see is an error."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    x = torch.randn(3)
+    gla_backend(gm, [x], options={"inductor_mode": "reduce-overhead"})
+    gla_backend(gm, [x], mode="max-autotune-no-cudagraphs")
+    gla_backend(gm, [x])
+    assert seen == [torch._inductor.list_mode_options("reduce-overhead"),
+                    torch._inductor.list_mode_options("max-autotune-no-cudagraphs"), None]
+    assert seen[0]["triton.cudagraphs"] is True
+    with pytest.raises(gla.ConfigError, match="disagree"):
+        gla_backend(gm, [x], options={"inductor_mode": "reduce-overhead"}, mode="max-autotune")
+    with pytest.raises(gla.ConfigError, match="Inductor's"):
+        gla_backend(gm, [x], options={"inductor_mode": "reduce-overhead", "inner": "aot_eager"})
 
 
 def test_linearize_is_not_silently_accepted():
@@ -313,6 +340,51 @@ def test_auto_kernel_choice_end_to_end_on_cuda(gated):
     ref_grads = torch.autograd.grad(ref.square().sum(), wrt)
     for g, r in zip(grads, ref_grads):
         assert rel_rms_error(g, r) < 3e-2
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_record_glas_kernels():
+    """inductor_mode="reduce-overhead": the compiled model, gla's Triton attention and GLU ops
+    included, is recorded in CUDA graphs (no skip), and replays with fresh inputs match float64
+    in outputs and gradients."""
+    import copy
+    import os
+    import sys
+
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    from tiny_llama import TinyLlama, TinyLlamaConfig
+
+    torch.manual_seed(0)
+    cfg = TinyLlamaConfig(vocab_size=128, hidden=256, layers=2, heads=4, kv_heads=2, ffn=384)
+    model = TinyLlama(cfg).cuda().to(torch.bfloat16)
+    ref = copy.deepcopy(model).double()
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(model, backend="gla",
+                       options={"kernels": "triton", "inductor_mode": "reduce-overhead"})
+    for _ in range(4):  # warm-up, recording, then replays
+        ids = torch.randint(0, cfg.vocab_size, (2, 200), device="cuda")
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad():
+            out = fn(ids).double()  # a copy: the graph's output buffer is reused by the next replay
+            want = ref(ids)
+        assert rel_rms_error(out, want) < 3e-2
+    for _ in range(4):
+        ids = torch.randint(0, cfg.vocab_size, (2, 200), device="cuda")
+        torch.compiler.cudagraph_mark_step_begin()
+        fn(ids).float().square().mean().backward()
+        ref(ids).square().mean().backward()
+        for p, r in zip(model.parameters(), ref.parameters()):
+            assert rel_rms_error(p.grad, r.grad) < 5e-2
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+    assert counters["gla"]["gated_attention"] >= 2 and counters["gla"]["glu"] >= 2, dict(counters["gla"])
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    assert manager is not None and manager.roots
 
 
 @pytest.mark.parametrize("kernels", ["triton", "pytorch"])
