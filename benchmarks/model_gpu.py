@@ -27,6 +27,7 @@ and GLU as PyTorch ops that Inductor fuses).
 ``GLA_MODEL_CUDAGRAPHS=1`` times inductor and gla with and without CUDA graphs instead (Inductor's
 ``mode="reduce-overhead"``; gla's option ``inductor_mode``) and writes
 ``model-cudagraphs-t<T>-<device>.md``: at short sequences the host, not the GPU, sets the pace.
+``GLA_MODEL_MODELS=tiny_llama`` (or ``hf_llama``) runs one model.
 """
 from __future__ import annotations
 
@@ -256,6 +257,9 @@ def run(out_dir: str) -> str:
                        "attention)", hf_llama))
     except ImportError:
         lines.append("(transformers is not installed here: hf_llama skipped)")
+    only = os.environ.get("GLA_MODEL_MODELS")  # e.g. "tiny_llama": a subset, by builder name
+    if only:
+        models = [(label, build) for label, build in models if build.__name__ in only.split(",")]
     t0 = time.perf_counter()
     for label, build in models:
         lines += bench_model(label, build, bench)
