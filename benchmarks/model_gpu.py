@@ -24,9 +24,11 @@ cuDNN, gla's Triton kernels elsewhere); ``kernels=triton`` forces gla's kernels 
 ``kernels=pytorch`` lowers the same verified rewrites without Triton (SDPA for attention, the gate
 and GLU as PyTorch ops that Inductor fuses).
 
-``GLA_MODEL_CUDAGRAPHS=1`` times inductor and gla with and without CUDA graphs instead (Inductor's
-``mode="reduce-overhead"``; gla's option ``inductor_mode``) and writes
-``model-cudagraphs-t<T>-<device>.md``: at short sequences the host, not the GPU, sets the pace.
+``GLA_MODEL_SET`` picks the backends (``BACKEND_SETS``): ``kernels`` (the default, above),
+``cudagraphs`` (inductor and gla with and without CUDA graphs: Inductor's
+``mode="reduce-overhead"``, gla's option ``inductor_mode``; at short sequences the host, not the
+GPU, sets the pace) or ``glu`` (GLU sites as gla's op or left to Inductor); other sets write
+``model-<set>-t<T>-<device>.md``.
 ``GLA_MODEL_MODELS=tiny_llama`` (or ``hf_llama``) runs one model.
 """
 from __future__ import annotations
@@ -52,18 +54,18 @@ T = int(os.environ.get("GLA_MODEL_T", "2048"))
 LAYERS = int(os.environ.get("GLA_MODEL_LAYERS", "4"))
 ROUNDS = int(os.environ.get("GLA_MODEL_ROUNDS", "5"))
 DEVICE = "cuda"
-BACKENDS = {  # name -> torch.compile keywords; None = eager
-    "eager": None,
-    "inductor": dict(backend="inductor"),
-    "gla": dict(backend="gla"),
-    "gla kernels=triton": dict(backend="gla", options={"kernels": "triton"}),
-    "gla kernels=pytorch": dict(backend="gla", options={"kernels": "pytorch"}),
-}
-# GLA_MODEL_CUDAGRAPHS=1: the same backends with and without CUDA graphs (Inductor's
-# "reduce-overhead"), for the host-bound short sequences (GLA_MODEL_T=256...)
-CUDAGRAPHS = os.environ.get("GLA_MODEL_CUDAGRAPHS", "0") == "1"
-if CUDAGRAPHS:
-    BACKENDS = {
+_NO_GLU = ["attention", "gated_attention", "gate", "linear_attention", "custom"]
+BACKEND_SETS = {  # name -> torch.compile keywords; None = eager
+    # the default: gla's three kernel choices
+    "kernels": {
+        "eager": None,
+        "inductor": dict(backend="inductor"),
+        "gla": dict(backend="gla"),
+        "gla kernels=triton": dict(backend="gla", options={"kernels": "triton"}),
+        "gla kernels=pytorch": dict(backend="gla", options={"kernels": "pytorch"}),
+    },
+    # with and without CUDA graphs (Inductor's "reduce-overhead"; gla's option inductor_mode)
+    "cudagraphs": {
         "eager": None,
         "inductor": dict(backend="inductor"),
         "inductor reduce-overhead": dict(backend="inductor", mode="reduce-overhead"),
@@ -71,7 +73,18 @@ if CUDAGRAPHS:
         "gla reduce-overhead": dict(backend="gla", options={"inductor_mode": "reduce-overhead"}),
         "gla kernels=triton reduce-overhead": dict(
             backend="gla", options={"kernels": "triton", "inductor_mode": "reduce-overhead"}),
-    }
+    },
+    # GLU sites as gla's op or left to Inductor's own fusion
+    "glu": {
+        "eager": None,
+        "inductor": dict(backend="inductor"),
+        "gla": dict(backend="gla"),
+        "gla no GLU rewrite": dict(backend="gla", options={"patterns": _NO_GLU}),
+        "gla kernels=pytorch": dict(backend="gla", options={"kernels": "pytorch"}),
+    },
+}
+SET = os.environ.get("GLA_MODEL_SET", "kernels")
+BACKENDS = BACKEND_SETS[SET]
 CATEGORIES = (  # kernel-name fragments, first match wins
     ("gla attention", ("_attn_",)),
     ("SDPA attention", ("fmha", "flash", "sdpa", "cudnn", "attention")),
@@ -244,8 +257,7 @@ def run(out_dir: str) -> str:
     raise_recompile_limits()
     bench = lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))  # noqa: E731
     name = torch.cuda.get_device_name()
-    lines = [f"# Model level on {name}: backend gla vs inductor vs eager"
-             + (", with and without CUDA graphs" if CUDAGRAPHS else ""), "",
+    lines = [f"# Model level on {name}: backend gla vs inductor vs eager (backend set {SET!r})", "",
              f"torch {torch.__version__}, triton {triton.__version__}; hidden 2048, 16/4 heads of 128, "
              f"FFN 5632, {LAYERS} layers, vocab 8192; bf16, B={B}, T={T}; {ROUNDS} interleaved rounds "
              "(rotated order), each a do_bench median; the table gives the median round and its "
@@ -266,7 +278,7 @@ def run(out_dir: str) -> str:
         torch._dynamo.reset()
     lines.append(f"total benchmark time {time.perf_counter() - t0:.0f} s")
     text = "\n".join(lines) + "\n"
-    write_table(out_dir, f"model-cudagraphs-t{T}" if CUDAGRAPHS else "model", name, text)
+    write_table(out_dir, "model" if SET == "kernels" else f"model-{SET}-t{T}", name, text)
     print(text)
     return text
 
