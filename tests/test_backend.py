@@ -173,8 +173,9 @@ def test_graph_breaks_are_fine():
 
 
 def test_kernel_choice_on_cuda_by_option():
-    """On (fake) CUDA tensors "auto" picks Triton; "pytorch" picks SDPA for attention and plain
-    PyTorch for GLU and GLA, whatever Triton could do."""
+    """On (fake) CUDA tensors "auto" picks Triton (for GLU where Inductor does not compile the
+    graph: see the next test); "pytorch" picks SDPA for attention and plain PyTorch for GLU and
+    GLA, whatever Triton could do."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from gla.config import Config
@@ -185,12 +186,32 @@ def test_kernel_choice_on_cuda_by_option():
         x = torch.empty(4, 64, device="cuda", dtype=torch.bfloat16)
         assert la.choose_impl(Config(), q, q, q) == "triton"
         assert la.choose_impl(Config(kernels="pytorch"), q, q, q) == "sdpa"
-        assert lg.choose_impl(Config(), x, x, act="silu") == "triton"
+        assert lg.choose_impl(Config(inner="aot_eager"), x, x, act="silu") == "triton"
         assert lg.choose_impl(Config(kernels="pytorch"), x, x, act="silu") == "reference"
     cuda = torch.device("cuda")
     shapes = {n: ((1, 16, 2, 64), torch.bfloat16) for n in ("q", "k", "v", "g")}
     assert lla._impl_for(Config(), cuda, shapes) == "triton"
     assert lla._impl_for(Config(kernels="pytorch"), cuda, shapes) == "reference"
+
+
+def test_auto_leaves_glu_to_inductor_and_runs_glas_kernel_without_it():
+    """"auto" on CUDA: a GLU or gate site compiled by Inductor stays plain PyTorch (Inductor fuses
+    it as fast, without a custom-op call per site); under aot_eager/eager gla's kernel runs;
+    kernels="triton" forces it everywhere, kernels="pytorch" never."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gla.config import Config
+    from gla.lowering.glu import choose_impl
+
+    with FakeTensorMode():
+        a = torch.empty(4, 16, device="cuda", dtype=torch.bfloat16)
+        cpu = torch.empty(4, 16, dtype=torch.bfloat16)
+        assert choose_impl(Config(), a, a, act="silu") == "reference"
+        assert choose_impl(Config(inner="aot_eager"), a, a, act="silu") == "triton"
+        assert choose_impl(Config(inner="eager"), a, a, act="sigmoid") == "triton"
+        assert choose_impl(Config(inner="aot_eager"), cpu, cpu, act="silu") == "reference"
+        assert choose_impl(Config(kernels="triton"), a, a, act="silu") == "triton"
+        assert choose_impl(Config(kernels="pytorch", inner="aot_eager"), a, a, act="silu") == "reference"
 
 
 def test_auto_takes_sdpa_only_where_it_would_run_cudnn(monkeypatch):
