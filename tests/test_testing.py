@@ -108,6 +108,52 @@ def test_assert_rewrites_judges_a_miss_against_float64():
             assert_rewrites(f, a, b, expect={"custom": 1}, options=opts, rtol=1e-8)
 
 
+class OffGradient(torch.autograd.Function):
+    """x * y forward; y's gradient off by the relative amount ``EPS``."""
+    EPS = 0.0
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        return x * y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        return g * y, g * x * (1 + OffGradient.EPS)
+
+
+@leaf
+def off_gradient(x, y):
+    return OffGradient.apply(x, y)
+
+
+@pytest.mark.parametrize("x_scale, eps, passes", [
+    (1e-3, 5e-5, True),   # a small gradient, 5x the tolerance off: within what fp32 resolves overall
+    (1e-3, 0.5, False),   # a small gradient that is wrong
+    (1.0, 5e-5, False),   # the same relative error in a gradient as large as the others
+])
+def test_assert_rewrites_judges_a_small_gradient_against_the_largest(x_scale, eps, passes):
+    """A gradient much smaller than the others (cancelling terms: dq beside dv in attention over
+    few keys) is rounded relative to the whole gradient; it passes when its error is within the
+    tolerance of the largest gradient's norm and 10x the tolerance relatively, and fails otherwise."""
+    f = lambda x, y: x * y  # noqa: E731
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 64) * x_scale, torch.randn(64, 64)
+    opts = {"patterns": ["custom"], "verify": "off"}
+    OffGradient.EPS = eps
+    try:
+        with gla.pattern_scope():
+            gla.register_pattern("off_gradient", search=f, replacement=off_gradient)
+            if passes:
+                assert_rewrites(f, x, y, expect={"custom": 1}, options=opts, grad=True)
+            else:
+                with pytest.raises(AssertionError, match=r"FAIL grad of input 1 .*vs float64"):
+                    assert_rewrites(f, x, y, expect={"custom": 1}, options=opts, grad=True)
+    finally:
+        OffGradient.EPS = 0.0
+
+
 def test_assert_rewrites_tolerates_nan_where_eager_has_nan():
     lin1, lin3 = torch.nn.Linear(8, 12), torch.nn.Linear(8, 12)
     x = torch.randn(3, 8)
