@@ -128,6 +128,48 @@ def off_gradient(x, y):
     return OffGradient.apply(x, y)
 
 
+class ScaledSum(torch.autograd.Function):
+    """(x * w).sum(-1) forward; w's gradient ``EPS`` relatively off."""
+    EPS = 0.0
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return (x * w).sum(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g[..., None] * w, (g[..., None] * x).sum(0) * (1 + ScaledSum.EPS)
+
+
+@leaf
+def scaled_sum(x, w):
+    return ScaledSum.apply(x, w)
+
+
+@pytest.mark.parametrize("eps, passes", [(3e-5, True), (3e-3, False)])
+def test_assert_rewrites_allows_eagers_band_where_eager_itself_is_near_the_tolerance(eps, passes):
+    """A result whose eager value is itself off float64 by more than a tenth of the tolerance is
+    ill-conditioned in that dtype (here eager's gradient of w is the difference of two sums 50x
+    its size): a replacement within 10x the tolerance passes, one beyond that band still fails."""
+    f = lambda x, w: (x * w).sum(-1) * 50.0 - (x * w).sum(-1) * 49.0  # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4096, 3, generator=gen), torch.randn(3, generator=gen)
+    opts = {"patterns": ["custom"], "verify": "off"}
+    ScaledSum.EPS = eps
+    try:
+        with gla.pattern_scope():
+            gla.register_pattern("scaled_sum", search=f, replacement=scaled_sum)
+            if passes:
+                assert_rewrites(f, x, w, expect={"custom": 1}, options=opts, grad=True)
+            else:
+                with pytest.raises(AssertionError, match=r"FAIL grad of input 1 .*vs float64"):
+                    assert_rewrites(f, x, w, expect={"custom": 1}, options=opts, grad=True)
+    finally:
+        ScaledSum.EPS = 0.0
+
+
 @pytest.mark.parametrize("x_scale, eps, passes", [
     (1e-3, 5e-5, True),   # a small gradient, 5x the tolerance off: within what fp32 resolves overall
     (1e-3, 0.5, False),   # a small gradient that is wrong
