@@ -128,6 +128,23 @@ def off_gradient(x, y):
     return OffGradient.apply(x, y)
 
 
+def _judge_second_gradient(f, replacement, function_cls, eps, passes, *inputs):
+    """Rewrite ``f`` into ``replacement`` (whose autograd Function puts a relative error ``eps``
+    in the second input's gradient); assert_rewrites must pass, or fail on that gradient."""
+    opts = {"patterns": ["custom"], "verify": "off"}
+    function_cls.EPS = eps
+    try:
+        with gla.pattern_scope():
+            gla.register_pattern(replacement.__name__, search=f, replacement=replacement)
+            if passes:
+                assert_rewrites(f, *inputs, expect={"custom": 1}, options=opts, grad=True)
+            else:
+                with pytest.raises(AssertionError, match=r"FAIL grad of input 1 .*vs float64"):
+                    assert_rewrites(f, *inputs, expect={"custom": 1}, options=opts, grad=True)
+    finally:
+        function_cls.EPS = 0.0
+
+
 class ScaledSum(torch.autograd.Function):
     """(x * w).sum(-1) forward; w's gradient ``EPS`` relatively off."""
     EPS = 0.0
@@ -156,18 +173,7 @@ def test_assert_rewrites_allows_eagers_band_where_eager_itself_is_near_the_toler
     f = lambda x, w: (x * w).sum(-1) * 50.0 - (x * w).sum(-1) * 49.0  # noqa: E731
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(4096, 3, generator=gen), torch.randn(3, generator=gen)
-    opts = {"patterns": ["custom"], "verify": "off"}
-    ScaledSum.EPS = eps
-    try:
-        with gla.pattern_scope():
-            gla.register_pattern("scaled_sum", search=f, replacement=scaled_sum)
-            if passes:
-                assert_rewrites(f, x, w, expect={"custom": 1}, options=opts, grad=True)
-            else:
-                with pytest.raises(AssertionError, match=r"FAIL grad of input 1 .*vs float64"):
-                    assert_rewrites(f, x, w, expect={"custom": 1}, options=opts, grad=True)
-    finally:
-        ScaledSum.EPS = 0.0
+    _judge_second_gradient(f, scaled_sum, ScaledSum, eps, passes, x, w)
 
 
 @pytest.mark.parametrize("x_scale, eps, passes", [
@@ -182,18 +188,7 @@ def test_assert_rewrites_judges_a_small_gradient_against_the_largest(x_scale, ep
     f = lambda x, y: x * y  # noqa: E731
     torch.manual_seed(0)
     x, y = torch.randn(64, 64) * x_scale, torch.randn(64, 64)
-    opts = {"patterns": ["custom"], "verify": "off"}
-    OffGradient.EPS = eps
-    try:
-        with gla.pattern_scope():
-            gla.register_pattern("off_gradient", search=f, replacement=off_gradient)
-            if passes:
-                assert_rewrites(f, x, y, expect={"custom": 1}, options=opts, grad=True)
-            else:
-                with pytest.raises(AssertionError, match=r"FAIL grad of input 1 .*vs float64"):
-                    assert_rewrites(f, x, y, expect={"custom": 1}, options=opts, grad=True)
-    finally:
-        OffGradient.EPS = 0.0
+    _judge_second_gradient(f, off_gradient, OffGradient, eps, passes, x, y)
 
 
 def test_assert_rewrites_tolerates_nan_where_eager_has_nan():
