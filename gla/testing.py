@@ -247,8 +247,7 @@ def assert_rewrites(model: Callable, *inputs: Any, expect: dict[str, int], rtol:
         # passes if the compiled result is no worse than twice eager's own error against float64
         # (the rule gla's verification applies), as long as eager itself is near float64 (within
         # 10x the tolerance: a model that is not deterministic, e.g. dropout, gets no such pass).
-        # A gradient that is zero at the dtype's resolution (cancelling terms) is measured against
-        # the largest gradient's norm, as gla's verification does (``gradient_error``).
+        # Where the dtype cannot do better (cancelling sums, small gradients) see _vs_float64.
         ref = _float64_run(model, inputs, kwargs, grad and bool(cots), len(params), cots)
         if ref is not None and len(ref) == len(compared):
             scale = max((float(r.double().norm()) for r in ref[n_outputs:]
