@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..device import interpreting, triton_device_reason
-from ..launch import launcher
+from ..launch import cdiv, launcher, next_pow2
 from .naive import ACTIVATIONS
 
 ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2, sigmoid 3, relu 4
@@ -248,7 +248,7 @@ def _block_elems(*tensors: torch.Tensor) -> int:
 
 
 def _flat_config(n: int, block: int) -> tuple[int, bool]:
-    block = min(block, triton.next_power_of_2(max(n, 1)))
+    block = min(block, next_pow2(max(n, 1)))
     return block, n % block == 0
 
 
@@ -263,9 +263,9 @@ def _tile_config(M: int, N: int, block: int) -> tuple[int, int, bool]:
         if bn < 128:
             bn = block
     else:
-        bn = triton.next_power_of_2(N)
+        bn = next_pow2(N)
     bm = max(1, block // bn)
-    bm = min(bm, triton.next_power_of_2(max(M, 1)))
+    bm = min(bm, next_pow2(max(M, 1)))
     return bm, bn, (M % bm == 0 and N % bn == 0)
 
 
@@ -307,11 +307,11 @@ def _launch_fwd(a2: torch.Tensor, b2: torch.Tensor, y2: torch.Tensor, act: str) 
     if _all_flat(a2, b2, y2):
         n = M * N
         blk, even = _flat_config(n, block)
-        _glu_fwd_flat[(triton.cdiv(n, blk),)](a2, b2, y2, n, ACT=code, BLOCK=blk, EVEN=even,
+        _glu_fwd_flat[(cdiv(n, blk),)](a2, b2, y2, n, ACT=code, BLOCK=blk, EVEN=even,
                                               I64=n + blk >= 2**31, num_warps=_NUM_WARPS)
         return
     bm, bn, even = _tile_config(M, N, block)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    grid = (cdiv(M, bm) * cdiv(N, bn),)
     _glu_fwd_2d[grid](a2, b2, y2, M, N, _row_stride(a2), _row_stride(b2), _row_stride(y2),
                       ACT=code, BLOCK_M=bm, BLOCK_N=bn, EVEN=even, num_warps=_NUM_WARPS)
 
@@ -349,12 +349,12 @@ def _launch_bwd(dy2, a2, b2, da2, db2, act: str) -> None:
     if _all_flat(dy2, a2, b2, da2, db2):
         n = M * N
         blk, even = _flat_config(n, block)
-        _glu_bwd_flat[(triton.cdiv(n, blk),)](dy2, a2, b2, da2, db2, n, ACT=code, BLOCK=blk,
+        _glu_bwd_flat[(cdiv(n, blk),)](dy2, a2, b2, da2, db2, n, ACT=code, BLOCK=blk,
                                               EVEN=even, I64=n + blk >= 2**31,
                                               num_warps=_NUM_WARPS)
         return
     bm, bn, even = _tile_config(M, N, block)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    grid = (cdiv(M, bm) * cdiv(N, bn),)
     _glu_bwd_2d[grid](dy2, a2, b2, da2, db2, M, N,
                       _row_stride(dy2), _row_stride(a2), _row_stride(b2),
                       _row_stride(da2), _row_stride(db2),

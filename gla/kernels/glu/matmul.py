@@ -22,7 +22,7 @@ from triton.runtime.errors import OutOfResources
 
 from . import elementwise
 from ..device import interpreting
-from ..launch import launcher
+from ..launch import cdiv, launcher, next_pow2
 from .elementwise import ACT_CODES, act_fwd
 
 
@@ -137,13 +137,13 @@ def _num_sms(device_index: int) -> int:
 def default_config(M: int, F: int, K: int, dtype: torch.dtype, interpret: bool) -> MatmulConfig:
     """A short heuristic (no autotuning): big tiles on a GPU, small ones in the interpreter."""
     if interpret:
-        bm = min(32, max(16, triton.next_power_of_2(max(M, 1))))
-        bn = min(32, max(16, triton.next_power_of_2(max(F, 1))))
-        bk = min(32, max(16, triton.next_power_of_2(max(K, 1))))
+        bm = min(32, max(16, next_pow2(max(M, 1))))
+        bn = min(32, max(16, next_pow2(max(F, 1))))
+        bk = min(32, max(16, next_pow2(max(K, 1))))
         return MatmulConfig(bm, bn, bk, group_m=4, num_warps=4, num_stages=1)
     bk = 32 if dtype == torch.float32 else 64
     if M <= 64:  # decode-sized batches: thin row tiles, more column tiles in flight
-        return MatmulConfig(max(16, triton.next_power_of_2(M)), 64, bk, group_m=1, num_warps=4,
+        return MatmulConfig(max(16, next_pow2(M)), 64, bk, group_m=1, num_warps=4,
                             num_stages=4)
     if M <= 256 or F <= 256:
         return MatmulConfig(64, 128, bk, group_m=8, num_warps=4, num_stages=4)
@@ -192,7 +192,7 @@ def glu_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     key = (config, x.dtype, x.device.index, store_h, bias is not None, act)
     config = _SHRUNK.get(key, config)
     while True:
-        num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(F, config.block_n)
+        num_tiles = cdiv(M, config.block_m) * cdiv(F, config.block_n)
         if config.persistent and not interpret:
             nprog = min(num_tiles, _num_sms(x.device.index or 0))
         else:
