@@ -61,6 +61,24 @@ def test_inductor_mode_reaches_inductor_with_glas_options(monkeypatch):
         gla_backend(gm, [x], options={"inductor_mode": "reduce-overhead", "inner": "aot_eager"})
 
 
+def test_reduce_overhead_through_torch_compile_mode_and_through_glas_option():
+    """Both spellings reach Inductor with CUDA graphs on and still rewrite; on a CPU Inductor skips
+    the graphs (and counts the skip) and the model computes what eager does."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    w1, w3 = torch.randn(24, 16), torch.randn(24, 16)
+    f = lambda x: F.silu(F.linear(x, w1)) * F.linear(x, w3)  # noqa: E731
+    x = torch.randn(4, 16)
+    for kwargs in (dict(mode="reduce-overhead"), dict(options={"inductor_mode": "reduce-overhead"})):
+        torch._dynamo.reset()
+        counters.clear()
+        out = torch.compile(f, backend="gla", **kwargs)(x)
+        assert rel_rms_error(out, f(x)) < 1e-5
+        assert counters["gla"]["glu"] == 1, kwargs
+        assert counters["inductor"]["cudagraph_skips"] == 1, (kwargs, dict(counters["inductor"]))
+
+
 def test_linearize_is_not_silently_accepted():
     f = torch.compile(lambda x: x + 1, backend="gla", options={"mode": "linearize"})
     with pytest.raises(Exception, match="linearize"):
