@@ -49,12 +49,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 
+from gla.config import FAMILIES  # noqa: E402
+
 B = 2
 T = int(os.environ.get("GLA_MODEL_T", "2048"))
 LAYERS = int(os.environ.get("GLA_MODEL_LAYERS", "4"))
 ROUNDS = int(os.environ.get("GLA_MODEL_ROUNDS", "5"))
 DEVICE = "cuda"
-_NO_GLU = ["attention", "gated_attention", "gate", "linear_attention", "custom"]
+_NO_GLU = [f for f in FAMILIES if f != "glu"]  # every pattern family but GLU
 BACKEND_SETS = {  # name -> torch.compile keywords; None = eager
     # the default: gla's three kernel choices
     "kernels": {

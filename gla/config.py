@@ -11,7 +11,6 @@ _CHOICES = {
     "inner": ("inductor", "aot_eager", "eager"),
     "mode": ("exact", "linearize"),
     "kernels": ("auto", "triton", "pytorch", "reference"),
-    "inductor_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -30,12 +29,14 @@ class Config:
     mode:     ``"exact"`` rewrites only what computes the same function; ``"linearize"`` (planned)
               will convert softmax attention into gated linear attention.
     kernels:  ``"auto"`` (Triton on GPUs — attention without grad takes PyTorch's SDPA where it
-              would run cuDNN, see ``gla.lowering.attention.choose_impl`` — fused
+              would run cuDNN, see ``gla.lowering.attention.choose_impl``; GLU and gate sites
+              stay plain PyTorch when Inductor compiles, ``gla.lowering.glu.choose_impl`` — fused
               PyTorch/reference elsewhere), ``"triton"`` (force
               the Triton kernels; the interpreter on a CPU), ``"pytorch"`` (no Triton: PyTorch's
               fused SDPA for softmax attention, the reference elsewhere, what a CPU runs under
               "auto"), ``"reference"`` (pure PyTorch).
-    inductor_mode: torch.compile's ``mode`` for the inner Inductor compile, for use together with
+    inductor_mode: torch.compile's ``mode`` for the inner Inductor compile (one of Inductor's
+              ``list_mode_options()``), for use together with
               gla's options (``torch.compile`` refuses ``mode=`` and ``options=`` in one call);
               ``"reduce-overhead"`` records the compiled graph, gla's ops included, in CUDA graphs.
     """
@@ -54,9 +55,13 @@ class Config:
         unknown = sorted(set(options) - valid)
         if unknown:
             raise ConfigError(f"unknown gla option(s) {unknown}; valid options: {sorted(valid)}")
-        for key, choices in _CHOICES.items():
-            if key in options and options[key] not in choices:
-                raise ConfigError(f"gla option {key}={options[key]!r} is invalid; choose one of {list(choices)}")
+        choices = dict(_CHOICES)
+        if options.get("inductor_mode") is not None:  # Inductor's own list (imported only here)
+            import torch._inductor
+            choices["inductor_mode"] = (None, *torch._inductor.list_mode_options())
+        for key, allowed in choices.items():
+            if key in options and options[key] not in allowed:
+                raise ConfigError(f"gla option {key}={options[key]!r} is invalid; choose one of {list(allowed)}")
         if "patterns" in options:
             options["patterns"] = _families(options["patterns"])
         return cls(**options)

@@ -381,21 +381,27 @@ def test_auto_kernel_choice_end_to_end_on_cuda(gated):
         assert rel_rms_error(g, r) < 3e-2
 
 
+def _tiny_llama():
+    """(TinyLlama, TinyLlamaConfig) from examples/tiny_llama.py."""
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    from tiny_llama import TinyLlama, TinyLlamaConfig
+
+    return TinyLlama, TinyLlamaConfig
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_record_glas_kernels():
     """inductor_mode="reduce-overhead": the compiled model, gla's Triton attention and GLU ops
     included, is recorded in CUDA graphs (no skip), and replays with fresh inputs match the fp32
     model in outputs and gradients."""
     import copy
-    import os
-    import sys
 
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-    from tiny_llama import TinyLlama, TinyLlamaConfig
-
+    TinyLlama, TinyLlamaConfig = _tiny_llama()
     torch.manual_seed(0)
     cfg = TinyLlamaConfig(vocab_size=128, hidden=256, layers=2, heads=4, kv_heads=2, ffn=384)
     model = TinyLlama(cfg).cuda().to(torch.bfloat16)
@@ -430,13 +436,9 @@ def test_cuda_graphs_record_glas_kernels():
 def test_kernels_option_through_the_backend(kernels):
     """kernels="triton": the model's rewrites run the very Triton kernels GPUs run (the interpreter
     here); kernels="pytorch": the same rewrites (verified) lowered to SDPA and plain PyTorch."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-    from tiny_llama import TinyLlama, TinyLlamaConfig
-
     from gla.testing import assert_rewrites
+
+    TinyLlama, TinyLlamaConfig = _tiny_llama()
 
     torch.manual_seed(0)
     model = TinyLlama(TinyLlamaConfig(vocab_size=64, hidden=64, layers=1, heads=4, kv_heads=2, ffn=96))

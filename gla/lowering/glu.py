@@ -52,13 +52,11 @@ def choose_impl(config: Config, *tensors, act: str) -> str | Decline:
     ``inner="aot_eager"``/``"eager"`` (no fusion) gla's kernel runs on CUDA."""
     from ..kernels.glu import triton_unsupported_reason
 
-    if config.kernels in ("reference", "pytorch"):
+    if config.kernels in ("reference", "pytorch") or (config.kernels == "auto" and config.inner == "inductor"):
         return "reference"
     reason = triton_unsupported_reason(*tensors, act=act)
     if config.kernels == "triton":
         return Decline(reason) if reason else "triton"
-    if config.inner == "inductor":
-        return "reference"
     return "triton" if reason is None and tensors[0].device.type == "cuda" else "reference"
 
 

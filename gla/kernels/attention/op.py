@@ -422,5 +422,5 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                          bool(causal), int(window))
         return out
     out, _ = torch.ops.gla.attention(q, k, v, gate, bias, key_mask, float(scale),
-                                        bool(causal), int(window), impl)
+                                     bool(causal), int(window), impl)
     return out

@@ -308,7 +308,7 @@ def _launch_fwd(a2: torch.Tensor, b2: torch.Tensor, y2: torch.Tensor, act: str) 
         n = M * N
         blk, even = _flat_config(n, block)
         _glu_fwd_flat[(cdiv(n, blk),)](a2, b2, y2, n, ACT=code, BLOCK=blk, EVEN=even,
-                                              I64=n + blk >= 2**31, num_warps=_NUM_WARPS)
+                                       I64=n + blk >= 2**31, num_warps=_NUM_WARPS)
         return
     bm, bn, even = _tile_config(M, N, block)
     grid = (cdiv(M, bm) * cdiv(N, bn),)
@@ -350,8 +350,7 @@ def _launch_bwd(dy2, a2, b2, da2, db2, act: str) -> None:
         n = M * N
         blk, even = _flat_config(n, block)
         _glu_bwd_flat[(cdiv(n, blk),)](dy2, a2, b2, da2, db2, n, ACT=code, BLOCK=blk,
-                                              EVEN=even, I64=n + blk >= 2**31,
-                                              num_warps=_NUM_WARPS)
+                                       EVEN=even, I64=n + blk >= 2**31, num_warps=_NUM_WARPS)
         return
     bm, bn, even = _tile_config(M, N, block)
     grid = (cdiv(M, bm) * cdiv(N, bn),)
