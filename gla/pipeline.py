@@ -8,6 +8,7 @@ import warnings
 import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_leaves
 
 from .config import Config
 from .lowering.select import Decline, select
@@ -17,6 +18,7 @@ from .report import NearMiss, Report, Rewrite, source_location
 from .rewrite import (Match, Miss, ReplacementError, canonicalize, convexity_reason, index_graph, match_at,
                       outside_users_reason, overlap_reason, replace_match, root_key)
 from .rewrite.graph import tensor_meta
+from .rewrite.mutation import GraphWrites, eliminate_dead_code, is_impure
 
 log = logging.getLogger("gla")
 
@@ -30,6 +32,7 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
     report = Report(graphs=1)
     report.canonicalized = canonicalize(gm)
     graph = gm.graph
+    writes = GraphWrites.of(graph)  # (read by canonicalize; rewrites add or remove none)
     index = index_graph(graph)
     claimed: dict[fx.Node, str] = {}
     misses: dict[fx.Node, NearMiss] = {}
@@ -68,7 +71,9 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
                     miss(root, pattern.kind, pattern.name, selected.reason)
                     continue
                 m.extra_nodes = list(selected.extra_nodes)
+                reads = [v for v in tree_leaves(selected.kwargs) if isinstance(v, fx.Node)]
                 reason = convexity_reason(m, graph) or _subclass_reason(m)
+                reason = reason or writes.reason([*m.nodes, *m.extra_nodes], m.root, reads)
                 if reason:
                     miss(root, pattern.kind, pattern.name, reason)
                     continue
@@ -97,7 +102,7 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
                 rewrite_of[new] = record
                 report.rewrites.append(record)
     report.near_misses = [m for root, m in misses.items() if root not in claimed]
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     graph.lint()
     gm.recompile()
     report.seconds = time.perf_counter() - t0
@@ -122,7 +127,7 @@ def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     stack = [n for n in among if not n.users]
     while stack:
         n = stack.pop()
-        if getattr(n, "_erased", False) or n.users or n.op in ("placeholder", "output") or n.is_impure():
+        if getattr(n, "_erased", False) or n.users or n.op in ("placeholder", "output") or is_impure(n):
             continue
         inputs = n.all_input_nodes
         graph.erase_node(n)

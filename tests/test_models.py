@@ -111,6 +111,19 @@ FAMILIES = {
     # logit soft-capping: a look-alike, left as is with its reason; the MLP still rewrites
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_GQA, head_dim=16), {"attention": 0, "glu": 2},
                "soft-capping"),
+    # keys assembled in place (new_empty + two copy_ calls into slices): the writes stay, and the
+    # attention still rewrites (MLA's q/k head dim 24 ≠ v's 16)
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(_DECODER, intermediate_size=96, num_key_value_heads=4, n_routed_experts=4,
+                         first_k_dense_replace=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                         qk_nope_head_dim=16, v_head_dim=16), {"attention": 2, "glu": 2}, "causal"),
+    # an output gate σ(g) on every full-attention layer: one gated attention each
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   dict(_GQA, head_dim=16, layer_types=["full_attention"] * 2, num_experts=0,
+                        mlp_only_layers=[0, 1]), {"gated_attention": 2, "glu": 2},
+                   "+elementwise sigmoid gate"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_GQA, head_dim=16, sliding_window=8),
+               {"attention": 2, "glu": 2}, "causal"),
 }
 
 
@@ -135,14 +148,14 @@ def _compiled_family(cfg_name, model_name, kw, call, x):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_decoder_families(family):
-    """Tiny random decoders of ten transformers families with hand-written ("eager") attention:
+    """Tiny random decoders of thirteen transformers families with hand-written ("eager") attention:
     what gla rewrites, that their position-id masks are proved causal (or the window), and that
     the compiled model computes what eager does."""
     cfg_name, model_name, kw, expect, kernel = FAMILIES[family]
     report = _compiled_family(cfg_name, model_name, kw, lambda m, ids: m(ids, use_cache=False).logits,
                               torch.randint(1, 128, (2, 24)))
     assert {k: report.counts[k] for k in expect} == expect, str(report)
-    said = [r.kernel for r in report.rewrites if r.kind == "attention"] or \
+    said = [r.kernel for r in report.rewrites if r.kind in ("attention", "gated_attention")] or \
         [m.reason for m in report.near_misses]
     assert said and all(kernel in s for s in said), str(report)
 

@@ -41,6 +41,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..config import Config
 from ..rewrite import Match, leaf, ops
 from ..rewrite.graph import hint_int, tensor_meta
+from ..rewrite.mutation import GraphWrites
 from .masks import keep_form
 from .select import Decline, Selected
 
@@ -199,6 +200,8 @@ class Interp:
     def __call__(self, n) -> Term | None:
         if not isinstance(n, fx.Node):
             return None
+        if _written(n):  # written in place somewhere: only its value at run time says what it is
+            return self.opaque(n)
         if n in self.stop or (_is(n, (torch.tril, ops.cast, operator.invert), ("tril", "bool", "float", "to"))
                               and causal_mask(n, keep=True) is not None):
             return self.opaque(n)
@@ -510,13 +513,20 @@ def _ones_square(x) -> bool:
         and statically_known_true(s[-1] == s[-2])
 
 
-def _producers(n: fx.Node) -> list[fx.Node]:
-    """n and the tensor-valued call nodes it is built from (a constant mask's subgraph)."""
+def _written(n: fx.Node) -> bool:
+    return GraphWrites.of(n.graph).written(n)
+
+
+def _producers(n: fx.Node) -> list[fx.Node] | None:
+    """n and the tensor-valued call nodes it is built from (a constant mask's subgraph); None if
+    one of them is written in place (the subgraph no longer says what the mask holds)."""
     out, stack, seen = [], [n], set()
     while stack:
         x = stack.pop()
         if x in seen or x.op not in ("call_function", "call_method") or tensor_meta(x) is None:
             continue
+        if _written(x):
+            return None
         seen.add(x)
         out.append(x)
         stack.extend(x.all_input_nodes)
@@ -555,6 +565,8 @@ _ZEROS = (torch.zeros, torch.zeros_like)
 
 
 def _is_zeros(n) -> bool:
+    if isinstance(n, fx.Node) and GraphWrites.of(n.graph).written(n, besides=n if _meth(n, "zero_") else None):
+        return False
     if _call(n, *_ZEROS) or _meth(n, "new_zeros", "zero_"):
         return True
     if _call(n, torch.full) and len(n.args) > 1 and n.args[1] == 0:

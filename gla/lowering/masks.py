@@ -5,6 +5,8 @@ or key (-1) axis are affine index forms, comparisons between them are linear con
 joins constraints, and ``where(allowed, 0, -big)`` makes the additive mask. A mask built only from
 these is the same at every sequence length, so the proof holds under dynamic shapes. Anything else
 (a buffer, a padding mask from the batch) is runtime data: the mask then stays a general bias.
+So is a tensor written in place anywhere in the graph (``mask[..., :n] = 0``): its producer no
+longer says what it holds.
 
 Position tensors are affine too: ``positions[batch_idx, q_idx]`` with arange index tensors is
 the positions' formula at those indices (transformers builds its causal mask so, from
@@ -22,6 +24,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..rewrite import ops
 from ..rewrite.graph import tensor_meta
+from ..rewrite.mutation import GraphWrites
 
 NEG_LIMIT = -1e4  # a fill at or below this is a mask value, not a score
 
@@ -139,6 +142,8 @@ class _Eval:
     def __call__(self, x):
         if not isinstance(x, fx.Node):
             return x if isinstance(x, int) and not isinstance(x, bool) else None
+        if GraphWrites.of(x.graph).written(x):
+            return None
         r = self._node(x)
         if r is not None:
             self.nodes.append(x)

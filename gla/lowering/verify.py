@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..rewrite import Match, insert_call, ops
 from ..rewrite.graph import hint_int, value_of
+from ..rewrite.mutation import eliminate_dead_code
 from ..testing import rel_rms_error
 from .select import Decline, Selected
 
@@ -92,7 +93,7 @@ def _build(gm: fx.GraphModule, region: list[fx.Node], leaves: list[fx.Node], roo
         out = insert_call(g, marker, selected.fn, kwargs)
         g.erase_node(marker)
         g.output(out)
-        g.eliminate_dead_code()
+        eliminate_dead_code(g)
     return fx.GraphModule(gm, g)
 
 

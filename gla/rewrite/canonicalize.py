@@ -22,6 +22,10 @@ Canonical spellings:
   SDPA          ``F.scaled_dot_product_attention(q, k, v, mask, p, causal, scale=, enable_gqa=)``
   chunk         ``torch.chunk(x, n, dim<0)`` (``.chunk``, an even ``split``)
   no-ops        dropout with p=0 or in eval: removed (``contiguous``/``clone`` are transparent to matching)
+
+In-place writes (``copy_``, ``x += y``, ``F.silu(x, inplace=True)``) are never respelled, and a
+respelling that could change what aliases what is skipped where a tensor it touches is written
+(see ``gla.rewrite.mutation``).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import ops
 from .graph import fake_mode_of, propagate, rank, tensor_meta
+from .mutation import GraphWrites, eliminate_dead_code, storage_key, written_args
 
 IDENTITY = object()  # "this node computes its first input unchanged"
 
@@ -451,15 +456,18 @@ def canonicalize(gm: fx.GraphModule, rules: tuple[Rule, ...] = RULES, max_passes
     """Rewrite ``gm`` in place into canonical form. Returns how often each rule fired."""
     graph = gm.graph
     fake_mode = fake_mode_of(graph)
+    writes = GraphWrites.of(graph, fresh=True)
     fired: dict[str, int] = {}
     for _ in range(max_passes):
         changed = False
         for node in list(graph.nodes):
             if node.op not in ("call_function", "call_method") or not node.graph is graph:
                 continue
+            if writes.writes and written_args(node):  # a write stays as written (a respelling could drop it)
+                continue
             for rule in rules:
                 result = rule.rewrite(node)
-                if result is None:
+                if result is None or not _aliasing_exact(node, result, writes):
                     continue
                 _apply(graph, node, result, fake_mode)
                 fired[rule.name] = fired.get(rule.name, 0) + 1
@@ -467,10 +475,28 @@ def canonicalize(gm: fx.GraphModule, rules: tuple[Rule, ...] = RULES, max_passes
                 break
         if not changed:
             break
-    graph.eliminate_dead_code()  # spellings replaced above leave pure nodes behind (impure ones stay)
+    eliminate_dead_code(graph)  # spellings replaced above leave pure nodes behind (writes stay)
     graph.lint()
     gm.recompile()
     return fired
+
+
+def _aliasing_exact(node: fx.Node, result: Any, writes: GraphWrites) -> bool:
+    """Is this respelling exact given the graph's in-place writes? ``IDENTITY`` can turn a copy (an
+    eval-mode dropout...) into an alias, ``repeat_heads`` a view (n = 1) into a copy, and a swapped
+    activation reads its input later: each is exact only where no tensor involved is written."""
+    if not writes.writes:
+        return True
+    if result is IDENTITY:
+        src = node.args[0]
+        alias = storage_key(node) is not None and storage_key(node) == storage_key(src)
+        return alias or not (writes.written(node) or writes.written(src))
+    if result[0] is ops.repeat_heads or result[0] == "swap_activation":
+        touched = {node, *node.all_input_nodes}
+        if result[0] == "swap_activation":
+            touched |= set(result[1][0].all_input_nodes)
+        return not any(writes.written(n) for n in touched)
+    return True
 
 
 def _emit(graph: fx.Graph, target, args, kwargs, fake_mode, meta_from: fx.Node, final: bool = False) -> fx.Node:
