@@ -225,3 +225,27 @@ def test_examples_run(script):
     assert out.returncode == 0, out.stderr[-2000:]
     if script == "quickstart.py":
         assert "gated_attention': 2" in out.stdout and "'glu': 2" in out.stdout
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generation_with_a_kv_cache(cache):
+    """Greedy decoding with the model's forward compiled by gla gives eager's tokens. The static
+    cache updates its buffers in place (``index_copy_``, results unused): a dead-code pass that
+    drops them decodes garbage."""
+    m = _model("llama", "eager").eval()
+    ids = torch.randint(1, 128, (2, 9))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    with torch.no_grad():
+        ref = m.generate(ids, **kw)
+        torch._dynamo.reset()
+        forward = m.forward
+        m.forward = torch.compile(forward, backend="gla", options=OPTS)
+        try:
+            with gla.report.collect() as report:
+                out = m.generate(ids, **kw)
+        finally:
+            m.forward = forward
+    assert report.counts["attention"] >= 4, str(report)  # prefill and decode graphs both rewritten
+    assert torch.equal(out, ref)
