@@ -174,6 +174,9 @@ ENCODERS = {
     "bart": ("BartConfig", "BartModel", dict(vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1,
              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96),
              "ids", {"attention": 3}, {"causal", "no mask"}),  # encoder, causal decoder, cross-attention
+    # ``attention_scores += position_bias``: an in-place add on private scores, matched as an add
+    "mpnet": ("MPNetConfig", "MPNetModel", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+              num_attention_heads=4, intermediate_size=96), "ids", {"attention": 2}, {"bias"}),
 }
 
 

@@ -174,3 +174,77 @@ def test_linear_attention_proofs_read_no_written_tensor():
 
     report = run(loop, *inputs(5), n=1, options=OPTS)  # rewritten, reading S as the initial state
     assert "initial state" in report.rewrites[0].kernel, str(report)
+
+
+# --- in-place arithmetic on a private tensor becomes the out-of-place op -------------------------------
+@pytest.mark.parametrize("spelling", ["+= bias", "masked_fill_", "mul_", "/= sqrt(d)"])
+def test_in_place_score_arithmetic_is_matched(spelling):
+    """``scores += bias`` (MPNet, T5-style relative biases), ``scores.masked_fill_(...)``,
+    ``scores *= c``: the scores are private to the attention, so the write is the out-of-place op
+    and the attention rewrites; outputs and gradients are eager's."""
+    def fn(q, k, v, bias, keep):
+        s = torch.matmul(q, k.transpose(-2, -1))
+        if spelling == "+= bias":
+            s *= 0.125
+            s += bias
+        elif spelling == "masked_fill_":
+            s.masked_fill_(~keep, float("-inf"))
+        elif spelling == "mul_":
+            s.mul_(0.5)
+        else:
+            s /= 4.0
+        return torch.matmul(torch.softmax(s, dim=-1), v)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, 1, 9, 9)
+    keep = torch.rand(2, 1, 9, 9) > 0.3
+    keep[..., 0] = True
+    report = gla.explain(fn, q, k, v, bias, keep, options=FAST)
+    assert report.counts["attention"] == 1, str(report)
+    assert report.canonicalized.get("in-place ops on private tensors"), report.canonicalized
+    gla.testing.assert_rewrites(fn, q, k, v, bias, keep, expect={"attention": 1}, grad=True)
+
+
+def test_reads_before_a_private_write_keep_the_old_value():
+    def fn(x, b):
+        s = x * 2
+        t = s.sum()          # before the write: the old value
+        s += b               # fp16 += fp32: computed in fp32, stored in fp16
+        s.mul_(3)
+        return s, t
+
+    x, b = torch.randn(5, 7).half(), torch.randn(5, 7)
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="gla", options=FAST, fullgraph=True)(x, b)
+    ref = fn(x, b)
+    assert out[0].dtype == torch.float16 and torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_writes_others_can_see_stay_writes():
+    """A view of the scores is returned too, or the scores are an input: the write stays in
+    place (the pattern then sees no add), and the answer is eager's."""
+    def viewed(q, k, v, bias):
+        s = torch.matmul(q, k.transpose(-2, -1))
+        first = s[:, :1]
+        s += bias
+        return torch.matmul(torch.softmax(s, dim=-1), v), first
+
+    def an_input(s, v, bias):
+        s += bias
+        return torch.matmul(torch.softmax(s, dim=-1), v)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    bias = torch.randn(1, 1, 9, 9)
+    report = gla.explain(viewed, q, k, v, bias, options=FAST)
+    assert report.counts["attention"] == 0 and not report.canonicalized.get("in-place ops on private tensors")
+    torch._dynamo.reset()
+    out = torch.compile(viewed, backend="gla", options=FAST)(q, k, v, bias)
+    ref = viewed(q, k, v, bias)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out, ref))
+    s = torch.randn(1, 2, 9, 9)
+    s1, s2 = s.clone(), s.clone()
+    torch._dynamo.reset()
+    out = torch.compile(an_input, backend="gla", options=FAST)(s1, v, bias)
+    assert torch.allclose(out, an_input(s2, v, bias), atol=1e-6) and torch.equal(s1, s2)

@@ -440,3 +440,19 @@ def test_verification_measures_zero_gradients_against_the_gradient_scale():
     assert gradient_error(0.5 * torch.ones(4, 16), zero, scale=8.0, tol=1e-5) > 1e-2
     small = 1e-3 * torch.randn(4, 16, generator=gen, dtype=torch.float64)   # above tol · scale
     assert gradient_error((2 * small).float(), small, scale=8.0, tol=1e-5) > 0.5
+
+
+def test_a_masked_out_mask_is_verified_with_gradients():
+    """``masked_fill(pad, -inf)`` with ``pad`` an input: verification draws boolean masks mostly
+    True, which for this polarity masks whole rows; their NaN would reach every gradient and fail
+    the check. It draws the masks the other way round instead, and the rewrite is proved."""
+    def fn(q, k, v, pad):
+        s = q @ k.transpose(-2, -1) * 0.25
+        return torch.softmax(s.masked_fill(pad, float("-inf")), -1) @ v
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 16, requires_grad=True) for _ in range(3))
+    pad = torch.rand(2, 1, 9, 9) > 0.7
+    pad[..., 0] = False
+    r = gla.testing.assert_rewrites(fn, q, k, v, pad, expect={"attention": 1}, grad=True)
+    assert "bwd" in r.rewrites[0].verification["summary"], str(r)

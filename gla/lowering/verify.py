@@ -229,7 +229,7 @@ def _compare(gm, match, selected, region, leaves) -> dict[str, Any] | Decline:
     reference = _build(gm, region, leaves, match.root, None, float64=True)
     replacement = _build(gm, region, leaves, match.root, selected, float64=False)
 
-    def run(module, cast64: bool):
+    def run(module, cast64: bool, inputs=inputs):
         args = []
         for x, g in zip(inputs, need_grad):
             if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
@@ -241,8 +241,15 @@ def _compare(gm, match, selected, region, leaves) -> dict[str, Any] | Decline:
         return out, args
 
     ref, ref_args = run(reference, True)
-    orig, orig_args = run(original, False)
-    new, new_args = run(replacement, False)
+    if not torch.isfinite(ref).all() and any(isinstance(x, torch.Tensor) and x.dtype == torch.bool for x in inputs):
+        # Boolean masks are drawn mostly True; a "masked out" mask (masked_fill(mask, -inf)) then
+        # hides whole rows, and their NaN reaches every gradient. Draw the masks mostly False.
+        flipped = [~x if isinstance(x, torch.Tensor) and x.dtype == torch.bool else x for x in inputs]
+        ref_f, ref_args_f = run(reference, True, flipped)
+        if int((~torch.isfinite(ref_f)).sum()) < int((~torch.isfinite(ref)).sum()):
+            inputs, ref, ref_args = flipped, ref_f, ref_args_f
+    orig, orig_args = run(original, False, inputs)
+    new, new_args = run(replacement, False, inputs)
     dtypes = {x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.dtype.is_floating_point} | {orig.dtype}
     tol = threshold(dtypes)
     figures: dict[str, Any] = {}

@@ -23,9 +23,12 @@ Canonical spellings:
   chunk         ``torch.chunk(x, n, dim<0)`` (``.chunk``, an even ``split``)
   no-ops        dropout with p=0 or in eval: removed (``contiguous``/``clone`` are transparent to matching)
 
-In-place writes (``copy_``, ``x += y``, ``F.silu(x, inplace=True)``) are never respelled, and a
-respelling that could change what aliases what is skipped where a tensor it touches is written
-(see ``gla.rewrite.mutation``).
+  in-place     ``x += y``, ``x.add_(y)``, ``x *= c``, ``x.masked_fill_(m, v)`` on a tensor nothing else
+               can see (no input, buffer or view): the out-of-place op, read by every later use
+
+Other in-place writes (``copy_``, ``x[i] = y``, writes into inputs or views) are never respelled,
+and a respelling that could change what aliases what is skipped where a tensor it touches is
+written (see ``gla.rewrite.mutation``).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import ops
 from .graph import fake_mode_of, propagate, rank, tensor_meta
-from .mutation import GraphWrites, eliminate_dead_code, storage_key, written_args
+from .mutation import GraphWrites, eliminate_dead_code, functionalize_private_writes, storage_key, written_args
 
 IDENTITY = object()  # "this node computes its first input unchanged"
 
@@ -456,8 +459,11 @@ def canonicalize(gm: fx.GraphModule, rules: tuple[Rule, ...] = RULES, max_passes
     """Rewrite ``gm`` in place into canonical form. Returns how often each rule fired."""
     graph = gm.graph
     fake_mode = fake_mode_of(graph)
-    writes = GraphWrites.of(graph, fresh=True)
     fired: dict[str, int] = {}
+    made = functionalize_private_writes(graph, fake_mode)
+    if made:
+        fired["in-place ops on private tensors"] = made
+    writes = GraphWrites.of(graph, fresh=True)
     for _ in range(max_passes):
         changed = False
         for node in list(graph.nodes):

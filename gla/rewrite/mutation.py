@@ -24,7 +24,10 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
-from .graph import tensor_meta
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from . import ops
+from .graph import propagate, tensor_meta
 
 # ``x += y`` / ``x[i] = y`` on a tensor write into x (Dynamo keeps the operator as the target)
 _INPLACE_OPERATORS = frozenset({
@@ -196,3 +199,83 @@ class GraphWrites:
                 on.add(a)
         joined |= {i for n in region for i in n.all_input_nodes if i in srcs}
         return [*on, *(s for s in sources if s not in joined)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Private writes, made functional
+# ----------------------------------------------------------------------------------------------
+# in-place spelling -> the out-of-place call computing the same value (before the cast back)
+_FUNCTIONAL = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+               operator.itruediv: operator.truediv, "add_": operator.add, "sub_": operator.sub,
+               "mul_": operator.mul, "div_": operator.truediv, "masked_fill_": "masked_fill"}
+
+
+def functionalize_private_writes(graph: fx.Graph, fake_mode) -> int:
+    """``scores += bias``, ``scores.masked_fill_(m, -inf)``, ``x *= c`` on a tensor no other node
+    can see become ``scores + bias``, ``scores.masked_fill(m, -inf)``, ``x * c``, so that patterns
+    match what hand-written attention computes (MPNet, T5-style ``+=`` biases). Private: the target
+    is computed in the graph (not an input or buffer), and every node sharing its storage is
+    itself or an in-place write into it (so no view of it exists). Later reads of the target read the new node; the result
+    is cast back to the target's dtype, as the in-place op stores it. Returns how many were
+    rewritten."""
+    sharing: dict[int, list[fx.Node]] = {}
+    for n in graph.nodes:
+        key = storage_key(n)
+        if key is not None:
+            sharing.setdefault(key, []).append(n)
+    order: dict[fx.Node, float] = {n: i for i, n in enumerate(graph.nodes)}  # (inserted nodes: just before)
+
+    done = 0
+    for w in list(graph.nodes):
+        fn = _FUNCTIONAL.get(w.target) if w.op in ("call_method", "call_function") else None
+        if fn is None or w.kwargs or len(w.args) != (3 if fn == "masked_fill" else 2):
+            continue
+        target = w.args[0]
+        t = tensor_meta(target)
+        # (not t._is_view(): a 4-D matmul's FakeTensor is a view of its bmm, which no node sees)
+        if t is None or tensor_meta(w) is None or target.op not in ("call_function", "call_method") \
+                or written_args(target):
+            continue
+        key = storage_key(target)
+        group = sharing.get(key) if key is not None else None
+        if not group or not all(n is target or _writes_into(n, key) for n in group):
+            continue  # an input, a buffer, or a tensor some view or other node can see
+        with graph.inserting_before(w):
+            new = (graph.call_method(fn, tuple(w.args)) if isinstance(fn, str)
+                   else graph.call_function(fn, tuple(w.args)))
+            new.meta.update({k: w.meta[k] for k in ("stack_trace", "nn_module_stack") if k in w.meta})
+            got = _propagated(new, fake_mode)
+            if got is None or not _same_shape(got.shape, t.shape):
+                graph.erase_node(new)
+                continue
+            if got.dtype != t.dtype:  # (the in-place op computes in the promoted dtype, stores in t's)
+                new = graph.call_function(ops.cast, (new, t.dtype))
+                _propagated(new, fake_mode)
+        order[new] = order[w] - 0.5
+        if new.args[0] is not target:  # the cast back: the op it casts comes before it
+            order[new.args[0]] = order[w] - 0.75
+        for user in list(target.users):
+            if user is not w and order[user] > order[w]:  # (a later read: the new value)
+                user.replace_input_with(target, new)
+        w.replace_all_uses_with(new)
+        graph.erase_node(w)
+        sharing.setdefault(storage_key(new), []).append(new)
+        done += 1
+    return done
+
+
+def _writes_into(node: fx.Node, key: int) -> bool:
+    args = written_args(node)
+    return bool(args) and storage_key(args[0]) == key
+
+
+def _propagated(node: fx.Node, fake_mode) -> torch.Tensor | None:
+    try:
+        propagate(node, fake_mode)
+    except Exception:  # noqa: BLE001 - unknown value: the caller leaves the write as it is
+        return None
+    return tensor_meta(node)
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
