@@ -11,6 +11,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..config import Config
 from ..rewrite import Match, leaf, ops
+from ..rewrite.autocast import UNKNOWN, autocast_dtype
 from ..rewrite.graph import tensor_meta
 from .masks import NEG_LIMIT, keep_form, mask_form, masked_form
 from .select import Decline, Selected
@@ -20,15 +21,19 @@ MAX_HEAD_DIM = 256
 
 @leaf
 def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill=None, key_mask=None, gate=None, scale=1.0,
-                   causal=False, window=0, flat_heads=False, out_dtype=None, impl="auto", nan_rows=False):
+                   causal=False, window=0, flat_heads=False, out_dtype=None, impl="auto", nan_rows=False,
+                   cast_to=None):
     """The one graph node a matched attention becomes (traced through by AOT autograd into gla::attention).
 
     q [B, Hq, Tq, D]; k [B, Hkv, Tk, D] (or kᵀ when ``kt``); v [B, Hkv, Tk, Dv]; ``flat_heads``:
     the model works on [B·H, T, D] and a batch axis of 1 is added around the kernel. ``nan_rows``:
     a query row holding NaN/±inf gives NaN, as eager softmax attention does (PyTorch's CPU SDPA gives 0).
+    ``cast_to``: the dtype autocast ran the original's matmuls in (q, k, v are cast to it first).
     """
     from ..kernels.attention import gated_attention
 
+    if cast_to is not None:
+        q, k, v = (x if x.dtype == cast_to else x.to(cast_to) for x in (q, k, v))
     if kt:
         k = k.transpose(-2, -1)
     # Rows whose every score the model replaced with a finite ``fill`` (a -inf fill leaves them
@@ -147,6 +152,33 @@ def _ungroup(x: fx.Node) -> tuple[fx.Node, int]:
     return x, 1
 
 
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # (autocast leaves float64 alone)
+
+
+def _autocast_compute_dtype(match: Match, metas, matmuls: list[fx.Node]) -> torch.dtype | None | Decline:
+    """The dtype the original computes q·kᵀ and p·v in when it runs under autocast and its inputs
+    are not already in it (None: no cast needed). Read off the graph: the region's autocast dtype,
+    and the matmuls' own outputs in that dtype (what autocast did to them when Dynamo traced)."""
+    amp = autocast_dtype(match.nodes, metas[0].device.type)
+    if amp is UNKNOWN:
+        return Decline("the pattern crosses the boundary of an autocast region (or one gla cannot read)")
+    if amp is None or all(t.dtype == amp for t in metas):
+        return None
+    if not matmuls or any(tensor_meta(n) is None or tensor_meta(n).dtype != amp for n in matmuls):
+        return Decline(f"under autocast to {amp}, the pattern's matmuls do not all run in {amp}")
+    if any(t.dtype not in _AUTOCAST_ELIGIBLE for t in metas):
+        return None  # (float64 stays float64: the dtype check that follows declines the mix)
+    return amp
+
+
+def _as_dtype(t, dtype):
+    """A FakeTensor like ``t`` in ``dtype`` (what the kernel choice reads)."""
+    if t is None or dtype is None or t.dtype == dtype:
+        return t
+    with t.fake_mode:
+        return t.to(dtype)
+
+
 def _scale_arg(value) -> float | fx.Node | Decline:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -175,6 +207,12 @@ class AttentionLowering:
             return Decline("q, k or v is not a tensor with known shape")
         if tq.dim() not in (3, 4) or tkt.dim() != tq.dim() or tv.dim() != tq.dim():
             return Decline(f"attention on rank-{tq.dim()} tensors; the kernel takes [B, H, T, D] or [B·H, T, D]")
+        cast_to = _autocast_compute_dtype(match, (tq, tkt, tv),
+                                          [n for n in match.nodes if _is(n, torch.matmul)])
+        if isinstance(cast_to, Decline):
+            return cast_to
+        if cast_to is not None:
+            tq, tkt, tv = (_as_dtype(t, cast_to) for t in (tq, tkt, tv))
         if len({tq.dtype, tkt.dtype, tv.dtype}) != 1:
             return Decline(f"q, k, v have mixed dtypes {tq.dtype}, {tkt.dtype}, {tv.dtype}")
         if not tq.dtype.is_floating_point:
@@ -195,7 +233,7 @@ class AttentionLowering:
             return scale
         scores = list(tq.shape[:-1]) + [tkt.shape[-1]]
         kwargs = dict(q=q, k=k, v=v, kt=kt_transposed, scale=scale, flat_heads=tq.dim() == 3,
-                      out_dtype=tensor_meta(match.root).dtype)
+                      out_dtype=tensor_meta(match.root).dtype, cast_to=cast_to)
         extra: list[fx.Node] = []
         bias = c.get("bias")
         causal, window = False, 0
@@ -226,7 +264,7 @@ class AttentionLowering:
                 else:
                     kwargs["bias"] = bias
         kwargs.update(causal=causal, window=window)
-        k_meta, v_meta = tensor_meta(k), tensor_meta(v)
+        k_meta, v_meta = (_as_dtype(tensor_meta(x), cast_to) for x in (k, v))
         if tq.shape[-1] > MAX_HEAD_DIM:
             return Decline(f"head dim {tq.shape[-1]} > {MAX_HEAD_DIM}")
         case = dict(bias=tensor_meta(kwargs.get("bias")), causal=causal, window=window)
@@ -260,6 +298,11 @@ class SDPALowering:
         tq, tk, tv = (tensor_meta(x) for x in (q, k, v))
         if None in (tq, tk, tv) or tq.dim() != 4 or tk.dim() != 4:
             return Decline("SDPA on tensors that are not [B, H, T, D]")
+        cast_to = _autocast_compute_dtype(match, (tq, tk, tv), [match.root])
+        if isinstance(cast_to, Decline):
+            return cast_to
+        if cast_to is not None:
+            tq, tk, tv = (_as_dtype(t, cast_to) for t in (tq, tk, tv))
         if len({tq.dtype, tk.dtype, tv.dtype}) != 1:
             return Decline("q, k, v have mixed dtypes")
         if not (tq.shape[0] == tk.shape[0] == tv.shape[0]):
@@ -282,7 +325,7 @@ class SDPALowering:
         scale = _scale_arg(scale)
         if isinstance(scale, Decline):
             return scale
-        kwargs = dict(q=q, k=k, v=v, scale=scale, causal=causal, out_dtype=None)
+        kwargs = dict(q=q, k=k, v=v, scale=scale, causal=causal, out_dtype=None, cast_to=cast_to)
         mask = c["attn_mask"]
         window, extra = 0, []
         if mask is not None:
@@ -300,7 +343,8 @@ class SDPALowering:
             else:
                 kwargs["bias"] = mask
         case = dict(bias=tensor_meta(kwargs.get("bias")), causal=kwargs["causal"], window=window)
-        impl = choose_impl(config, tq, tensor_meta(k), tensor_meta(v), masked="keep" in kwargs, **case)
+        impl = choose_impl(config, tq, _as_dtype(tensor_meta(k), cast_to), _as_dtype(tensor_meta(v), cast_to),
+                           masked="keep" in kwargs, **case)
         if isinstance(impl, Decline):
             return impl
         kwargs["impl"] = impl

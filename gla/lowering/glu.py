@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..rewrite import Match, leaf
+from ..rewrite.autocast import autocast_dtype
 from ..rewrite.graph import tensor_meta
 from .select import Decline, Selected
 
@@ -77,7 +78,7 @@ class GLULowering:
             kwargs = dict(gate_up=c["gate_up"], act=self.act, gate_first=self.gate_first, impl=impl)
             return Selected(glu_packed_call, kwargs, f"gla::glu_packed[{impl}] ({self.act})")
         x = tensor_meta(c["x"])
-        if x is None or root is None or x.dtype != root.dtype:
+        if x is None or root is None or (x.dtype != root.dtype and not _autocast_projections(match, x, root)):
             return Decline("the GLU changes dtype between its input and output")
         impl = choose_impl(config, x, tensor_meta(c["w_gate"]), act=self.act)
         if isinstance(impl, Decline):
@@ -86,6 +87,14 @@ class GLULowering:
                       act=self.act, impl=impl)
         where = "fused activation-multiply" if impl != "reference" else "left to Inductor"
         return Selected(glu_linears_call, kwargs, f"gla::glu[{impl}] ({self.act}, {where})")
+
+
+def _autocast_projections(match: Match, x, root) -> bool:
+    """The dtype change is autocast's: the projections run in its dtype, and so does the
+    replacement's ``F.linear``, placed in the same region."""
+    linears = [n for n in match.nodes if n.op == "call_function" and n.target is F.linear]
+    return (autocast_dtype(match.nodes, x.device.type) == root.dtype and bool(linears)
+            and all(tensor_meta(n) is not None and tensor_meta(n).dtype == root.dtype for n in linears))
 
 
 class GateLowering:

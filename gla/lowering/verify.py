@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..rewrite import Match, insert_call, ops
+from ..rewrite.autocast import autocast_dtype
 from ..rewrite.graph import hint_int, value_of
 from ..rewrite.mutation import eliminate_dead_code
 from ..testing import rel_rms_error
@@ -217,6 +218,17 @@ def gradient_error(grad: torch.Tensor, ref: torch.Tensor, scale: float, tol: flo
     return rel_rms_error(grad, ref)
 
 
+def _autocast_of(match: Match, metas) -> tuple[str, torch.dtype] | None:
+    """(device type, dtype) of the autocast the match runs under, if any: the original and the
+    replacement are run under it (the float64 reference is not: autocast leaves float64 alone)."""
+    devices = {m.device.type for m in metas if isinstance(m, torch.Tensor)}
+    for device in devices:
+        amp = autocast_dtype(match.nodes, device)
+        if isinstance(amp, torch.dtype):
+            return device, amp
+    return None
+
+
 def _compare(gm, match, selected, region, leaves) -> dict[str, Any] | Decline:
     gen = torch.Generator().manual_seed(len(_verified) + 1234)
     sizes = _shrink_map(region, leaves)
@@ -229,7 +241,15 @@ def _compare(gm, match, selected, region, leaves) -> dict[str, Any] | Decline:
     reference = _build(gm, region, leaves, match.root, None, float64=True)
     replacement = _build(gm, region, leaves, match.root, selected, float64=False)
 
+    amp = _autocast_of(match, metas)
+
     def run(module, cast64: bool, inputs=inputs):
+        if amp is not None and not cast64:  # as the graph runs it: under the same autocast
+            with torch.autocast(amp[0], dtype=amp[1]):
+                return run_plain(module, cast64, inputs)
+        return run_plain(module, cast64, inputs)
+
+    def run_plain(module, cast64: bool, inputs):
         args = []
         for x, g in zip(inputs, need_grad):
             if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:

@@ -515,7 +515,7 @@ def _emit(graph: fx.Graph, target, args, kwargs, fake_mode, meta_from: fx.Node, 
         new.meta["example_value"] = meta_from.meta["example_value"]
         return new
     try:
-        propagate(new, fake_mode)
+        propagate(new, fake_mode, at=meta_from)
     except Exception:  # meta is best-effort; matching treats a missing meta as unknown
         pass
     return new
@@ -542,7 +542,7 @@ def _apply(graph: fx.Graph, node: fx.Node, result, fake_mode) -> None:
             if view is None:  # a call_method view: re-emit as a method call on the activation's input
                 view = graph.call_method(node.target, (act.args[0], *node.args[1:]), dict(node.kwargs))
                 try:
-                    propagate(view, fake_mode)
+                    propagate(view, fake_mode, at=node)
                 except Exception:
                     pass
             new = _emit(graph, act.target, (view,), act.kwargs, fake_mode, node, final=True)

@@ -1,6 +1,7 @@
 """Small, attention-agnostic facts about FX nodes: their example values, and meta for new nodes."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -49,13 +50,17 @@ def fake_mode_of(graph: fx.Graph):
     return None
 
 
-def propagate(node: fx.Node, fake_mode) -> None:
-    """Compute ``example_value`` for a node we inserted, from its inputs' example values."""
+def propagate(node: fx.Node, fake_mode, at: fx.Node | None = None) -> None:
+    """Compute ``example_value`` for a node we inserted, from its inputs' example values, under the
+    autocast state of ``at`` (the node it is placed next to; default: none)."""
     if fake_mode is None:
         return
+    from .autocast import autocast_at
+
     args = tree_map(value_of, node.args)
     kwargs = tree_map(value_of, node.kwargs)
-    with fake_mode, torch.no_grad():  # shapes only; autograd bookkeeping would be wasted work
+    amp = autocast_at(at) if at is not None else contextlib.nullcontext()
+    with fake_mode, torch.no_grad(), amp:  # shapes only; autograd bookkeeping would be wasted work
         if node.op == "call_function":
             out = node.target(*args, **kwargs)
         elif node.op == "call_method":

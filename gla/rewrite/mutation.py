@@ -244,13 +244,13 @@ def functionalize_private_writes(graph: fx.Graph, fake_mode) -> int:
             new = (graph.call_method(fn, tuple(w.args)) if isinstance(fn, str)
                    else graph.call_function(fn, tuple(w.args)))
             new.meta.update({k: w.meta[k] for k in ("stack_trace", "nn_module_stack") if k in w.meta})
-            got = _propagated(new, fake_mode)
+            got = _propagated(new, fake_mode, w)
             if got is None or not _same_shape(got.shape, t.shape):
                 graph.erase_node(new)
                 continue
             if got.dtype != t.dtype:  # (the in-place op computes in the promoted dtype, stores in t's)
                 new = graph.call_function(ops.cast, (new, t.dtype))
-                _propagated(new, fake_mode)
+                _propagated(new, fake_mode, w)
         order[new] = order[w] - 0.5
         if new.args[0] is not target:  # the cast back: the op it casts comes before it
             order[new.args[0]] = order[w] - 0.75
@@ -269,9 +269,9 @@ def _writes_into(node: fx.Node, key: int) -> bool:
     return bool(args) and storage_key(args[0]) == key
 
 
-def _propagated(node: fx.Node, fake_mode) -> torch.Tensor | None:
+def _propagated(node: fx.Node, fake_mode, at: fx.Node) -> torch.Tensor | None:
     try:
-        propagate(node, fake_mode)
+        propagate(node, fake_mode, at=at)
     except Exception:  # noqa: BLE001 - unknown value: the caller leaves the write as it is
         return None
     return tensor_meta(node)

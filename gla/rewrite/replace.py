@@ -8,6 +8,7 @@ import torch.fx as fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 from torch.utils._pytree import tree_map
 
+from .autocast import state_key
 from .graph import fake_mode_of, propagate, tensor_meta
 from .match import Match
 
@@ -28,7 +29,7 @@ def _meta_key(a: Any) -> Any:
     return ("L", repr(v))
 
 
-def _cached_meta(node: fx.Node, fake_mode) -> bool:
+def _cached_meta(node: fx.Node, fake_mode, at: fx.Node) -> bool:
     """A leaf call whose inputs look exactly like an earlier one's (the next layer) reuses its meta.
 
     Fake propagation through a kernel op costs milliseconds; a 32-layer model repeats one signature.
@@ -38,12 +39,12 @@ def _cached_meta(node: fx.Node, fake_mode) -> bool:
     if _leaf_meta.get("mode") is not fake_mode:  # one compile's fake mode at a time: no leak across compiles
         _leaf_meta.clear()
         _leaf_meta["mode"] = fake_mode
-    key = (node.target, tuple(sorted((k, _meta_key(v)) for k, v in node.kwargs.items())))
+    key = (node.target, tuple(sorted((k, _meta_key(v)) for k, v in node.kwargs.items())), state_key(at))
     if key in _leaf_meta:
         node.meta["example_value"] = _leaf_meta[key]
         return True
     try:
-        propagate(node, fake_mode)
+        propagate(node, fake_mode, at=at)
     except Exception:
         return False
     if "example_value" in node.meta:
@@ -79,11 +80,11 @@ def insert_call(graph: fx.Graph, before: fx.Node, fn: Callable, kwargs: dict[str
     fake_mode = fake_mode_of(graph)
     node = first_new.next
     while node is not before:
-        if "example_value" not in node.meta and _cached_meta(node, fake_mode):
+        if "example_value" not in node.meta and _cached_meta(node, fake_mode, before):
             pass
         elif "example_value" not in node.meta:
             try:
-                propagate(node, fake_mode)
+                propagate(node, fake_mode, at=before)
             except Exception:  # meta is best-effort; the shape check below then has nothing to compare
                 pass
         node = node.next
