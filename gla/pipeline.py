@@ -17,6 +17,7 @@ from .patterns.registry import registered_patterns
 from .report import NearMiss, Report, Rewrite, source_location
 from .rewrite import (Match, Miss, ReplacementError, canonicalize, convexity_reason, index_graph, match_at,
                       outside_users_reason, overlap_reason, replace_match, root_key)
+from .rewrite.autocast import inherit
 from .rewrite.graph import tensor_meta
 from .rewrite.mutation import GraphWrites, eliminate_dead_code, is_impure
 
@@ -102,11 +103,33 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
                 rewrite_of[new] = record
                 report.rewrites.append(record)
     report.near_misses = [m for root, m in misses.items() if root not in claimed]
+    for body in _bodies(gm):
+        report.extend(rewrite_graph(body, config))
     eliminate_dead_code(graph)
     graph.lint()
     gm.recompile()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+# Higher-order ops whose body graph runs as written where the op is called: activation
+# checkpointing (``torch.utils.checkpoint``, transformers' gradient_checkpointing; the body is run
+# again in the backward, gla's ops with it).
+_BODY_OPS = ("tag_activation_checkpoint",)
+
+
+def _bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """The body graphs of ``gm``'s checkpointed regions, each once, told the autocast state they
+    run under (the state at their call)."""
+    found: dict[int, fx.GraphModule] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "__name__", "") in _BODY_OPS and n.args \
+                and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr":
+            body = getattr(gm, n.args[0].target, None)
+            if isinstance(body, fx.GraphModule) and id(body) not in found:
+                inherit(body.graph, n)
+                found[id(body)] = body
+    return list(found.values())
 
 
 def _subclass_reason(m: Match) -> str | None:

@@ -46,6 +46,15 @@ def test_llama_training_under_autocast():
     assert all("bfloat16" in r.dtypes.get("v", "") for r in report.rewrites if r.kind == "attention"), str(report)
 
 
+def test_checkpointed_layers_inherit_the_autocast_state():
+    """A checkpointed layer's body is its own graph, with no autocast node in it: it runs under
+    the state at its call (here the graph's autocast region)."""
+    model = AutocastLoss().train()
+    model.m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(1, 128, (2, 19))
+    assert_rewrites(model, ids, expect={"attention": 2, "glu": 2}, grad=True, rtol=1e-2)
+
+
 @pytest.mark.gpu
 def test_llama_training_under_cuda_autocast_runs_glas_kernel():
     """The same on a GPU: the attention is gla's Triton kernel on the bf16-cast q, k, v."""

@@ -89,6 +89,27 @@ def test_training_step_matches_eager(family, glu, impl):
             assert err <= 1e-5 * grads_ref[n].norm() or err <= 1e-7 * scale, (n, rel_rms_error(p.grad, grads_ref[n]))
 
 
+def test_training_with_gradient_checkpointing():
+    """transformers' gradient checkpointing puts each layer in a checkpoint region (a higher-order
+    op with its own body graph): the bodies are rewritten too, and the step matches eager."""
+    m = _model("llama", "eager", dropout=0.0).train()
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 128, (2, 11))
+    loss_fn = lambda: m(ids, labels=ids, use_cache=False).loss
+    loss_ref = loss_fn()
+    loss_ref.backward()
+    grads_ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    report = gla.explain(loss_fn, options=OPTS)
+    assert report.counts["attention"] == 2 and report.counts["glu"] == 2, str(report)
+    torch._dynamo.reset()
+    loss = torch.compile(loss_fn, backend="gla", options=OPTS)()
+    loss.backward()
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    for n, p in m.named_parameters():
+        assert rel_rms_error(p.grad, grads_ref[n]) <= 1e-5, n
+
+
 _DECODER = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 _GQA = dict(_DECODER, intermediate_size=96, num_key_value_heads=2)
 # family: (config class, model class, config kwargs, expected counts, what the attention kernel says)

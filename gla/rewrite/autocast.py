@@ -17,6 +17,7 @@ import torch.fx as fx
 _UNKNOWN = object()  # an autocast-like node this module does not read: no answer at all
 _DEVICES = ("cuda", "cpu")
 _states: "weakref.WeakKeyDictionary[fx.Graph, dict]" = weakref.WeakKeyDictionary()
+_initial: "weakref.WeakKeyDictionary[fx.Graph, object]" = weakref.WeakKeyDictionary()
 
 
 def _ambient() -> dict[str, torch.dtype | None]:
@@ -42,7 +43,7 @@ def _states_of(graph: fx.Graph, nodes: list[fx.Node]) -> dict[fx.Node, object]:
     if found is not None and all(n in found for n in nodes):
         return found
     states: dict[fx.Node, object] = {}
-    stack: list[object] = [_ambient()]
+    stack: list[object] = [_initial.get(graph) or _ambient()]
     for n in graph.nodes:
         name = getattr(n.target, "__name__", "") if n.op == "call_function" else ""
         entered = _enter(n)
@@ -56,6 +57,12 @@ def _states_of(graph: fx.Graph, nodes: list[fx.Node]) -> dict[fx.Node, object]:
         states[n] = stack[-1]
     _states[graph] = states
     return states
+
+
+def inherit(body: fx.Graph, call: fx.Node) -> None:
+    """``body`` (a higher-order op's subgraph) runs under the autocast state of ``call``, its call."""
+    _initial[body] = _states_of(call.graph, [call]).get(call, _UNKNOWN)
+    _states.pop(body, None)
 
 
 def autocast_dtype(nodes: list[fx.Node], device_type: str) -> torch.dtype | None | object:
