@@ -28,7 +28,10 @@ def _enter(node: fx.Node) -> tuple[str, torch.dtype | None] | None:
     """(device type, dtype or None when disabled) of an ``_enter_autocast`` node, else None."""
     if node.op != "call_function" or getattr(node.target, "__name__", "") != "_enter_autocast":
         return None
-    device, dtype, enabled = (list(node.args) + [None, None, True])[:3]
+    args = list(node.args)
+    device = args[0] if args else node.kwargs.get("device_type")
+    dtype = args[1] if len(args) > 1 else node.kwargs.get("dtype")
+    enabled = args[2] if len(args) > 2 else node.kwargs.get("enabled", True)
     if not isinstance(device, str):
         return None
     if dtype is None:
