@@ -115,7 +115,7 @@ def rewrite_graph(gm: fx.GraphModule, config: Config) -> Report:
 # Higher-order ops whose body graph runs as written where the op is called: activation
 # checkpointing (``torch.utils.checkpoint``, transformers' gradient_checkpointing; the body is run
 # again in the backward, gla's ops with it).
-_BODY_OPS = ("tag_activation_checkpoint",)
+_BODY_OPS = (torch.ops.higher_order.tag_activation_checkpoint,)
 
 
 def _bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
@@ -123,7 +123,7 @@ def _bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
     run under (the state at their call)."""
     found: dict[int, fx.GraphModule] = {}
     for n in gm.graph.nodes:
-        if n.op == "call_function" and getattr(n.target, "__name__", "") in _BODY_OPS and n.args \
+        if n.op == "call_function" and n.target in _BODY_OPS and n.args \
                 and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr":
             body = getattr(gm, n.args[0].target, None)
             if isinstance(body, fx.GraphModule) and id(body) not in found:

@@ -155,16 +155,17 @@ def _ungroup(x: fx.Node) -> tuple[fx.Node, int]:
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # (autocast leaves float64 alone)
 
 
-def _autocast_compute_dtype(match: Match, metas, matmuls: list[fx.Node]) -> torch.dtype | None | Decline:
+def _autocast_compute_dtype(match: Match, metas, computing: list[fx.Node]) -> torch.dtype | None | Decline:
     """The dtype the original computes q·kᵀ and p·v in when it runs under autocast and its inputs
     are not already in it (None: no cast needed). Read off the graph: the region's autocast dtype,
-    and the matmuls' own outputs in that dtype (what autocast did to them when Dynamo traced)."""
+    and the outputs of the nodes ``computing`` them (matmuls, SDPA) in that dtype (what autocast
+    did to them when Dynamo traced)."""
     amp = autocast_dtype(match.nodes, metas[0].device.type)
     if amp is UNKNOWN:
         return Decline("the pattern crosses the boundary of an autocast region (or one gla cannot read)")
     if amp is None or all(t.dtype == amp for t in metas):
         return None
-    if not matmuls or any(tensor_meta(n) is None or tensor_meta(n).dtype != amp for n in matmuls):
+    if not computing or any(tensor_meta(n) is None or tensor_meta(n).dtype != amp for n in computing):
         return Decline(f"under autocast to {amp}, the pattern's matmuls do not all run in {amp}")
     if any(t.dtype not in _AUTOCAST_ELIGIBLE for t in metas):
         return None  # (float64 stays float64: the dtype check that follows declines the mix)

@@ -513,8 +513,8 @@ def _ones_square(x) -> bool:
         and statically_known_true(s[-1] == s[-2])
 
 
-def _written(n: fx.Node) -> bool:
-    return GraphWrites.of(n.graph).written(n)
+def _written(n: fx.Node, besides: fx.Node | None = None) -> bool:
+    return GraphWrites.of(n.graph).written(n, besides)
 
 
 def _producers(n: fx.Node) -> list[fx.Node] | None:
@@ -565,7 +565,7 @@ _ZEROS = (torch.zeros, torch.zeros_like)
 
 
 def _is_zeros(n) -> bool:
-    if isinstance(n, fx.Node) and GraphWrites.of(n.graph).written(n, besides=n if _meth(n, "zero_") else None):
+    if isinstance(n, fx.Node) and _written(n, besides=n if _meth(n, "zero_") else None):
         return False
     if _call(n, *_ZEROS) or _meth(n, "new_zeros", "zero_"):
         return True

@@ -8,6 +8,7 @@ needs them. A failure keeps the original subgraph and becomes a near miss with t
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -243,24 +244,20 @@ def _compare(gm, match, selected, region, leaves) -> dict[str, Any] | Decline:
 
     amp = _autocast_of(match, metas)
 
-    def run(module, cast64: bool, inputs=inputs):
-        if amp is not None and not cast64:  # as the graph runs it: under the same autocast
-            with torch.autocast(amp[0], dtype=amp[1]):
-                return run_plain(module, cast64, inputs)
-        return run_plain(module, cast64, inputs)
-
-    def run_plain(module, cast64: bool, inputs):
+    def run(module, cast64: bool, inputs):
         args = []
         for x, g in zip(inputs, need_grad):
             if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
                 x = x.detach().to(torch.float64) if cast64 else x.detach().clone()
                 x.requires_grad_(g and want_grad)
             args.append(x)
-        with torch.enable_grad() if want_grad else torch.no_grad():
+        # the original and the replacement as the graph runs them: under the same autocast
+        same_autocast = torch.autocast(amp[0], dtype=amp[1]) if amp and not cast64 else contextlib.nullcontext()
+        with torch.enable_grad() if want_grad else torch.no_grad(), same_autocast:
             out = _single_tensor(module(*args))
         return out, args
 
-    ref, ref_args = run(reference, True)
+    ref, ref_args = run(reference, True, inputs)
     if not torch.isfinite(ref).all() and any(isinstance(x, torch.Tensor) and x.dtype == torch.bool for x in inputs):
         # Boolean masks are drawn mostly True; a "masked out" mask (masked_fill(mask, -inf)) then
         # hides whole rows, and their NaN reaches every gradient. Draw the masks mostly False.

@@ -14,7 +14,7 @@ import weakref
 import torch
 import torch.fx as fx
 
-_UNKNOWN = object()  # an autocast-like node this module does not read: no answer at all
+UNKNOWN = object()  # an autocast-like node this module does not read: no answer at all
 _DEVICES = ("cuda", "cpu")
 _states: "weakref.WeakKeyDictionary[fx.Graph, dict]" = weakref.WeakKeyDictionary()
 _initial: "weakref.WeakKeyDictionary[fx.Graph, object]" = weakref.WeakKeyDictionary()
@@ -40,7 +40,7 @@ def _enter(node: fx.Node) -> tuple[str, torch.dtype | None] | None:
 
 
 def _states_of(graph: fx.Graph, nodes: list[fx.Node]) -> dict[fx.Node, object]:
-    """Every node's autocast state: ``{device type: dtype or None}``, or ``_UNKNOWN``; read again
+    """Every node's autocast state: ``{device type: dtype or None}``, or ``UNKNOWN``; read again
     when one of ``nodes`` is new (a replacement inserted since)."""
     found = _states.get(graph)
     if found is not None and all(n in found for n in nodes):
@@ -52,11 +52,11 @@ def _states_of(graph: fx.Graph, nodes: list[fx.Node]) -> dict[fx.Node, object]:
         entered = _enter(n)
         if entered is not None:
             top = stack[-1]
-            stack.append(_UNKNOWN if top is _UNKNOWN else {**top, entered[0]: entered[1]})
+            stack.append(UNKNOWN if top is UNKNOWN else {**top, entered[0]: entered[1]})
         elif name == "_exit_autocast" and len(stack) > 1:
             stack.pop()
         elif "autocast" in name:  # (a spelling not read here: say nothing rather than guess)
-            stack.append(_UNKNOWN)
+            stack.append(UNKNOWN)
         states[n] = stack[-1]
     _states[graph] = states
     return states
@@ -64,7 +64,7 @@ def _states_of(graph: fx.Graph, nodes: list[fx.Node]) -> dict[fx.Node, object]:
 
 def inherit(body: fx.Graph, call: fx.Node) -> None:
     """``body`` (a higher-order op's subgraph) runs under the autocast state of ``call``, its call."""
-    _initial[body] = _states_of(call.graph, [call]).get(call, _UNKNOWN)
+    _initial[body] = _states_of(call.graph, [call]).get(call, UNKNOWN)
     _states.pop(body, None)
 
 
@@ -73,22 +73,20 @@ def autocast_dtype(nodes: list[fx.Node], device_type: str) -> torch.dtype | None
     autocast is off for them; ``UNKNOWN`` when they sit in different states or one this module
     cannot read (a pattern crossing a region's boundary)."""
     states = _states_of(nodes[0].graph, nodes)
-    seen = {id(s): s for s in (states.get(n, _UNKNOWN) for n in nodes)}
+    seen = {id(s): s for s in (states.get(n, UNKNOWN) for n in nodes)}
     if len(seen) != 1:
         return UNKNOWN
     (state,) = seen.values()
-    if state is _UNKNOWN:
+    if state is UNKNOWN:
         return UNKNOWN
     return state.get(device_type)
 
 
-UNKNOWN = _UNKNOWN
-
 
 def state_key(node: fx.Node) -> tuple:
     """The autocast state at ``node`` as a hashable value (for caches of computed example values)."""
-    state = _states_of(node.graph, [node]).get(node, _UNKNOWN)
-    return ("unknown",) if state is _UNKNOWN else tuple(sorted((d, str(t)) for d, t in state.items()))
+    state = _states_of(node.graph, [node]).get(node, UNKNOWN)
+    return ("unknown",) if state is UNKNOWN else tuple(sorted((d, str(t)) for d, t in state.items()))
 
 
 
@@ -96,9 +94,9 @@ def state_key(node: fx.Node) -> tuple:
 def autocast_at(node: fx.Node):
     """Run the block under the autocast state ``node`` runs under (to compute the example values of
     nodes inserted next to it as autocast will compute them)."""
-    state = _states_of(node.graph, [node]).get(node, _UNKNOWN)
+    state = _states_of(node.graph, [node]).get(node, UNKNOWN)
     with contextlib.ExitStack() as stack:
-        if state is not _UNKNOWN:
+        if state is not UNKNOWN:
             for device, dtype in state.items():
                 if dtype is not None:
                     stack.enter_context(torch.autocast(device, dtype=dtype))

@@ -22,9 +22,8 @@ Canonical spellings:
   SDPA          ``F.scaled_dot_product_attention(q, k, v, mask, p, causal, scale=, enable_gqa=)``
   chunk         ``torch.chunk(x, n, dim<0)`` (``.chunk``, an even ``split``)
   no-ops        dropout with p=0 or in eval: removed (``contiguous``/``clone`` are transparent to matching)
-
-  in-place     ``x += y``, ``x.add_(y)``, ``x *= c``, ``x.masked_fill_(m, v)`` on a tensor nothing else
-               can see (no input, buffer or view): the out-of-place op, read by every later use
+  in-place      ``x += y``, ``x.add_(y)``, ``x *= c``, ``x.masked_fill_(m, v)`` on a tensor nothing else
+                can see (no input, buffer or view): the out-of-place op, read by every later use
 
 Other in-place writes (``copy_``, ``x[i] = y``, writes into inputs or views) are never respelled,
 and a respelling that could change what aliases what is skipped where a tensor it touches is

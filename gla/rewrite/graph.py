@@ -8,6 +8,8 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
+from .autocast import autocast_at
+
 
 def hint_int(s: Any) -> int:
     """A size as the int seen at compile time (the hint of a symbolic size)."""
@@ -55,8 +57,6 @@ def propagate(node: fx.Node, fake_mode, at: fx.Node | None = None) -> None:
     autocast state of ``at`` (the node it is placed next to; default: none)."""
     if fake_mode is None:
         return
-    from .autocast import autocast_at
-
     args = tree_map(value_of, node.args)
     kwargs = tree_map(value_of, node.kwargs)
     amp = autocast_at(at) if at is not None else contextlib.nullcontext()

@@ -215,9 +215,13 @@ def functionalize_private_writes(graph: fx.Graph, fake_mode) -> int:
     can see become ``scores + bias``, ``scores.masked_fill(m, -inf)``, ``x * c``, so that patterns
     match what hand-written attention computes (MPNet, T5-style ``+=`` biases). Private: the target
     is computed in the graph (not an input or buffer), and every node sharing its storage is
-    itself or an in-place write into it (so no view of it exists). Later reads of the target read the new node; the result
-    is cast back to the target's dtype, as the in-place op stores it. Returns how many were
-    rewritten."""
+    itself or an in-place write into it (so no view of it exists). Later reads of the target read
+    the new node; the result is cast back to the target's dtype, as the in-place op stores it.
+    Returns how many were rewritten."""
+    candidates = [(w, _FUNCTIONAL[w.target]) for w in graph.nodes
+                  if w.op in ("call_method", "call_function") and w.target in _FUNCTIONAL]
+    if not candidates:  # (most graphs: no storage bookkeeping at all)
+        return 0
     sharing: dict[int, list[fx.Node]] = {}
     for n in graph.nodes:
         key = storage_key(n)
@@ -226,9 +230,8 @@ def functionalize_private_writes(graph: fx.Graph, fake_mode) -> int:
     order: dict[fx.Node, float] = {n: i for i, n in enumerate(graph.nodes)}  # (inserted nodes: just before)
 
     done = 0
-    for w in list(graph.nodes):
-        fn = _FUNCTIONAL.get(w.target) if w.op in ("call_method", "call_function") else None
-        if fn is None or w.kwargs or len(w.args) != (3 if fn == "masked_fill" else 2):
+    for w, fn in candidates:
+        if w.kwargs or len(w.args) != (3 if fn == "masked_fill" else 2):
             continue
         target = w.args[0]
         t = tensor_meta(target)
