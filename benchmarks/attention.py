@@ -9,7 +9,9 @@
     time / gla's time, > 1 means gla is faster) against cuDNN and Flex.
 (2) the same at T ≤ 2048 with every call replayed from a CUDA graph: GPU time without the host
     (eager calls there are bound by the host's launch and autograd overhead).
-(3) gated attention (elementwise gate [B, H, T, D]), T ≤ 8192: gla (gate fused in the epilogue)
+(3) causal GQA (16 query / 4 kv heads), forward+backward, T ≤ 8192: the same backends (SDPA and
+    Flex with ``enable_gqa``), and gla with one dK/dV program per GQA group (unsplit) beside it.
+(4) gated attention (elementwise gate [B, H, T, D]), T ≤ 8192: gla (gate fused in the epilogue)
     vs SDPA default followed by ``* sigmoid(g)``, eager and under torch.compile.
 
 All timings are triton.testing.do_bench medians (warmup 25 ms, rep 100 ms). gla is checked
@@ -38,6 +40,7 @@ B, H = 2, 16
 T_LIST = tuple(int(x) for x in os.environ.get("GLA_BENCH_T", "1024,2048,4096,8192,16384").split(","))
 D_LIST = tuple(int(x) for x in os.environ.get("GLA_BENCH_D", "128,64").split(","))
 GATED_T_MAX = 8192
+GQA_KV = 4  # kv heads of the GQA rows (16 query heads: groups of 4, as in Llama 3 8B)
 GRAPH_T_LIST = tuple(t for t in T_LIST if t <= 2048)  # where eager calls are host-bound
 DTYPE = torch.bfloat16
 
@@ -58,10 +61,10 @@ def _fwd_flops(b, h, t, d, causal=True) -> float:
     return f / 2 if causal else f
 
 
-def _inputs(t, d, grad, gate=False):
+def _inputs(t, d, grad, gate=False, hk=H):
     gen = torch.Generator(device="cuda").manual_seed(t * 1000 + d)
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=DTYPE, generator=gen)  # noqa: E731
-    q, k, v = mk(B, H, t, d), mk(B, H, t, d), mk(B, H, t, d)
+    q, k, v = mk(B, H, t, d), mk(B, hk, t, d), mk(B, hk, t, d)
     g = mk(B, H, t, d) if gate else None
     ts = [x for x in (q, k, v, g) if x is not None]
     for x in ts:
@@ -85,21 +88,36 @@ def _impls():
         t = q.shape[2]
         if t not in masks:
             masks[t] = create_block_mask(causal_mod, None, None, t, t, device="cuda")
-        return flex(q, k, v, block_mask=masks[t])
+        return flex(q, k, v, block_mask=masks[t], enable_gqa=q.shape[1] != k.shape[1])
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
     def sdpa_with(backend):
         def fn(q, k, v):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return sdpa(q, k, v)
         return fn
 
     return {
         "gla": lambda q, k, v: gated_attention(q, k, v, causal=True, impl="triton"),
         "sdpa-flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
         "sdpa-cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
-        "sdpa-default": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "sdpa-default": sdpa,
         "flex": flex_fn,
     }
+
+
+def _gla_unsplit(q, k, v):
+    """gla with every GQA group in one dK/dV program (the backward before the split)."""
+    from gla.kernels.attention import flash, gated_attention
+
+    before, flash.DKDV_SPLIT = flash.DKDV_SPLIT, 1
+    try:
+        return gated_attention(q, k, v, causal=True, impl="triton")
+    finally:
+        flash.DKDV_SPLIT = before
 
 
 def _time_impl(fn, q, k, v, backward: bool) -> float:
@@ -205,6 +223,29 @@ def run(out_dir: str) -> str:
               "`autograd.grad`) captured once and replayed.", "", hdr,
               "|" + "---|" * (len(cols) + 5)]
     causal_rows(GRAPH_T_LIST, _time_graphed, " (graph)")
+
+    # GQA, as in most current decoders: the dK/dV kernel's grid has B·Hkv·(T/64) programs, few
+    # at these lengths, so the group is split over programs; "gla one program per group" is the
+    # unsplit backward, same run (the split does not change the forward).
+    gqa_cols = ["gla", "gla one program per group", "sdpa-flash", "sdpa-cudnn", "flex"]
+    gqa_impls = dict(impls, **{"gla one program per group": _gla_unsplit})
+    lines += ["", f"## Causal GQA attention ({H} query / {GQA_KV} kv heads), forward+backward", "",
+              "| D | T | " + " | ".join(f"{c} ms (TFLOP/s)" for c in gqa_cols)
+              + " | vs unsplit | vs cuDNN | vs Flex |", "|" + "---|" * (len(gqa_cols) + 5)]
+    for d in D_LIST:
+        for t in (x for x in T_LIST if x <= 8192):
+            q, k, v, _ = _inputs(t, d, True, hk=GQA_KV)
+            flops = _fwd_flops(B, H, t, d) * 3.5
+            ms = {c: _time_impl(gqa_impls[c], q, k, v, True) for c in gqa_cols}
+            cells = [f"{ms[c]:.3f} ({flops / ms[c] * 1e-9:.0f})" if math.isfinite(ms[c])
+                     else "n/a" for c in gqa_cols]
+            ratio = lambda c: ms[c] / ms["gla"]  # noqa: E731
+            row = (f"| {d} | {t} | " + " | ".join(cells)
+                   + f" | {ratio('gla one program per group'):.2f} | {ratio('sdpa-cudnn'):.2f} | "
+                   f"{ratio('flex'):.2f} |")
+            lines.append(row)
+            print(row, flush=True)
+            del q, k, v
     lines += ["", "## Gated attention (elementwise gate [B, H, T, D])", "",
               "| D | T | pass | gla ms (TFLOP/s) | SDPA + sigmoid eager ms | SDPA + sigmoid "
               "compiled ms | vs eager | vs compiled |", "|---|---|---|---|---|---|---|---|"]

@@ -29,7 +29,9 @@ and GLU as PyTorch ops that Inductor fuses).
 ``mode="reduce-overhead"``, gla's option ``inductor_mode``; at short sequences the host, not the
 GPU, sets the pace) or ``glu`` (GLU sites as gla's op or left to Inductor); other sets write
 ``model-<set>-t<T>-<device>.md``.
-``GLA_MODEL_MODELS=tiny_llama`` (or ``hf_llama``) runs one model.
+``GLA_MODEL_MODELS=tiny_llama`` (or ``hf_llama``) runs one model. ``GLA_MODEL_AMP=1`` keeps the
+weights in fp32 and runs every call under ``torch.autocast("cuda", torch.bfloat16)`` (mixed-precision
+training as most training scripts write it); it writes ``model-amp-<set>-t<T>-<device>.md``.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ B = 2
 T = int(os.environ.get("GLA_MODEL_T", "2048"))
 LAYERS = int(os.environ.get("GLA_MODEL_LAYERS", "4"))
 ROUNDS = int(os.environ.get("GLA_MODEL_ROUNDS", "5"))
+AMP = os.environ.get("GLA_MODEL_AMP", "0") == "1"
+WEIGHTS = torch.float32 if AMP else torch.bfloat16  # under AMP autocast picks each op's dtype
 DEVICE = "cuda"
 _NO_GLU = [f for f in FAMILIES if f != "glu"]  # every pattern family but GLU
 BACKEND_SETS = {  # name -> torch.compile keywords; None = eager
@@ -101,7 +105,7 @@ def tiny_llama():
     torch.manual_seed(0)
     cfg = TinyLlamaConfig(vocab_size=8192, hidden=2048, layers=LAYERS, heads=16, kv_heads=4,
                           ffn=5632, gated_attention=True)
-    return TinyLlama(cfg).to(device=DEVICE, dtype=torch.bfloat16), cfg.vocab_size
+    return TinyLlama(cfg).to(device=DEVICE, dtype=WEIGHTS), cfg.vocab_size
 
 
 def hf_llama():
@@ -110,7 +114,7 @@ def hf_llama():
     cfg = LlamaConfig(vocab_size=8192, hidden_size=2048, intermediate_size=5632,
                       num_hidden_layers=LAYERS, num_attention_heads=16, num_key_value_heads=4,
                       max_position_embeddings=max(4096, T), attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg).to(device=DEVICE, dtype=torch.bfloat16)
+    model = LlamaForCausalLM(cfg).to(device=DEVICE, dtype=WEIGHTS)
 
     class Logits(torch.nn.Module):  # the same call signature as tiny_llama: ids -> logits
         def __init__(self, m):
@@ -158,6 +162,17 @@ def _breakdown(step) -> tuple[dict[str, float], list[tuple[str, float]]]:
     return dict(cats), top
 
 
+def _amp(fn):
+    """``fn`` under bf16 autocast when ``GLA_MODEL_AMP=1`` (else ``fn`` itself)."""
+    if not AMP:
+        return fn
+
+    def call(*args):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn(*args)
+    return call
+
+
 def bench_model(label: str, build, bench) -> list[str]:
     from gla.report import collect
     from gla.testing import rel_rms_error
@@ -187,7 +202,7 @@ def bench_model(label: str, build, bench) -> list[str]:
     del ref_model
     fns, info, counts = {}, {}, {}
     for name, spec in BACKENDS.items():  # compile everything first, then time interleaved
-        fn = model if spec is None else torch.compile(model, **spec)
+        fn = _amp(model if spec is None else torch.compile(model, **spec))
         with torch.no_grad():
             t0 = time.perf_counter()
             with collect() as report:
@@ -259,9 +274,10 @@ def run(out_dir: str) -> str:
     raise_recompile_limits()
     bench = lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))  # noqa: E731
     name = torch.cuda.get_device_name()
+    precision = "fp32 weights under torch.autocast(bf16)" if AMP else "bf16"
     lines = [f"# Model level on {name}: backend gla vs inductor vs eager (backend set {SET!r})", "",
              f"torch {torch.__version__}, triton {triton.__version__}; hidden 2048, 16/4 heads of 128, "
-             f"FFN 5632, {LAYERS} layers, vocab 8192; bf16, B={B}, T={T}; {ROUNDS} interleaved rounds "
+             f"FFN 5632, {LAYERS} layers, vocab 8192; {precision}, B={B}, T={T}; {ROUNDS} interleaved rounds "
              "(rotated order), each a do_bench median; the table gives the median round and its "
              "spread (max/min - 1). `vs X` = X's time / this one's. benchmarks/model_gpu.py.", ""]
     models = [("tiny_llama (hand-written attention, gated, SwiGLU)", tiny_llama)]
@@ -280,7 +296,10 @@ def run(out_dir: str) -> str:
         torch._dynamo.reset()
     lines.append(f"total benchmark time {time.perf_counter() - t0:.0f} s")
     text = "\n".join(lines) + "\n"
-    write_table(out_dir, "model" if SET == "kernels" else f"model-{SET}-t{T}", name, text)
+    stem = "model" if SET == "kernels" else f"model-{SET}-t{T}"
+    if AMP:
+        stem = f"model-amp-{SET}-t{T}"
+    write_table(out_dir, stem, name, text)
     print(text)
     return text
 

@@ -194,6 +194,42 @@ def test_block_m_differs_from_block_n(case, cfg):
     assert all(e <= 1e-5 for e in errs), errs
 
 
+@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("case", [
+    dict(Hq=4, Hkv=1, causal=True, window=23, gate="elementwise", dtype=torch.float32),
+    dict(B=2, Hq=8, Hkv=2, Tq=17, Tk=63, bias="b_1_1_k", key_mask="random", gate="headwise",
+         dtype=torch.float32),
+    dict(Hq=4, Hkv=1, causal=True, dtype=torch.float16)],
+    ids=["gqa4-causal-window-gate", "gqa4-cross-bias-keymask", "gqa4-causal-fp16"])
+def test_split_gqa_backward(case, split, monkeypatch):
+    """A GQA group split over dK/dV programs (fp32 partials, then the sum kernel) matches float64
+    and is deterministic: the partials are summed in a fixed order, no atomics."""
+    monkeypatch.setattr(flash, "DKDV_SPLIT", split)
+    q, k, v, kw, dout = make_case(**case)
+    out, grads = _run("triton", q, k, v, kw, dout)
+    ref, ref_grads = _reference(q, k, v, kw, dout)
+    errs = [rel_rms_error(a, e) for a, e in zip(grads, ref_grads)]
+    assert all(e <= TOL[case["dtype"]] for e in errs), errs
+    again = _run("triton", q, k, v, kw, dout)[1]
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
+
+
+def test_dkdv_split_rule(monkeypatch):
+    """Split a GQA group while the unsplit dK/dV grid has fewer than 8 programs per SM, in
+    powers of two that divide the group; never on the CPU or without GQA; the override wins."""
+    monkeypatch.setitem(flash._SM_COUNT, 0, 132)
+    cuda0 = torch.device("cuda", 0)
+    assert flash.dkdv_split(4, 64, cuda0) == 4         # T=512, B*Hkv=8: 0.5 programs per SM
+    assert flash.dkdv_split(4, 1024, cuda0) == 2       # T=8k: 7.8 per SM
+    assert flash.dkdv_split(4, 2048, cuda0) == 1
+    assert flash.dkdv_split(8, 512, cuda0) == 4
+    assert flash.dkdv_split(6, 64, cuda0) == 2         # 4 does not divide 6
+    assert flash.dkdv_split(1, 8, cuda0) == 1
+    assert flash.dkdv_split(4, 64, torch.device("cpu")) == 1
+    monkeypatch.setattr(flash, "DKDV_SPLIT", 3)
+    assert flash.dkdv_split(4, 4096, cuda0) == 2 and flash.dkdv_split(6, 1, cuda0) == 3
+
+
 def test_bf16_in_interpreter_runs_in_fp32():
     q, k, v, kw, dout = make_case(Hq=2, Hkv=1, causal=True, gate="elementwise",
                                   dtype=torch.bfloat16)
@@ -467,6 +503,21 @@ def test_gpu_every_default_config(D, few_tiles, extras):
     errs.update({n: rel_rms_error(a, e) for n, a, e in zip(["dq", "dk", "dv", "dg"], grads,
                                                           ref_grads)})
     assert all(e <= 1e-2 for e in errs.values()), (cfg, errs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_gpu_split_gqa_backward(split, monkeypatch):
+    """Every split of a 4:1 GQA group, bf16 on the GPU, against float64."""
+    monkeypatch.setattr(flash, "DKDV_SPLIT", split)
+    q, k, v, kw, dout = make_case(B=2, Hq=8, Hkv=2, Tq=1000, Tk=1000, D=128, causal=True,
+                                  gate="elementwise", dtype=torch.bfloat16)
+    q, k, v, dout = q.cuda(), k.cuda(), v.cuda(), dout.cuda()
+    kw = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
+    out, grads = _run("triton", q, k, v, kw, dout)
+    ref, ref_grads = _reference(q, k, v, kw, dout)
+    errs = [rel_rms_error(a, e) for a, e in zip(grads, ref_grads)]
+    assert all(e <= 1e-2 for e in errs), errs
 
 
 def test_causal_forward_takes_smaller_tiles_on_a_small_grid(monkeypatch):

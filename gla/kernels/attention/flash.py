@@ -9,7 +9,8 @@ FlashAttention-2 structure, read top to bottom like Triton's ``06-fused-attentio
 * backward: a preprocess kernel (``delta = rowsum(dO·O)``, the gated ``dO``, and ``dgate``, all
   from the gated output: no ungated copy is saved), a
   dK/dV kernel (one program per key block and kv head; it loops over the query heads of its GQA
-  group, so no atomics and no repeated K/V), and a dQ kernel (one program per query block).
+  group, so no atomics and no repeated K/V; on a small grid the group is split over programs
+  whose fp32 partials one more kernel sums), and a dQ kernel (one program per query block).
 
 Semantics (see ``naive.attention_reference``): GQA head ``h`` reads kv head ``h // group``;
 bottom-right aligned causal / left window; additive ``bias`` broadcast with zero strides; bool
@@ -367,15 +368,16 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
                    stride_kmb, stride_kmn,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                   H, HK, GROUP, TQ, TK, WINDOW,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_dks, stride_dvs,
+                   H, HK, GROUP, SPLIT, TQ, TK, WINDOW,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
                    EVEN_M: tl.constexpr):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1) // SPLIT
+    pid_s = tl.program_id(1) % SPLIT  # which slice of the GQA group this program sums
     off_b = (pid_bh // HK).to(tl.int64)
     off_hk = (pid_bh % HK).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -400,7 +402,10 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
 
     lo, lo_full, hi_full, hi = _query_range(start_n, TQ, TK, WINDOW, BLOCK_M, BLOCK_N,
                                             IS_CAUSAL, HAS_WINDOW)
-    for g in range(GROUP):  # every query head of this kv head: dK/dV need no atomics
+    # the query heads of this kv head (all of them, or one slice when SPLIT > 1: then DKEY/DVAL
+    # are fp32 partial sums, one per slice, added by _attn_bwd_dkdv_sum): no atomics either way.
+    heads = GROUP // SPLIT
+    for g in range(pid_s * heads, (pid_s + 1) * heads):
         off_h = off_hk * GROUP + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
@@ -428,12 +433,52 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
                 True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
 
     dk = dk * sm_scale
+    DKEY += pid_s.to(tl.int64) * stride_dks
+    DVAL += pid_s.to(tl.int64) * stride_dvs
     tl.store(DKEY + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DKEY.dtype.element_ty),
              mask=col_ok[:, None] & (offs_d[None, :] < D))
     tl.store(DVAL + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
              + offs_dv[None, :] * stride_dvd, dv.to(DVAL.dtype.element_ty),
              mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@launcher
+@triton.jit
+def _attn_bwd_dkdv_sum(PK, PV, DKEY, DVAL, stride_pks, stride_pvs, HK, TK,
+                       stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                       stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                       SPLIT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                       INT64: tl.constexpr):
+    """dK and dV of a split GQA backward: the sum of the SPLIT fp32 partials, in a fixed order
+    (deterministic), written in the gradients' dtype through their strides. PK / PV are
+    contiguous [SPLIT, B, HK, TK, D|DV]; axis 2 of the grid picks dK (0) or dV (1)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // HK).to(tl.int64)
+    off_hk = (pid_bh % HK).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INT64:  # offsets past 2**31 elements
+        offs_n = offs_n.to(tl.int64)
+    if tl.program_id(2) == 0:
+        offs_d = tl.arange(0, BLOCK_D)
+        msk = (offs_n[:, None] < TK) & (offs_d[None, :] < D)
+        src = PK + pid_bh.to(tl.int64) * TK * D + offs_n[:, None] * D + offs_d[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(src + tl.cast(stride_pks, tl.int64) * s, mask=msk, other=0.0)
+        tl.store(DKEY + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
+                 + offs_d[None, :] * stride_dkd, acc.to(DKEY.dtype.element_ty), mask=msk)
+    else:
+        offs_d = tl.arange(0, BLOCK_DV)
+        msk = (offs_n[:, None] < TK) & (offs_d[None, :] < DV)
+        src = PV + pid_bh.to(tl.int64) * TK * DV + offs_n[:, None] * DV + offs_d[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(src + tl.cast(stride_pvs, tl.int64) * s, mask=msk, other=0.0)
+        tl.store(DVAL + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
+                 + offs_d[None, :] * stride_dvd, acc.to(DVAL.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -610,6 +655,38 @@ def _few_tiles(tq: int, batch_heads: int | None, device) -> bool:
     if n_sm is None:
         n_sm = _SM_COUNT[idx] = torch.cuda.get_device_properties(device).multi_processor_count
     return _cdiv(tq, 128) * batch_heads < _FEW_TILES_PER_SM * n_sm
+
+
+# The dK/dV kernel runs one program per (key block, kv head) and loops over the kv head's GQA
+# group. With few such programs per multiprocessor (short sequences, few kv heads) the GPU idles
+# and the causal tail (the first key blocks see every query) is GROUP times longer; then each
+# group is split over programs that write fp32 partials, summed by one more small kernel.
+_DKDV_PROGRAMS_PER_SM = 8
+# GLA_ATTN_DKDV_SPLIT=N forces N slices per group (capped at the group size; benchmarks, tests).
+DKDV_SPLIT = int(os.environ["GLA_ATTN_DKDV_SPLIT"]) if os.environ.get("GLA_ATTN_DKDV_SPLIT") \
+    else None
+
+
+def dkdv_split(group: int, programs: int, device) -> int:
+    """How many programs share one GQA group in the dK/dV kernel (a divisor of ``group``).
+
+    ``programs``: the unsplit grid (key blocks × B × kv heads)."""
+    if DKDV_SPLIT is not None:
+        split = max(1, min(DKDV_SPLIT, group))
+        while group % split:
+            split -= 1
+        return split
+    if group == 1 or getattr(device, "type", None) != "cuda":
+        return 1
+    idx = device.index
+    n_sm = _SM_COUNT.get(idx)
+    if n_sm is None:
+        n_sm = _SM_COUNT[idx] = torch.cuda.get_device_properties(device).multi_processor_count
+    split = 1
+    while split < group and group % (2 * split) == 0 and \
+            programs * split < _DKDV_PROGRAMS_PER_SM * n_sm:
+        split *= 2
+    return split
 
 
 def _configs(d, dv, dtype, causal, tq, extras=False, interpret=INTERPRETED, batch_heads=None,
@@ -837,13 +914,27 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
                   INT64=int64)
     if TK > 0:
         c = cfg["dkdv"]
-        _attn_bwd_dkdv[(_cdiv(TK, c["BLOCK_N"]), B * HK)](
-            q, k, v, b, km, do_eff, lse, delta, dk, dv, scale,
-            *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *dk.stride(),
-            *dv.stride(), H, HK, H // HK, TQ, TK, int(window),
+        n_blocks = _cdiv(TK, c["BLOCK_N"])
+        split = dkdv_split(H // HK, n_blocks * B * HK, q.device)
+        if split > 1:  # fp32 partials, one per slice of each GQA group, summed below
+            part_k = _empty(split, B, HK, TK, D, dtype=torch.float32, device=q.device)
+            part_v = _empty(split, B, HK, TK, DV, dtype=torch.float32, device=q.device)
+            out_k, out_v = part_k[0], part_v[0]
+            split_strides = (part_k.stride(0), part_v.stride(0))
+        else:
+            out_k, out_v, split_strides = dk, dv, (0, 0)
+        _attn_bwd_dkdv[(n_blocks, B * HK * split)](
+            q, k, v, b, km, do_eff, lse, delta, out_k, out_v, scale,
+            *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *out_k.stride(),
+            *out_v.stride(), *split_strides, H, HK, H // HK, split, TQ, TK, int(window),
             BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], EVEN_M=TQ % c["BLOCK_M"] == 0,
             num_warps=c["num_warps"],
             num_stages=c["num_stages"], **common)
+        if split > 1:
+            _attn_bwd_dkdv_sum[(_cdiv(TK, 64), B * HK, 2)](
+                part_k, part_v, dk, dv, *split_strides, HK, TK, *dk.stride(), *dv.stride(),
+                SPLIT=split, D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), BLOCK_N=64,
+                INT64=int64, num_warps=4)
     if TQ > 0:
         c = cfg["dq"]
         _attn_bwd_dq[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
