@@ -443,6 +443,21 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
              mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
+@triton.jit
+def _sum_partials(P, stride_ps, OUT, stride_on, stride_od, row0, offs_n, TK,
+                  SPLIT: tl.constexpr, N_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                  BLOCK_COLS: tl.constexpr):
+    """OUT[offs_n, :] = sum over s of P[s, row0 + offs_n, :] (P contiguous, N_COLS wide)."""
+    offs_d = tl.arange(0, BLOCK_COLS)
+    msk = (offs_n[:, None] < TK) & (offs_d[None, :] < N_COLS)
+    src = P + row0 * N_COLS + offs_n[:, None] * N_COLS + offs_d[None, :]
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(src + tl.cast(stride_ps, tl.int64) * s, mask=msk, other=0.0)
+    tl.store(OUT + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od,
+             acc.to(OUT.dtype.element_ty), mask=msk)
+
+
 @launcher
 @triton.jit
 def _attn_bwd_dkdv_sum(PK, PV, DKEY, DVAL, stride_pks, stride_pvs, HK, TK,
@@ -454,31 +469,19 @@ def _attn_bwd_dkdv_sum(PK, PV, DKEY, DVAL, stride_pks, stride_pvs, HK, TK,
     """dK and dV of a split GQA backward: the sum of the SPLIT fp32 partials, in a fixed order
     (deterministic), written in the gradients' dtype through their strides. PK / PV are
     contiguous [SPLIT, B, HK, TK, D|DV]; axis 2 of the grid picks dK (0) or dV (1)."""
-    pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // HK).to(tl.int64)
     off_hk = (pid_bh % HK).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if INT64:  # offsets past 2**31 elements
         offs_n = offs_n.to(tl.int64)
+    row0 = pid_bh.to(tl.int64) * TK  # this (batch, kv head)'s first row in a partial
     if tl.program_id(2) == 0:
-        offs_d = tl.arange(0, BLOCK_D)
-        msk = (offs_n[:, None] < TK) & (offs_d[None, :] < D)
-        src = PK + pid_bh.to(tl.int64) * TK * D + offs_n[:, None] * D + offs_d[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for s in tl.static_range(SPLIT):
-            acc += tl.load(src + tl.cast(stride_pks, tl.int64) * s, mask=msk, other=0.0)
-        tl.store(DKEY + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
-                 + offs_d[None, :] * stride_dkd, acc.to(DKEY.dtype.element_ty), mask=msk)
+        _sum_partials(PK, stride_pks, DKEY + off_b * stride_dkb + off_hk * stride_dkh,
+                      stride_dkn, stride_dkd, row0, offs_n, TK, SPLIT, D, BLOCK_N, BLOCK_D)
     else:
-        offs_d = tl.arange(0, BLOCK_DV)
-        msk = (offs_n[:, None] < TK) & (offs_d[None, :] < DV)
-        src = PV + pid_bh.to(tl.int64) * TK * DV + offs_n[:, None] * DV + offs_d[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-        for s in tl.static_range(SPLIT):
-            acc += tl.load(src + tl.cast(stride_pvs, tl.int64) * s, mask=msk, other=0.0)
-        tl.store(DVAL + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
-                 + offs_d[None, :] * stride_dvd, acc.to(DVAL.dtype.element_ty), mask=msk)
+        _sum_partials(PV, stride_pvs, DVAL + off_b * stride_dvb + off_hk * stride_dvh,
+                      stride_dvn, stride_dvd, row0, offs_n, TK, SPLIT, DV, BLOCK_N, BLOCK_DV)
 
 
 @triton.jit
