@@ -195,6 +195,11 @@ ENCODERS = {
     "bart": ("BartConfig", "BartModel", dict(vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1,
              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96),
              "ids", {"attention": 3}, {"causal", "no mask"}),  # encoder, causal decoder, cross-attention
+    # heads flattened for bmm, the padding mask on a [B, H, T, T] view, a relative-position bias
+    "deberta_v2": ("DebertaV2Config", "DebertaV2Model", dict(vocab_size=128, hidden_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, relative_attention=True,
+                   pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=-1,
+                   norm_rel_ebd="layer_norm"), "ids", {"attention": 2}, {"bias"}),
     # ``attention_scores += position_bias``: an in-place add on private scores, matched as an add
     "mpnet": ("MPNetConfig", "MPNetModel", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2,
               num_attention_heads=4, intermediate_size=96), "ids", {"attention": 2}, {"bias"}),
@@ -273,3 +278,27 @@ def test_generation_with_a_kv_cache(cache):
             m.forward = forward
     assert report.counts["attention"] >= 4, str(report)  # prefill and decode graphs both rewritten
     assert torch.equal(out, ref)
+
+
+def test_deberta_training_matches_eager():
+    """DeBERTa-v2 with relative attention, training (dropout off): both attentions rewritten,
+    every parameter's gradient as eager's (the attention's bmm views, tensor scale, bias + mask)."""
+    if not hasattr(transformers, "DebertaV2Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no DebertaV2Config")
+    cfg_name, model_name, kw = ENCODERS["deberta_v2"][:3]
+    torch.manual_seed(0)
+    m = transformers.DebertaV2Model(transformers.DebertaV2Config(
+        **kw, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    m.set_attn_implementation("eager")
+    ids = torch.randint(3, 100, (2, 16))
+    am = torch.ones(2, 16, dtype=torch.long)
+    am[1, 11:] = 0
+    class Hidden(torch.nn.Module):  # a module, so that its parameters' gradients are compared
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, i, a):
+            return self.m(i, attention_mask=a).last_hidden_state
+
+    gla.testing.assert_rewrites(Hidden(), ids, am, expect={"attention": 2}, grad=True)

@@ -221,6 +221,23 @@ def test_reads_before_a_private_write_keep_the_old_value():
     assert out[0].dtype == torch.float16 and torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
+def test_a_view_taken_after_a_private_write_sees_later_writes():
+    """``s += 1; view = s.view(-1); s *= 2``: the first write may become out-of-place (the view is
+    of its result), the second may not (the view would miss it); eager's answer either way."""
+    def fn(q, k, v):
+        s = q @ k.transpose(-2, -1)
+        s += 1.0
+        view = s.view(-1)
+        s *= 2.0
+        return torch.softmax(s, -1) @ v, view.sum()
+
+    q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="gla", options=FAST, fullgraph=True)(q, k, v)
+    ref = fn(q, k, v)
+    assert all(rel_rms_error(a, b) <= 1e-6 for a, b in zip(out, ref))
+
+
 def test_writes_others_can_see_stay_writes():
     """A view of the scores is returned too, or the scores are an input: the write stays in
     place (the pattern then sees no add), and the answer is eager's."""

@@ -456,3 +456,71 @@ def test_a_masked_out_mask_is_verified_with_gradients():
     pad[..., 0] = False
     r = gla.testing.assert_rewrites(fn, q, k, v, pad, expect={"attention": 1}, grad=True)
     assert "bwd" in r.rewrites[0].verification["summary"], str(r)
+
+
+# --- attention on flattened heads: bmm on [B·H, T, D], the mask applied on a [B, H, T, T] view --------
+@pytest.mark.parametrize("form", ["deberta", "deberta_relative", "fairseq"])
+def test_flattened_heads_with_the_mask_on_a_four_d_view(form):
+    """DeBERTa divides kᵀ by a tensor ``sqrt(d)``, masks a [B, H, T, T] view of the bmm scores and
+    views the probabilities back for the second bmm (its relative-position bias is added to the
+    flat scores first); fairseq's MultiheadAttention adds a 2-d mask in place, masks padded keys on
+    the 4-d view and takes the softmax on the flat one. Each is one attention, outputs and
+    gradients as eager's."""
+    b, h, t, d = 2, 4, 17, 40
+
+    def attn(q, k, v, keep, rel, pad):  # q, k, v: [B·H, T, D]
+        if form == "fairseq":
+            w = torch.bmm(q * d ** -0.5, k.transpose(1, 2))
+            w += rel[0]  # a [T, T] additive mask
+            w = w.view(b, h, t, t).masked_fill(pad[:, None, None, :], float("-inf")).view(b * h, t, t)
+            return torch.bmm(torch.softmax(w, dim=-1), v)
+        scale = torch.sqrt(torch.tensor(d, dtype=torch.float))
+        w = torch.bmm(q, k.transpose(-1, -2) / scale.to(q.dtype))
+        if form == "deberta_relative":
+            w = w + rel
+        w = w.view(-1, h, t, t).masked_fill(~keep, torch.finfo(q.dtype).min)
+        p = F.dropout(torch.softmax(w, dim=-1), 0.1, training=False)
+        return torch.bmm(p.view(-1, t, t), v).view(-1, h, t, d)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b * h, t, d) for _ in range(3))
+    am = torch.ones(b, t)
+    am[1, 12:] = 0
+    keep = (am[:, None, :, None] * am[:, None, None, :]).bool()  # DeBERTa's [B, 1, T, T] mask
+    rel = torch.randn(b * h, t, t)
+    gla.testing.assert_rewrites(attn, q, k, v, keep, rel, am == 0, expect={"attention": 1}, grad=True)
+
+
+def test_must_not_match_flattened_heads_whose_probabilities_are_returned():
+    b, h, t, d = 2, 2, 9, 16
+
+    def attn(q, k, v):
+        w = torch.bmm(q, k.transpose(1, 2)).view(b, h, t, t) * 0.25
+        p = torch.softmax(w, -1)
+        return torch.bmm(p.view(b * h, t, t), v), p
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        r = gla.explain(attn, *(torch.randn(b * h, t, d) for _ in range(3)), options=OPTS)
+    assert r.counts["attention"] == 0, str(r)
+
+
+@pytest.mark.parametrize("form", ["fill", "keep", "scaled_fill"])
+def test_a_bias_and_a_mask_together(form):
+    """``where(mask, fill, q·kᵀ·s + bias)``: a relative-position bias and a padding mask in one
+    attention (DeBERTa, T5-style models with padding): the mask folds into the bias."""
+    def attn(q, k, v, bias, keep):
+        s = q @ k.transpose(-2, -1)
+        if form == "scaled_fill":
+            return torch.softmax(torch.where(~keep, float("-inf"), s * 0.125 + bias), -1) @ v
+        s = s + bias
+        if form == "fill":
+            return torch.softmax(s.masked_fill(~keep, torch.finfo(s.dtype).min), -1) @ v
+        return torch.softmax(torch.where(keep, s, float("-inf")), -1) @ v
+
+    torch.manual_seed(0)
+    q, k, v = qkv()
+    keep = torch.rand(B, 1, 1, T) > 0.3
+    keep[..., 0] = True
+    gla.testing.assert_rewrites(attn, q, k, v, torch.randn(B, H, T, T), keep,
+                                expect={"attention": 1}, grad=True)

@@ -39,12 +39,15 @@ def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill
     # Rows whose every score the model replaced with a finite ``fill`` (a -inf fill leaves them
     # undefined: NaN in eager softmax, 0 from SDPA and the kernels).
     empty_rows = None
+    # A where-mask over a biased score replaces it: where(mask, fill, s + bias) = s + where(mask,
+    # fill, bias) wherever it matters (fill ≤ -1e4 swamps s). fp32: finfo(fp32).min is -inf in bf16.
+    base = 0.0 if bias is None else bias.float()
     if keep is not None:
-        bias = torch.where(keep, 0.0, fill).to(torch.float32)
+        bias = torch.where(keep, base, fill).to(torch.float32)
         if math.isfinite(fill):
             empty_rows = ~keep.any(-1, keepdim=True)
     if masked is not None:
-        bias = torch.where(masked, fill, 0.0).to(torch.float32)
+        bias = torch.where(masked, fill, base).to(torch.float32)
         if math.isfinite(fill):
             empty_rows = masked.all(-1, keepdim=True)
     v_model, gate_model = v, gate
@@ -254,16 +257,15 @@ class AttentionLowering:
                     causal, window, extra = True, form.window, list(form.nodes)
                 else:
                     kwargs.update(masked=c["mask"], fill=float(fill))
-        elif bias is not None:
+        if bias is not None:
             tb = tensor_meta(bias)
             if tb is None or not tb.dtype.is_floating_point:
                 return Decline("the additive mask is not a floating-point tensor")
-            if isinstance(bias, fx.Node):
-                form = mask_form(bias, scores) if tq.dim() == 4 else None
-                if form:
-                    causal, window, extra = True, form.window, list(form.nodes)
-                else:
-                    kwargs["bias"] = bias
+            form = mask_form(bias, scores) if tq.dim() == 4 and not causal else None
+            if form:
+                causal, window, extra = True, form.window, list(form.nodes)
+            else:
+                kwargs["bias"] = bias
         kwargs.update(causal=causal, window=window)
         k_meta, v_meta = (_as_dtype(tensor_meta(x), cast_to) for x in (k, v))
         if tq.shape[-1] > MAX_HEAD_DIM:

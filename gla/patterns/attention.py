@@ -1,8 +1,9 @@
 """Softmax attention: ``softmax(q kᵀ · scale + mask) v`` in the spellings real models use.
 
 After canonicalization (matmul/bmm/einsum, div-by-√d, upcast softmax, dropout in eval, masked_fill
-all reduce to one spelling) eight alternatives remain: scaled or not × no mask, an additive bias,
-``where(mask, fill, scores)`` or ``where(keep, scores, fill)``. ``kt`` is whatever multiplies q —
+all reduce to one spelling) twelve alternatives remain: scaled or not × no mask, an additive bias,
+``where(mask, fill, scores)`` or ``where(keep, scores, fill)``, and a bias with either where (a
+relative-position bias and a padding mask, as DeBERTa writes them). ``kt`` is whatever multiplies q —
 the lowering takes its real layout from the graph, so a permuted K can never pass for a transpose.
 Scale folded into q (or √scale on q and k) matches the unscaled forms with scale 1: exact.
 """
@@ -30,6 +31,14 @@ def scaled_keep(q, kt, v, scale, keep, fill):
     return torch.matmul(torch.softmax(torch.where(keep, torch.matmul(q, kt) * scale, fill), -1), v)
 
 
+def scaled_bias_fill(q, kt, v, scale, bias, mask, fill):
+    return torch.matmul(torch.softmax(torch.where(mask, fill, torch.matmul(q, kt) * scale + bias), -1), v)
+
+
+def scaled_bias_keep(q, kt, v, scale, bias, keep, fill):
+    return torch.matmul(torch.softmax(torch.where(keep, torch.matmul(q, kt) * scale + bias, fill), -1), v)
+
+
 def unscaled(q, kt, v):
     return torch.matmul(torch.softmax(torch.matmul(q, kt), -1), v)
 
@@ -46,13 +55,22 @@ def unscaled_keep(q, kt, v, keep, fill):
     return torch.matmul(torch.softmax(torch.where(keep, torch.matmul(q, kt), fill), -1), v)
 
 
+def unscaled_bias_fill(q, kt, v, bias, mask, fill):
+    return torch.matmul(torch.softmax(torch.where(mask, fill, torch.matmul(q, kt) + bias), -1), v)
+
+
+def unscaled_bias_keep(q, kt, v, bias, keep, fill):
+    return torch.matmul(torch.softmax(torch.where(keep, torch.matmul(q, kt) + bias, fill), -1), v)
+
+
 register_pattern(
     "softmax_attention",
-    search=[scaled, scaled_bias, scaled_fill, scaled_keep, unscaled, unscaled_bias, unscaled_fill, unscaled_keep],
+    search=[scaled, scaled_bias, scaled_fill, scaled_keep, scaled_bias_fill, scaled_bias_keep,
+            unscaled, unscaled_bias, unscaled_fill, unscaled_keep, unscaled_bias_fill, unscaled_bias_keep],
     replacement=AttentionLowering(),
     kind="attention",
     priority=30,
-    description="softmax(q·kᵀ·scale [+ bias | masked]) · v, any matmul spelling, GQA via repeat_kv",
+    description="softmax(q·kᵀ·scale [+ bias] [masked]) · v, any matmul spelling, GQA via repeat_kv",
 )
 
 

@@ -215,7 +215,8 @@ def functionalize_private_writes(graph: fx.Graph, fake_mode) -> int:
     can see become ``scores + bias``, ``scores.masked_fill(m, -inf)``, ``x * c``, so that patterns
     match what hand-written attention computes (MPNet, T5-style ``+=`` biases). Private: the target
     is computed in the graph (not an input or buffer), and every node sharing its storage is
-    itself or an in-place write into it (so no view of it exists). Later reads of the target read
+    itself, an in-place write into it, or a view of such a write's result taken after it (so no
+    view of the old value exists). Later reads of the target read
     the new node; the result is cast back to the target's dtype, as the in-place op stores it.
     Returns how many were rewritten."""
     candidates = [(w, _FUNCTIONAL[w.target]) for w in graph.nodes
@@ -241,7 +242,10 @@ def functionalize_private_writes(graph: fx.Graph, fake_mode) -> int:
             continue
         key = storage_key(target)
         group = sharing.get(key) if key is not None else None
-        if not group or not all(n is target or _writes_into(n, key) for n in group):
+        # (a view of the write's own result, taken after it, reads the new value either way:
+        # fairseq's ``w += mask; w.view(B, H, T, S)``)
+        views = [n for n in group or () if order[n] > order[w] and n.args and n.args[0] is w]
+        if not group or not all(n is target or _writes_into(n, key) or n in views for n in group):
             continue  # an input, a buffer, or a tensor some view or other node can see
         with graph.inserting_before(w):
             new = (graph.call_method(fn, tuple(w.args)) if isinstance(fn, str)
@@ -262,7 +266,8 @@ def functionalize_private_writes(graph: fx.Graph, fake_mode) -> int:
                 user.replace_input_with(target, new)
         w.replace_all_uses_with(new)
         graph.erase_node(w)
-        sharing.setdefault(storage_key(new), []).append(new)
+        # the views of the old result now view the new one: a later write into it is seen by them
+        sharing.setdefault(storage_key(new), []).extend([new, *views])
         done += 1
     return done
 
