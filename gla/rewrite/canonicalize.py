@@ -373,11 +373,19 @@ def _private(x: fx.Node) -> bool:
     return sum(1 for u in x.users if u.users or is_impure(u)) == 1
 
 
+def _round_trip(x: fx.Node, node: fx.Node) -> bool:
+    """Does ``node`` (a view of a view of ``x``) hold x itself: its shape and strides? (Equal
+    strides: no copy on the way, and any later ``view`` of node is valid on x too.)"""
+    a, b = tensor_meta(x), tensor_meta(node)
+    return a is not None and b is not None and _static_shape(x) is not None and \
+        _static_shape(x) == _static_shape(node) and tuple(a.stride()) == tuple(b.stride())
+
+
 def _acts_on_scores(node: fx.Node) -> bool:
     """What a model does to attention scores on their 4-d view: mask, bias, scale, softmax."""
     return _is_call(node, torch.where, torch.masked_fill, operator.add, operator.mul, operator.truediv,
                     torch.softmax, F.softmax) or \
-        _method(node, "masked_fill", "masked_fill_", "add", "mul", "div", "softmax", "__iadd__", "__imul__")
+        _method(node, "masked_fill", "add", "mul", "div", "softmax")
 
 
 def _views_off_scores(node):
@@ -397,8 +405,7 @@ def _views_off_scores(node):
     (one user) move; static shapes only."""
     if _reshape_call(node) and isinstance(node.args[0], fx.Node) and _private(node.args[0]):
         x = node.args[0]
-        if _reshape_call(x) and isinstance(x.args[0], fx.Node) and \
-                _static_shape(x.args[0]) is not None and _static_shape(x.args[0]) == _static_shape(node):
+        if _reshape_call(x) and isinstance(x.args[0], fx.Node) and _round_trip(x.args[0], node):
             return ("same_as", (x.args[0],), {})
         bh = _batch_split(x, node)
         if bh is None or not all(_acts_on_scores(u) for u in node.users):
