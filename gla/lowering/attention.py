@@ -41,15 +41,16 @@ def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill
     empty_rows = None
     # A where-mask over a biased score replaces it: where(mask, fill, s + bias) = s + where(mask,
     # fill, bias) wherever it matters (fill ≤ -1e4 swamps s). fp32: finfo(fp32).min is -inf in bf16.
-    base = 0.0 if bias is None else bias.float()
-    if keep is not None:
-        bias = torch.where(keep, base, fill).to(torch.float32)
-        if math.isfinite(fill):
-            empty_rows = ~keep.any(-1, keepdim=True)
-    if masked is not None:
-        bias = torch.where(masked, fill, base).to(torch.float32)
-        if math.isfinite(fill):
-            empty_rows = masked.all(-1, keepdim=True)
+    if keep is not None or masked is not None:
+        base = 0.0 if bias is None else bias.float()
+        if keep is not None:
+            bias = torch.where(keep, base, fill).to(torch.float32)
+            if math.isfinite(fill):
+                empty_rows = ~keep.any(-1, keepdim=True)
+        else:
+            bias = torch.where(masked, fill, base).to(torch.float32)
+            if math.isfinite(fill):
+                empty_rows = masked.all(-1, keepdim=True)
     v_model, gate_model = v, gate
     if flat_heads:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)

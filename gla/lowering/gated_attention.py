@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from ..config import Config
 from ..rewrite import Match, leaf
-from ..rewrite.graph import tensor_meta
+from ..rewrite.graph import is_reshape, tensor_meta
 from .attention import attention_call, kernel_name
 from .select import Decline, Selected
 
@@ -49,11 +49,6 @@ def _is_copy(n) -> bool:
         (n.op == "call_function" and n.target is torch.clone)
 
 
-def _is_reshape(n) -> bool:
-    return isinstance(n, fx.Node) and ((n.op == "call_method" and n.target in ("reshape", "view"))
-                                       or (n.op == "call_function" and n.target is torch.reshape))
-
-
 class GatedAttentionLowering:
     def select(self, match: Match, config: Config) -> Selected | Decline | None:
         o, g = match.captures["o"], match.captures["g"]
@@ -67,7 +62,7 @@ class GatedAttentionLowering:
             return n
 
         node = skip_copies(node)
-        if _is_reshape(node) and len(node.users) == 1:
+        if is_reshape(node) and len(node.users) == 1:
             chain.append(node)
             node = skip_copies(node.args[0])
             layout = "bt(hd)"

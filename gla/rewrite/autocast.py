@@ -82,12 +82,10 @@ def autocast_dtype(nodes: list[fx.Node], device_type: str) -> torch.dtype | None
     return state.get(device_type)
 
 
-
 def state_key(node: fx.Node) -> tuple:
     """The autocast state at ``node`` as a hashable value (for caches of computed example values)."""
     state = _states_of(node.graph, [node]).get(node, UNKNOWN)
     return ("unknown",) if state is UNKNOWN else tuple(sorted((d, str(t)) for d, t in state.items()))
-
 
 
 @contextlib.contextmanager

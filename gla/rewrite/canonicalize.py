@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import ops
-from .graph import fake_mode_of, propagate, rank, tensor_meta
+from .graph import fake_mode_of, is_reshape, propagate, rank, static_shape, tensor_meta
 from .mutation import (GraphWrites, eliminate_dead_code, functionalize_private_writes, is_impure, storage_key,
                        written_args)
 
@@ -327,20 +327,14 @@ def _masked_fill(node):
     return None
 
 
-def _static_shape(x: Any) -> tuple[int, ...] | None:
-    t = tensor_meta(x)
-    if t is None or not all(isinstance(d, int) for d in t.shape):
-        return None
-    return tuple(t.shape)
-
-
-def _reshape_call(node: fx.Node) -> bool:
-    return _method(node, "view", "reshape") or _is_call(node, torch.reshape)
-
-
+# Flattened-heads attention (DeBERTa, fairseq-style MHA): ``bmm(q, kᵀ)`` on [B·H, T, D], the
+# scores viewed as [B, H, T, T] for the mask, the probabilities viewed back for ``bmm(p, v)``. The
+# four rules below move the views off the scores so the whole attention is one 4-d pattern. Every
+# operand keeps its values (views of contiguous batches); only private intermediates (one user)
+# move; static shapes only.
 def _batch_split(flat: Any, four: Any) -> tuple[int, int] | None:
-    """(B, H) if rank-4 ``four`` [B, H, M, N] holds rank-3 ``flat`` [B·H, M, N] (static shapes)."""
-    src, out = _static_shape(flat), _static_shape(four)
+    """(B, H) if rank-4 ``four`` [B, H, M, N] holds rank-3 ``flat`` [B·H, M, N]."""
+    src, out = static_shape(flat), static_shape(four)
     if src is None or out is None or len(src) != 3 or len(out) != 4:
         return None
     if out[0] * out[1] != src[0] or out[2:] != src[1:]:
@@ -348,37 +342,29 @@ def _batch_split(flat: Any, four: Any) -> tuple[int, int] | None:
     return out[0], out[1]
 
 
-def _splits_with(operand: Any, x: fx.Node) -> bool | None:
-    """For an operand of ``x = a + b`` whose batch axis is split: True if it is viewed with it
+def _batched_like(x: Any, n: int) -> bool:
+    shape = static_shape(x)
+    return shape is not None and len(shape) == 3 and shape[0] == n
+
+
+def _split_operand(operand: Any, x: fx.Node) -> bool | None:
+    """For an operand of ``x = a + b`` whose batch axis gets split: True if it is viewed with it
     (its shape is x's), False if it broadcasts the same either way (a number, rank ≤ 2, or a
     leading 1), None if neither."""
     if isinstance(operand, (int, float)) and not isinstance(operand, bool):
         return False
-    shape = _static_shape(operand)
+    shape = static_shape(operand)
     if shape is None:
         return None
-    if shape == _static_shape(x):
+    if shape == static_shape(x):
         return True
     return False if len(shape) <= 2 or (len(shape) == 3 and shape[0] == 1) else None
 
 
-def _batched_like(x: Any, n: int) -> bool:
-    shape = _static_shape(x)
-    return shape is not None and len(shape) == 3 and shape[0] == n
-
-
-def _private(x: fx.Node) -> bool:
+def _private(x: Any) -> bool:
     """Is ``x``'s value read once? (Respelled nodes wait for the final dead-code pass: users
     with no users of their own that write nothing do not count.)"""
-    return sum(1 for u in x.users if u.users or is_impure(u)) == 1
-
-
-def _round_trip(x: fx.Node, node: fx.Node) -> bool:
-    """Does ``node`` (a view of a view of ``x``) hold x itself: its shape and strides? (Equal
-    strides: no copy on the way, and any later ``view`` of node is valid on x too.)"""
-    a, b = tensor_meta(x), tensor_meta(node)
-    return a is not None and b is not None and _static_shape(x) is not None and \
-        _static_shape(x) == _static_shape(node) and tuple(a.stride()) == tuple(b.stride())
+    return isinstance(x, fx.Node) and sum(1 for u in x.users if u.users or is_impure(u)) == 1
 
 
 def _acts_on_scores(node: fx.Node) -> bool:
@@ -388,53 +374,62 @@ def _acts_on_scores(node: fx.Node) -> bool:
         _method(node, "masked_fill", "add", "mul", "div", "softmax")
 
 
-def _views_off_scores(node):
-    """Flattened-heads attention (DeBERTa, fairseq-style MHA): ``bmm(q, kᵀ)`` on [B·H, T, D], the
-    scores viewed as [B, H, T, T] for the mask, probabilities viewed back for ``bmm(p, v)``.
-
-    * ``view(matmul(a, b))`` → ``matmul(view(a), view(b))`` (B·H split into B, H) where the view
-      is masked, biased, scaled or normalized;
-    * ``view(matmul(a, b) + r)`` → ``view(matmul(a, b)) + view(r)`` (a bias on the flat scores);
-    * ``matmul(view(p4), v)`` → ``view(matmul(p4, view(v)))`` (p4: softmax probabilities, [B, H, T, T]);
-    * ``softmax(view(s4), -1)`` → ``view(softmax(s4, -1))`` (fairseq: the mask on [B, H, T, T],
-      the softmax on [B·H, T, T]);
-    * ``view(view(x))`` back to x's own shape → ``x`` (what the first two leave between softmax and
-      ``bmm(p, v)``).
-
-    Every operand keeps its values (views of contiguous batches), only private intermediates
-    (one user) move; static shapes only."""
-    if _reshape_call(node) and isinstance(node.args[0], fx.Node) and _private(node.args[0]):
-        x = node.args[0]
-        if _reshape_call(x) and isinstance(x.args[0], fx.Node) and _round_trip(x.args[0], node):
-            return ("same_as", (x.args[0],), {})
-        bh = _batch_split(x, node)
-        if bh is None or not all(_acts_on_scores(u) for u in node.users):
-            return None
-        n = bh[0] * bh[1]
-        if _is_call(x, torch.matmul) and all(_batched_like(o, n) for o in x.args[:2]):
-            return ("matmul_split_batch", (x.args[0], x.args[1], bh), {})
-        if _is_call(x, operator.add) and len(x.args) == 2 and all(_splits_with(o, x) is not None
-                                                                   for o in x.args):
-            mm = [o for o in x.args if _is_call(o, torch.matmul) and _private(o)]
-            if mm:
-                return ("add_split_batch", (x.args[0], x.args[1], bh), {})
+def _scores_view(node):
+    """``view(matmul(a, b))`` → ``matmul(view(a), view(b))`` and ``view(matmul(a, b) + r)`` →
+    ``view(matmul(a, b)) + view(r)`` (a bias on the flat scores), B·H split into B, H, where the
+    4-d view is masked, biased, scaled or normalized (a plain 3-d attention keeps its form)."""
+    x = node.args[0] if is_reshape(node) else None
+    if not _private(x):
         return None
-    if _is_call(node, torch.softmax) and node.args[1:] == (-1,) and isinstance(node.args[0], fx.Node):
-        p = node.args[0]
-        if _reshape_call(p) and _private(p) and isinstance(p.args[0], fx.Node) and \
-                _batch_split(p, p.args[0]) is not None:
-            return ("softmax_before_view", (p.args[0],), {})
+    bh = _batch_split(x, node)
+    if bh is None or not all(_acts_on_scores(u) for u in node.users):
         return None
-    if _is_call(node, torch.matmul) and len(node.args) == 2 and isinstance(node.args[0], fx.Node):
-        p, v = node.args
-        if not _reshape_call(p) or not _private(p) or not isinstance(p.args[0], fx.Node):
-            return None
-        p4 = p.args[0]
-        bh = _batch_split(p, p4)
-        if not _is_call(p4, torch.softmax) or bh is None or not _batched_like(v, bh[0] * bh[1]):
-            return None
-        return ("matmul_merge_batch", (p4, v, bh), {})
+    if _is_call(x, torch.matmul) and all(_batched_like(o, bh[0] * bh[1]) for o in x.args[:2]):
+        return ("split_batch", (torch.matmul, x.args[0], x.args[1], True, True, bh), {})
+    if _is_call(x, operator.add) and len(x.args) == 2 and \
+            any(_is_call(o, torch.matmul) and _private(o) for o in x.args):
+        views = [_split_operand(o, x) for o in x.args]
+        if None not in views:
+            return ("split_batch", (operator.add, *x.args, *views, bh), {})
     return None
+
+
+def _softmax_of_merged_view(node):
+    """``softmax(view(s4), -1)`` → ``view(softmax(s4, -1))``: fairseq masks [B, H, T, T] and
+    takes the softmax on [B·H, T, T]."""
+    if not (_is_call(node, torch.softmax) and node.args[1:] == (-1,)):
+        return None
+    p = node.args[0]
+    if is_reshape(p) and _private(p) and _batch_split(p, p.args[0]) is not None:
+        return ("softmax_before_view", (p.args[0],), {})
+    return None
+
+
+def _pv_of_merged_probabilities(node):
+    """``matmul(view(p4), v)`` → ``view(matmul(p4, view(v)))``, p4 the [B, H, T, T] softmax."""
+    if not (_is_call(node, torch.matmul) and len(node.args) == 2):
+        return None
+    p, v = node.args
+    if not (is_reshape(p) and _private(p) and _is_call(p.args[0], torch.softmax)):
+        return None
+    bh = _batch_split(p, p.args[0])
+    if bh is None or not _batched_like(v, bh[0] * bh[1]):
+        return None
+    return ("matmul_merge_batch", (p.args[0], v, bh), {})
+
+
+def _view_round_trip(node):
+    """``view(view(x))`` holding x itself (its shape and strides: no copy on the way, so a later
+    ``view`` of it is valid on x too) → ``x``; what the rules above leave between the softmax
+    and ``bmm(p, v)``."""
+    x = node.args[0] if is_reshape(node) else None
+    if not (is_reshape(x) and _private(x) and isinstance(x.args[0], fx.Node)):
+        return None
+    a, b = tensor_meta(x.args[0]), tensor_meta(node)
+    if a is None or b is None or static_shape(a) is None or static_shape(a) != static_shape(b) \
+            or tuple(a.stride()) != tuple(b.stride()):
+        return None
+    return ("same_as", (x.args[0],), {})
 
 
 def _pure_unsqueeze(node: fx.Node) -> bool:
@@ -564,7 +559,10 @@ RULES: tuple[Rule, ...] = (
     Rule("repeat_kv as repeat_heads", _repeat_heads),
     Rule("scaled_dot_product_attention arguments", _sdpa),
     Rule("chunk/split halves", _chunk),
-    Rule("batch views off attention scores", _views_off_scores),
+    Rule("scores viewed with heads split", _scores_view),
+    Rule("softmax of a heads-merged view", _softmax_of_merged_view),
+    Rule("p·v of heads-merged probabilities", _pv_of_merged_probabilities),
+    Rule("view round trips", _view_round_trip),
     Rule("multi_head_attention_forward arguments", _mha),
 )
 
@@ -611,8 +609,7 @@ def _aliasing_exact(node: fx.Node, result: Any, writes: GraphWrites) -> bool:
         src = node.args[0]
         alias = storage_key(node) is not None and storage_key(node) == storage_key(src)
         return alias or not (writes.written(node) or writes.written(src))
-    if result[0] in ("matmul_split_batch", "add_split_batch", "matmul_merge_batch", "softmax_before_view",
-                     "same_as"):
+    if result[0] in ("split_batch", "matmul_merge_batch", "softmax_before_view", "same_as"):
         touched = {node, *node.all_input_nodes, *node.args[0].all_input_nodes}
         return not any(writes.written(n) for n in touched)
     if result[0] is ops.repeat_heads or result[0] == "swap_activation":
@@ -666,24 +663,21 @@ def _apply(graph: fx.Graph, node: fx.Node, result, fake_mode) -> None:
             new = _emit(graph, act.target, (view,), act.kwargs, fake_mode, node, final=True)
         elif target == "same_as":  # an existing node computes this one's value
             (new,) = args
-        elif target in ("matmul_split_batch", "add_split_batch"):
-            a, b, (d0, d1) = args
-            x = node.args[0]
-            a4, b4 = (_emit(graph, torch.reshape, (t, (d0, d1, *_static_shape(t)[1:])), {}, fake_mode,
-                            node) if target == "matmul_split_batch" or _splits_with(t, x) else t
-                      for t in (a, b))
-            op = torch.matmul if target == "matmul_split_batch" else operator.add
-            new = _emit(graph, op, (a4, b4), {}, fake_mode, node, final=True)
+        elif target == "split_batch":
+            op, a, b, view_a, view_b, (d0, d1) = args
+            a, b = (_emit(graph, torch.reshape, (t, (d0, d1, *static_shape(t)[1:])), {}, fake_mode, node)
+                    if view else t for t, view in ((a, view_a), (b, view_b)))
+            new = _emit(graph, op, (a, b), {}, fake_mode, node, final=True)
         elif target == "softmax_before_view":
             (s4,) = args
             sm = _emit(graph, torch.softmax, (s4, -1), {}, fake_mode, node)
-            new = _emit(graph, torch.reshape, (sm, tuple(_static_shape(node))), {}, fake_mode, node,
+            new = _emit(graph, torch.reshape, (sm, tuple(static_shape(node))), {}, fake_mode, node,
                         final=True)
         elif target == "matmul_merge_batch":
             p4, v, (d0, d1) = args
-            v4 = _emit(graph, torch.reshape, (v, (d0, d1, *_static_shape(v)[1:])), {}, fake_mode, node)
+            v4 = _emit(graph, torch.reshape, (v, (d0, d1, *static_shape(v)[1:])), {}, fake_mode, node)
             out = _emit(graph, torch.matmul, (p4, v4), {}, fake_mode, node)
-            new = _emit(graph, torch.reshape, (out, tuple(_static_shape(node))), {}, fake_mode, node,
+            new = _emit(graph, torch.reshape, (out, tuple(static_shape(node))), {}, fake_mode, node,
                         final=True)
         elif target == "reciprocal_mul":
             x, c = args

@@ -39,6 +39,20 @@ def rank(arg: Any) -> int | None:
     return None if t is None else t.dim()
 
 
+def static_shape(arg: Any) -> tuple[int, ...] | None:
+    """The shape of a node's tensor when every size is a plain int (None: unknown or symbolic)."""
+    t = tensor_meta(arg)
+    if t is None or not all(isinstance(d, int) for d in t.shape):
+        return None
+    return tuple(t.shape)
+
+
+def is_reshape(node: Any) -> bool:
+    """``x.view(...)``, ``x.reshape(...)`` or ``torch.reshape(x, ...)``."""
+    return isinstance(node, fx.Node) and ((node.op == "call_method" and node.target in ("view", "reshape"))
+                                          or (node.op == "call_function" and node.target is torch.reshape))
+
+
 def concrete_shape(t: torch.Tensor) -> tuple[int, ...]:
     """Shape with symbolic sizes replaced by their hints (the sizes seen at compile time)."""
     return tuple(hint_int(s) for s in t.shape)

@@ -215,10 +215,9 @@ def functionalize_private_writes(graph: fx.Graph, fake_mode) -> int:
     can see become ``scores + bias``, ``scores.masked_fill(m, -inf)``, ``x * c``, so that patterns
     match what hand-written attention computes (MPNet, T5-style ``+=`` biases). Private: the target
     is computed in the graph (not an input or buffer), and every node sharing its storage is
-    itself, an in-place write into it, or a view of such a write's result taken after it (so no
-    view of the old value exists). Later reads of the target read
-    the new node; the result is cast back to the target's dtype, as the in-place op stores it.
-    Returns how many were rewritten."""
+    itself, an in-place write into it, or a view of such a write's result (so no view of the old
+    value exists). Later reads of the target read the new node; the result is cast back to the
+    target's dtype, as the in-place op stores it. Returns how many were rewritten."""
     candidates = [(w, _FUNCTIONAL[w.target]) for w in graph.nodes
                   if w.op in ("call_method", "call_function") and w.target in _FUNCTIONAL]
     if not candidates:  # (most graphs: no storage bookkeeping at all)
@@ -242,10 +241,12 @@ def functionalize_private_writes(graph: fx.Graph, fake_mode) -> int:
             continue
         key = storage_key(target)
         group = sharing.get(key) if key is not None else None
-        # (a view of the write's own result, taken after it, reads the new value either way:
-        # fairseq's ``w += mask; w.view(B, H, T, S)``)
-        views = [n for n in group or () if order[n] > order[w] and n.args and n.args[0] is w]
-        if not group or not all(n is target or _writes_into(n, key) or n in views for n in group):
+        if not group:
+            continue
+        # (a view of the write's own result reads the new value either way: fairseq's
+        # ``w += mask; w.view(B, H, T, S)``)
+        views = [n for n in group if n.args and n.args[0] is w]
+        if not all(n is target or _writes_into(n, key) or n in views for n in group):
             continue  # an input, a buffer, or a tensor some view or other node can see
         with graph.inserting_before(w):
             new = (graph.call_method(fn, tuple(w.args)) if isinstance(fn, str)

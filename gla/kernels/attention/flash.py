@@ -650,14 +650,18 @@ _FEW_TILES_PER_SM = 12
 _SM_COUNT: dict = {}
 
 
+def _sm_count(device) -> int:
+    """Multiprocessors of a CUDA device (cached: the property query costs µs per launch)."""
+    n_sm = _SM_COUNT.get(device.index)
+    if n_sm is None:
+        n_sm = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n_sm
+
+
 def _few_tiles(tq: int, batch_heads: int | None, device) -> bool:
     if batch_heads is None or getattr(device, "type", None) != "cuda":
         return False
-    idx = device.index
-    n_sm = _SM_COUNT.get(idx)
-    if n_sm is None:
-        n_sm = _SM_COUNT[idx] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _cdiv(tq, 128) * batch_heads < _FEW_TILES_PER_SM * n_sm
+    return _cdiv(tq, 128) * batch_heads < _FEW_TILES_PER_SM * _sm_count(device)
 
 
 # The dK/dV kernel runs one program per (key block, kv head) and loops over the kv head's GQA
@@ -681,10 +685,7 @@ def dkdv_split(group: int, programs: int, device) -> int:
         return split
     if group == 1 or getattr(device, "type", None) != "cuda":
         return 1
-    idx = device.index
-    n_sm = _SM_COUNT.get(idx)
-    if n_sm is None:
-        n_sm = _SM_COUNT[idx] = torch.cuda.get_device_properties(device).multi_processor_count
+    n_sm = _sm_count(device)
     split = 1
     while split < group and group % (2 * split) == 0 and \
             programs * split < _DKDV_PROGRAMS_PER_SM * n_sm:
