@@ -140,58 +140,6 @@ def _scores(qk, offs_m, offs_n, qk_scale, TQ, TK, WINDOW, bias_base, stride_bm, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Exponentials of the forward's softmax, split between the MUFU and the FMA units
-# ----------------------------------------------------------------------------------------------
-# 2**x on the FMA pipe (Cody-Waite): x = j + f with j = round(x) by the 1.5·2**23 trick, 2**f from
-# a degree-3 polynomial on [-0.5, 0.5] (relative error ≤ 1.0e-4, under bf16's rounding of P), j
-# added into the exponent field. x is clamped at -127, where the result is exactly +0.0, so -inf
-# scores still give zero probabilities. Valid for x ≤ 127; the softmax has x ≤ 0 (up to rounding).
-@triton.jit
-def _exp2_fma(x):
-    x = tl.maximum(x, -127.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = tl.fma(tl.fma(tl.fma(f, 0.05500892922282219, 0.2422109842300415), f, 0.6932829022407532),
-               f, 1.0)
-    e = t.to(tl.int32, bitcast=True) << 23
-    return (p.to(tl.int32, bitcast=True) + e).to(tl.float32, bitcast=True)
-
-
-# _exp2_fma in PTX (constants as fp32 hex), from input register {x} into output {y}.
-def _exp2_fma_ptx(x: str, y: str) -> str:
-    return ("{ .reg .b32 x, t, f, p, e;"
-            f" max.f32 x, {x}, 0fC2FE0000;"
-            " add.rn.f32 t, x, 0f4B400000; sub.rn.f32 f, t, 0f4B400000; sub.rn.f32 f, x, f;"
-            " fma.rn.f32 p, f, 0f3D61510B, 0f3E780628; fma.rn.f32 p, p, f, 0f3F317AFD;"
-            " fma.rn.f32 p, p, f, 0f3F800000; shl.b32 e, t, 23;"
-            f" add.s32 {y}, p, e; }}")
-
-
-# Of every SHARE consecutive elements a thread holds, the last takes the polynomial and the others
-# MUFU's ex2.approx: the two units run side by side (FlashAttention-4's split of the exponentials).
-_EXP2_ASM_2 = tl.constexpr("ex2.approx.ftz.f32 $0, $2; " + _exp2_fma_ptx("$3", "$1"))
-_EXP2_ASM_4 = tl.constexpr("ex2.approx.ftz.f32 $0, $4; ex2.approx.ftz.f32 $1, $5; "
-                           "ex2.approx.ftz.f32 $2, $6; " + _exp2_fma_ptx("$7", "$3"))
-
-
-@triton.jit
-def _exp2(x, SHARE: tl.constexpr):
-    """2**x of a score tile; 1 in SHARE elements on the FMA pipe (0: none, 1: all)."""
-    if SHARE == 0:
-        y = tl.math.exp2(x)
-    elif SHARE == 1:
-        y = _exp2_fma(x)
-    elif SHARE == 2:
-        y = tl.inline_asm_elementwise(_EXP2_ASM_2, "=r,=r,r,r", [x], dtype=tl.float32,
-                                      is_pure=True, pack=2)
-    else:
-        tl.static_assert(SHARE == 4, "SHARE is 0, 1, 2 or 4")
-        y = tl.inline_asm_elementwise(_EXP2_ASM_4, "=r,=r,=r,=r,r,r,r,r", [x],
-                                      dtype=tl.float32, is_pure=True, pack=4)
-    return y
-
-
-# ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -201,7 +149,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr,
-                    INT64: tl.constexpr, EXP2: tl.constexpr):
+                    INT64: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if INT64:  # offsets past 2**31 elements
@@ -221,7 +169,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             s = qk * qk_scale - m_ij[:, None]
             m_safe = m_ij
-        p = _exp2(s, EXP2)
+        p = tl.math.exp2(s)
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -247,7 +195,7 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, LSE, sm_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_GATE: tl.constexpr,
               GATE_HEADWISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr,
-              PRECISION: tl.constexpr, INT64: tl.constexpr, EXP2: tl.constexpr):
+              PRECISION: tl.constexpr, INT64: tl.constexpr):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:  # the longest rows first: better tail balance
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -283,17 +231,17 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, LSE, sm_scale,
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
             bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
             lo, lo_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64, EXP2)
+            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
         lo_full, hi_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-        False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64, EXP2)
+        False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
         hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-        True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64, EXP2)
+        True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
 
     # epilogue: normalise, empty rows -> 0 with lse = +inf, gate, write once.
     empty = l_i == 0.0
@@ -808,18 +756,6 @@ def _configs_cached(d, dv, dtype, causal, tq, extras, interpret, few_tiles=False
     return cfg
 
 
-# GLA_ATTN_EXP2_SHARE=N: 1 in N of the forward's exponentials on the FMA pipe (0: none, 1: all).
-EXP2_SHARE = int(os.environ.get("GLA_ATTN_EXP2_SHARE", "0"))
-
-
-def _exp2_share(dtype: torch.dtype) -> int:
-    """fp32 inputs keep MUFU's exponentials (the polynomial's 1e-4 would show); the interpreter
-    cannot run the PTX of the mixed shares."""
-    if dtype == torch.float32 or (INTERPRETED and EXP2_SHARE > 1):
-        return 0
-    return EXP2_SHARE
-
-
 def _precision(dtype: torch.dtype) -> str | None:
     """tl.dot input precision: fp32 inputs use tf32 unless torch asks for "highest" matmuls."""
     if dtype != torch.float32:
@@ -928,7 +864,7 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
         IS_CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_GATE=gate is not None,
         GATE_HEADWISE=headwise, HAS_BIAS=bias is not None, HAS_KMASK=key_mask is not None,
-        PRECISION=_precision(q.dtype), INT64=int64, EXP2=_exp2_share(q.dtype),
+        PRECISION=_precision(q.dtype), INT64=int64,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     if out_k is not out:
         out.copy_(out_k)
