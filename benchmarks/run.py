@@ -1,4 +1,4 @@
-"""Benchmarks: ``python benchmarks/run.py {attention|attention_choice|attention_dkdv_split|attention_profile|cudnn_stale_plan|host_overhead|launch_cache|linear_attention|glu|model_gpu|cpu|matching|distributed} [--out DIR]``.
+"""Benchmarks: ``python benchmarks/run.py {attention|attention_choice|attention_chunked|attention_dkdv_split|attention_profile|cudnn_stale_plan|host_overhead|launch_cache|linear_attention|glu|model_gpu|cpu|matching|distributed} [--out DIR]``.
 
 GPU benchmarks time gla's kernels side by side with their baselines in one run and write a table
 (device, torch and triton versions, ratios) under ``benchmarks/results/``.
@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-WHAT = ("attention", "attention_choice", "attention_dkdv_split", "attention_profile", "cudnn_stale_plan", "host_overhead", "launch_cache", "linear_attention", "glu", "model_gpu", "cpu", "matching", "distributed")
+WHAT = ("attention", "attention_choice", "attention_chunked", "attention_dkdv_split", "attention_profile", "cudnn_stale_plan", "host_overhead", "launch_cache", "linear_attention", "glu", "model_gpu", "cpu", "matching", "distributed")
 
 
 def main():

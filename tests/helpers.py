@@ -20,10 +20,15 @@ def run_gla(fn, *args, options=None, grad=False):
     return report, out, ref
 
 
-def position_mask(positions, *, prepend_shift=1, index_shift=0, spelling="operators"):
+def position_mask(positions, *, prepend_shift=1, index_shift=0, spelling="operators", chunk=0,
+                  left_padding=None, key_chunk=None):
     """The causal mask transformers (5.x) builds from position ids ``[B, T]``: ``kv_pos <= q_pos``
     over ``positions[batch, q]`` / ``positions[batch, kv]``, and the packed-sequence ids
     ``cumsum(diff(positions) != 1)`` equal between query and key; additive, ``[B, 1, T, T]``.
+
+    ``chunk``: Llama 4's chunked overlay as well, ``(kv_pos - pad) // chunk == (q_pos - pad) //
+    chunk`` with ``pad = left_padding[batch]`` (integer zeros by default, as transformers makes
+    them without a padding mask); ``key_chunk``: another divisor on the key side (a look-alike).
 
     ``spelling``: the comparisons and ``&`` as operators, as tensor methods (``a.__eq__(b)``, how
     torch 2.11's Dynamo records ``a == b`` inside transformers 5.17), or as ``torch.le``-style
@@ -42,5 +47,13 @@ def position_mask(positions, *, prepend_shift=1, index_shift=0, spelling="operat
     allowed = qi.new_ones((), dtype=torch.bool)
     allowed = and_(allowed, le(positions[bi, ki], positions[bi, qi]).to(positions.device))
     allowed = and_(allowed, eq(packed[bi, qi], packed[bi, ki]).to(positions.device))
+    if chunk:
+        pad = torch.zeros(b, device=positions.device, dtype=int) if left_padding is None \
+            else left_padding
+        floordiv = (lambda a, c: a // c) if spelling == "operators" else \
+            (lambda a, c: a.__floordiv__(c)) if spelling == "methods" else torch.floor_divide
+        same = eq(floordiv(positions[bi, ki] - pad[bi], key_chunk or chunk),
+                  floordiv(positions[bi, qi] - pad[bi], chunk))
+        allowed = and_(allowed, same.to(positions.device))
     return torch.where(allowed.expand(b, -1, t, t), torch.zeros((), device=positions.device),
                        torch.finfo(torch.float32).min)

@@ -145,6 +145,10 @@ FAMILIES = {
                    "+elementwise sigmoid gate"),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_GQA, head_dim=16, sliding_window=8),
                {"attention": 2, "glu": 2}, "causal"),
+    # chunked attention (causal within aligned chunks of 8), proved from transformers' overlay
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
+               dict(_GQA, head_dim=16, intermediate_size_mlp=96, attention_chunk_size=8, num_local_experts=1,
+                    interleave_moe_layer_step=4, moe_layers=[]), {"attention": 2, "glu": 2}, "causal, chunk 8"),
 }
 
 
@@ -169,7 +173,7 @@ def _compiled_family(cfg_name, model_name, kw, call, x):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_decoder_families(family):
-    """Tiny random decoders of thirteen transformers families with hand-written ("eager") attention:
+    """Tiny random decoders of fourteen transformers families with hand-written ("eager") attention:
     what gla rewrites, that their position-id masks are proved causal (or the window), and that
     the compiled model computes what eager does."""
     cfg_name, model_name, kw, expect, kernel = FAMILIES[family]
@@ -302,3 +306,27 @@ def test_deberta_training_matches_eager():
             return self.m(i, attention_mask=a).last_hidden_state
 
     gla.testing.assert_rewrites(Hidden(), ids, am, expect={"attention": 2}, grad=True)
+
+
+def test_llama4_chunked_attention_trains_through_the_kernel():
+    """Llama 4's chunked layers (chunks of 8 at T=24) run gla's Triton kernel with its chunk
+    mask (the interpreter here), forward and backward: every parameter's gradient as eager's."""
+    if not hasattr(transformers, "Llama4TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Llama4TextConfig")
+    cfg_name, model_name, kw = FAMILIES["llama4"][:3]
+    torch.manual_seed(0)
+    m = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**kw))
+    m.set_attn_implementation("eager")
+
+    class Logits(torch.nn.Module):  # a module, so that its parameters' gradients are compared
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(ids, use_cache=False).logits
+
+    report = gla.testing.assert_rewrites(Logits(), torch.randint(1, 128, (2, 24)), expect={"attention": 2},
+                                         grad=True, options={"kernels": "triton"})
+    kernels = [r.kernel for r in report.rewrites if r.kind == "attention"]
+    assert all("gla::attention[triton] (causal, chunk 8" in k for k in kernels), str(report)

@@ -369,6 +369,48 @@ def test_position_masks_that_are_not_provably_causal_stay_a_bias(case, spelling)
     assert "causal" not in r.rewrites[0].kernel, str(r)
 
 
+@pytest.mark.parametrize("spelling", ["operators", "methods", "functions"])
+def test_chunked_causal_proof_of_a_mask_built_like_llama4(spelling):
+    """Llama 4's chunked attention: causal within aligned chunks of 16 positions, proved from the
+    overlay transformers builds; at T ≤ 16 the same mask is plain causal."""
+    def attn(q, k, v):
+        positions = torch.arange(q.shape[-2]).unsqueeze(0).expand(q.shape[0], -1)
+        mask = position_mask(positions, spelling=spelling, chunk=16)
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.1 + mask, -1) @ v
+
+    r = check(attn, *qkv(), expect={"attention": 1})
+    assert "causal, chunk 16" in r.rewrites[0].kernel, str(r)
+    r = check(attn, *qkv(t=16), expect={"attention": 1})
+    assert "causal" in r.rewrites[0].kernel and "chunk" not in r.rewrites[0].kernel, str(r)
+
+
+@pytest.mark.parametrize("case", ["shifted_positions", "other_key_divisor", "padding_given",
+                                  "no_causal"])
+def test_chunk_masks_that_are_not_provably_aligned_stay_a_bias(case):
+    """Look-alikes of the chunked overlay: positions starting at 3 (chunks no longer aligned with
+    the key index), another divisor on the key side, left padding from the data, and chunks
+    without the causal constraint. Each stays an exact general bias."""
+    q, k, v = qkv()
+    pad = torch.tensor([0, 5])
+
+    def attn(q, k, v, pad):
+        t = q.shape[-2]
+        positions = torch.arange(t).unsqueeze(0).expand(q.shape[0], -1)
+        if case == "shifted_positions":
+            mask = position_mask(positions + 3, chunk=16)
+        elif case == "other_key_divisor":
+            mask = position_mask(positions, chunk=16, key_chunk=8)
+        elif case == "padding_given":
+            mask = position_mask(positions, chunk=16, left_padding=pad)
+        else:
+            i = torch.arange(t)
+            mask = torch.where(i[None, :] // 16 == i[:, None] // 16, 0.0, float("-inf"))
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.1 + mask, -1) @ v
+
+    r = check(attn, q, k, v, pad, expect={"attention": 1})
+    assert "causal" not in r.rewrites[0].kernel and "chunk" not in r.rewrites[0].kernel, str(r)
+
+
 def test_verify_once_caches_per_subgraph_not_per_shape():
     """``verify="once"`` reuses a verification only for a site that computes alike (a repeated
     layer), never for another subgraph with the same shapes and the same replacement: a second

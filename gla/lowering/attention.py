@@ -21,7 +21,7 @@ MAX_HEAD_DIM = 256
 
 @leaf
 def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill=None, key_mask=None, gate=None, scale=1.0,
-                   causal=False, window=0, flat_heads=False, out_dtype=None, impl="auto", nan_rows=False,
+                   causal=False, window=0, chunk=0, flat_heads=False, out_dtype=None, impl="auto", nan_rows=False,
                    cast_to=None):
     """The one graph node a matched attention becomes (traced through by AOT autograd into gla::attention).
 
@@ -59,7 +59,7 @@ def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill
         if gate is not None:
             gate = gate.unsqueeze(0)
     out = gated_attention(q, k, v, gate=gate, bias=bias, key_mask=key_mask, scale=scale, causal=causal,
-                          window=window, impl=impl)
+                          window=window, chunk=chunk, impl=impl)
     if nan_rows:
         # PyTorch's CPU SDPA returns 0 for a query row holding NaN (eager softmax, the reference and
         # the Triton kernel give NaN; a row with ±inf gives NaN in eager too): propagate like eager.
@@ -69,6 +69,11 @@ def attention_call(q, k, v, *, kt=False, bias=None, keep=None, masked=None, fill
     if empty_rows is not None:
         out = torch.where(empty_rows, _uniform_rows(v_model, gate_model, out.shape[-3]).to(out.dtype), out)
     return out if out_dtype is None else out.to(out_dtype)
+
+
+def _position_form(causal: bool, window: int, chunk: int) -> str:
+    """How the report names a proved position mask: "causal", "causal, window 8, chunk 16"."""
+    return "causal" + (f", window {window}" if window else "") + (f", chunk {chunk}" if chunk else "")
 
 
 def _uniform_rows(v, gate, heads: int):
@@ -99,7 +104,8 @@ def choose_impl(config: Config, q, k, v, *, masked=False, **case) -> str | Decli
 
     if config.kernels == "reference":
         return "reference"
-    plain = not masked and case.get("bias") is None and not case.get("window") and not case.get("key_mask")
+    plain = not masked and case.get("bias") is None and not case.get("window") and not case.get("chunk") \
+        and not case.get("key_mask")
     grad = q.requires_grad or k.requires_grad or v.requires_grad
     if config.kernels == "pytorch":
         if grad and plain and sdpa_runs_cudnn(q, k, v, causal=case.get("causal", False)):
@@ -241,7 +247,7 @@ class AttentionLowering:
                       out_dtype=tensor_meta(match.root).dtype, cast_to=cast_to)
         extra: list[fx.Node] = []
         bias = c.get("bias")
-        causal, window = False, 0
+        causal, window, chunk = False, 0, 0
         if "mask" in c or "keep" in c:
             fill = c["fill"]
             if not (isinstance(fill, (int, float)) and fill <= NEG_LIMIT):
@@ -249,13 +255,13 @@ class AttentionLowering:
             if "keep" in c:
                 form = keep_form(c["keep"], scores) if tq.dim() == 4 else None
                 if form:
-                    causal, window, extra = True, form.window, list(form.nodes)
+                    causal, window, chunk, extra = True, form.window, form.chunk, list(form.nodes)
                 else:
                     kwargs.update(keep=c["keep"], fill=float(fill))
             else:
                 form = masked_form(c["mask"], scores) if tq.dim() == 4 else None
                 if form:
-                    causal, window, extra = True, form.window, list(form.nodes)
+                    causal, window, chunk, extra = True, form.window, form.chunk, list(form.nodes)
                 else:
                     kwargs.update(masked=c["mask"], fill=float(fill))
         if bias is not None:
@@ -264,14 +270,14 @@ class AttentionLowering:
                 return Decline("the additive mask is not a floating-point tensor")
             form = mask_form(bias, scores) if tq.dim() == 4 and not causal else None
             if form:
-                causal, window, extra = True, form.window, list(form.nodes)
+                causal, window, chunk, extra = True, form.window, form.chunk, list(form.nodes)
             else:
                 kwargs["bias"] = bias
-        kwargs.update(causal=causal, window=window)
+        kwargs.update(causal=causal, window=window, chunk=chunk)
         k_meta, v_meta = (_as_dtype(tensor_meta(x), cast_to) for x in (k, v))
         if tq.shape[-1] > MAX_HEAD_DIM:
             return Decline(f"head dim {tq.shape[-1]} > {MAX_HEAD_DIM}")
-        case = dict(bias=tensor_meta(kwargs.get("bias")), causal=causal, window=window)
+        case = dict(bias=tensor_meta(kwargs.get("bias")), causal=causal, window=window, chunk=chunk)
         impl = choose_impl(config, tq, k_meta if not kt_transposed else tkt.transpose(-2, -1), v_meta,
                            masked="keep" in kwargs or "masked" in kwargs, **case)
         if isinstance(impl, Decline):
@@ -279,7 +285,7 @@ class AttentionLowering:
         kwargs["impl"] = impl
         if impl == "sdpa":  # hand-written softmax attention propagates NaN rows; CPU SDPA does not
             kwargs["nan_rows"] = True
-        form = "causal" + (f", window {window}" if window else "") if causal else \
+        form = _position_form(causal, window, chunk) if causal else \
             ("bias" if {"bias", "keep", "masked"} & kwargs.keys() else "no mask")
         gqa = f", GQA {groups_v}:1" if groups_v > 1 else ""
         return Selected(attention_call, kwargs, f"{kernel_name(impl)} ({form}{gqa})", extra)
@@ -331,7 +337,7 @@ class SDPALowering:
             return scale
         kwargs = dict(q=q, k=k, v=v, scale=scale, causal=causal, out_dtype=None, cast_to=cast_to)
         mask = c["attn_mask"]
-        window, extra = 0, []
+        window, chunk, extra = 0, 0, []
         if mask is not None:
             tm = tensor_meta(mask)
             if tm is None:
@@ -340,17 +346,18 @@ class SDPALowering:
             is_bool = tm.dtype == torch.bool
             form = None if causal else (keep_form if is_bool else mask_form)(mask, scores)
             if form:
-                kwargs.update(causal=True, window=form.window)
-                window, extra = form.window, list(form.nodes)
+                kwargs.update(causal=True, window=form.window, chunk=form.chunk)
+                window, chunk, extra = form.window, form.chunk, list(form.nodes)
             elif is_bool:
                 kwargs.update(keep=mask, fill=float("-inf"))
             else:
                 kwargs["bias"] = mask
-        case = dict(bias=tensor_meta(kwargs.get("bias")), causal=kwargs["causal"], window=window)
+        case = dict(bias=tensor_meta(kwargs.get("bias")), causal=kwargs["causal"], window=window, chunk=chunk)
         impl = choose_impl(config, tq, _as_dtype(tensor_meta(k), cast_to), _as_dtype(tensor_meta(v), cast_to),
                            masked="keep" in kwargs, **case)
         if isinstance(impl, Decline):
             return impl
         kwargs["impl"] = impl
-        form_s = "causal" if kwargs["causal"] else ("bias" if {"bias", "keep", "masked"} & kwargs.keys() else "no mask")
+        form_s = _position_form(True, window, chunk) if kwargs["causal"] else \
+            ("bias" if {"bias", "keep", "masked"} & kwargs.keys() else "no mask")
         return Selected(attention_call, kwargs, f"{kernel_name(impl)} ({form_s})", extra)

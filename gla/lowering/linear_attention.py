@@ -553,7 +553,7 @@ def causal_mask(n: fx.Node, keep: bool = True) -> list[fx.Node] | None:
         return _producers(n)
     if keep and tensor_meta(x).dtype == torch.bool:
         form = keep_form(x, list(s))
-        if form is not None and form.causal and not form.window:
+        if form is not None and form.causal and not form.window and not form.chunk:
             return _producers(n)
     return None
 

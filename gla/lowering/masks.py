@@ -1,8 +1,9 @@
-"""Prove that an additive mask is causal (or a causal sliding window) from how it is built.
+"""Prove that an additive mask is causal (a causal sliding window, causal chunks) from how it is built.
 
 The mask's producer subgraph is evaluated abstractly: ``arange`` values placed on the query (-2)
 or key (-1) axis are affine index forms, comparisons between them are linear constraints, ``&``
-joins constraints, and ``where(allowed, 0, -big)`` makes the additive mask. A mask built only from
+joins constraints, and ``where(allowed, 0, -big)`` makes the additive mask. ``a // c == b // c``
+of a key and a query position is a chunk constraint (Llama 4's chunked attention). A mask built only from
 these is the same at every sequence length, so the proof holds under dynamic shapes. Anything else
 (a buffer, a padding mask from the batch) is runtime data: the mask then stays a general bias.
 So is a tensor written in place anywhere in the graph (``mask[..., :n] = 0``): its producer no
@@ -43,10 +44,20 @@ class Affine:
 
 
 @dataclass(frozen=True)
+class Quotient:
+    """``affine // divisor``: floor division by a positive integer."""
+
+    affine: Affine
+    divisor: int
+
+
+@dataclass(frozen=True)
 class Allowed:
-    """Positions where every constraint ``Σ coef·index + const ≤ 0`` holds."""
+    """Positions where every constraint ``Σ coef·index + const ≤ 0`` holds, and every chunk
+    constraint ``a // size == b // size`` (entries ``(a, b, size)``)."""
 
     constraints: tuple[Affine, ...]
+    chunks: tuple[tuple[Affine, Affine, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,17 @@ def _is_device(x) -> bool:
     return isinstance(x, (torch.device, str))
 
 
+def _as_int(x):
+    """An integer operand: a Python int, or a tensor holding one integer everywhere."""
+    if isinstance(x, Const) and isinstance(x.value, int) and not isinstance(x.value, bool):
+        return x.value
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+_INT_DTYPES = (int, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_FLOORDIV = (operator.floordiv, torch.floor_divide)
+
+
 @dataclass(frozen=True)
 class _Filled:
     """``torch.full((Tq, Tk), value)`` / ``torch.ones(Tq, Tk)``: the input of ``triu``/``tril``."""
@@ -86,6 +108,7 @@ class MaskForm:
     causal: bool
     window: int
     nodes: tuple[fx.Node, ...]
+    chunk: int = 0  # > 0: causal within aligned chunks of this many positions
 
 
 def _zero(x) -> bool:
@@ -162,11 +185,21 @@ class _Eval:
         if n.op == "call_function" and t in (operator.add, operator.sub):
             x, y = self(a[0]), self(a[1])
             sign = 1 if t is operator.add else -1
-            if isinstance(x, Affine) and isinstance(y, int):
-                return x.shift(sign * y)
-            if isinstance(x, int) and isinstance(y, Affine) and t is operator.add:
-                return y.shift(x)
+            if isinstance(x, Affine) and _as_int(y) is not None:
+                return x.shift(sign * _as_int(y))
+            if _as_int(x) is not None and isinstance(y, Affine) and t is operator.add:
+                return y.shift(_as_int(x))
             return None
+        if (n.op == "call_function" and t in _FLOORDIV) or \
+                (n.op == "call_method" and t in ("__floordiv__", "floor_divide")):
+            x, c = self(a[0]), (a[1] if len(a) == 2 and not n.kwargs else None)
+            ok = isinstance(x, Affine) and isinstance(c, int) and not isinstance(c, bool) and c > 0
+            return Quotient(x, c) if ok else None
+        if n.op == "call_function" and t is torch.zeros and len(a) >= 1 and \
+                n.kwargs.get("dtype") in _INT_DTYPES and not set(n.kwargs) - {"dtype", "device"}:
+            return Const(0)  # (integer zeros: subtracting them keeps a position exact)
+        if n.op == "call_function" and t is operator.getitem and isinstance(a[1], fx.Node):
+            return self._gather(a[0], (a[1],))
         if n.op == "call_function" and t is operator.getitem and isinstance(a[1], tuple) and \
                 any(isinstance(i, fx.Node) for i in a[1]):
             return self._gather(a[0], a[1])
@@ -249,6 +282,9 @@ class _Eval:
     def _binary(self, t, a):
         if t in (operator.eq, operator.ne):
             x, y = self(a[0]), (self(a[1]) if isinstance(a[1], fx.Node) else a[1])
+            if t is operator.eq and isinstance(x, Quotient) and isinstance(y, Quotient) and \
+                    x.divisor == y.divisor:
+                return Allowed((), ((x.affine, y.affine, x.divisor),))
             x = x.value if isinstance(x, Const) else None
             y = y.value if isinstance(y, Const) else (y if isinstance(y, (int, bool)) else None)
             if x is None or y is None:
@@ -259,7 +295,7 @@ class _Eval:
             x = Allowed(()) if isinstance(x, Const) and x.value is True else x  # all True: no constraint
             y = Allowed(()) if isinstance(y, Const) and y.value is True else y
             if isinstance(x, Allowed) and isinstance(y, Allowed):
-                return Allowed(x.constraints + y.constraints)
+                return Allowed(x.constraints + y.constraints, x.chunks + y.chunks)
             return None
         x, y = self(a[0]), self(a[1])  # le / lt / ge / gt
         if not (isinstance(x, Affine) and isinstance(y, Affine)):
@@ -354,7 +390,7 @@ def masked_form(masked: fx.Node, scores_shape) -> MaskForm | None:
     """
     ev = _Eval()
     res = ev(masked)
-    if not isinstance(res, Allowed) or len(res.constraints) != 1:
+    if not isinstance(res, Allowed) or len(res.constraints) != 1 or res.chunks:
         return None
     (c,) = res.constraints
     negated = Affine(tuple((ax, -k) for ax, k in c.terms), -c.const + 1, c.rank, c.lengths)
@@ -379,9 +415,29 @@ def _form(allowed: Allowed, ev: _Eval, node: fx.Node, scores_shape) -> MaskForm 
             window = w if not window else min(window, w)
         else:
             return None
+    chunk = 0
+    for a, b, size in allowed.chunks:
+        if not _same_chunk(a, b, size, tq, tk) or chunk not in (0, size):
+            return None
+        chunk = size
     if not causal:
         return None
+    if chunk and statically_known_true(tq <= chunk):
+        chunk = 0  # every position is in the first chunk: the mask is just causal
     meta = tensor_meta(node)
     if meta is None or meta.dim() < 2:
         return None
-    return MaskForm(True, window, tuple(dict.fromkeys(ev.nodes)))
+    return MaskForm(True, window, tuple(dict.fromkeys(ev.nodes)), chunk)
+
+
+def _same_chunk(a: Affine, b: Affine, size: int, tq, tk) -> bool:
+    """``a // size == b // size`` says "key and query in the same aligned chunk": one is the
+    key index plus c, the other the query index plus the same c, with c a multiple of size
+    (then ``(k + c) // size == (q + c) // size`` ⇔ ``k // size == q // size``)."""
+    ta, tb = dict(a.terms), dict(b.terms)
+    if ta == {-2: 1} and tb == {-1: 1}:
+        a, b, ta, tb = b, a, tb, ta
+    if not (ta == {-1: 1} and tb == {-2: 1} and a.const == b.const and a.const % size == 0):
+        return False
+    la, lb = dict(a.lengths), dict(b.lengths)
+    return statically_known_true(la.get(-1, -1) == tk) and statically_known_true(lb.get(-2, -1) == tq)

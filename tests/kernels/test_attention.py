@@ -63,8 +63,8 @@ def _key_mask(kind, B, Tk, gen):
     return km
 
 
-def make_case(B=1, Hq=2, Hkv=2, Tq=63, Tk=63, D=40, Dv=None, causal=False, window=0, gate=None,
-              bias=None, key_mask=None, bthd=False, dtype=torch.float32, seed=0):
+def make_case(B=1, Hq=2, Hkv=2, Tq=63, Tk=63, D=40, Dv=None, causal=False, window=0, chunk=0,
+              gate=None, bias=None, key_mask=None, bthd=False, dtype=torch.float32, seed=0):
     """Fresh random inputs (gates too, never zeros) in ``dtype``; bthd: [B,T,H,D] transposed."""
     gen = torch.Generator().manual_seed(seed)
     Dv = Dv or D
@@ -81,7 +81,7 @@ def make_case(B=1, Hq=2, Hkv=2, Tq=63, Tk=63, D=40, Dv=None, causal=False, windo
     elif gate == "headwise":
         g = nan_tailed((2 * rnd(B, Hq, Tq, 1)).to(dtype))
     kw = dict(gate=g, bias=_bias(bias, B, Tq, Tk, gen), key_mask=_key_mask(key_mask, B, Tk, gen),
-              causal=causal, window=window)
+              causal=causal, window=window, chunk=chunk)
     dout = rnd(B, Hq, Tq, Dv)
     return q, k, v, kw, dout
 
@@ -99,6 +99,14 @@ CASES = {
                                          bias="b_1_1_k", key_mask="random"),
     "causal-q63-k17-empty-rows": dict(Tq=63, Tk=17, causal=True, gate="headwise"),
     "d64-dv40-long": dict(Hq=1, Hkv=1, Tq=130, Tk=130, D=64, Dv=40, causal=True, window=50),
+    # Llama 4's chunked attention: causal within aligned chunks (odd sizes cut through blocks)
+    "causal-chunk20-gqa2-elementwise": dict(Hq=4, Hkv=2, causal=True, chunk=20,
+                                            gate="elementwise"),
+    "cross-q17-k63-chunk20-keymask": dict(B=2, Tq=17, Tk=63, causal=True, chunk=20,
+                                          key_mask="random", gate="headwise"),
+    "causal-chunk9-window5-bias-b-1-1-k": dict(Hq=2, Hkv=1, causal=True, chunk=9, window=5,
+                                               bias="b_1_1_k"),
+    "d64-chunk50-long": dict(Hq=1, Hkv=1, Tq=130, Tk=130, D=64, causal=True, chunk=50),
 }
 
 
@@ -111,7 +119,7 @@ def _reference(q, k, v, kw, dout):
     bias = kw["bias"].double() if kw["bias"] is not None else None
     out = attention_reference(leaves[0], leaves[1], leaves[2], gate=leaves[3] if g is not None
                               else None, bias=bias, key_mask=kw["key_mask"], causal=kw["causal"],
-                              window=kw["window"])
+                              window=kw["window"], chunk=kw["chunk"])
     grads = torch.autograd.grad(out, leaves, dout.double())
     return out, grads
 
@@ -124,6 +132,7 @@ def _run(impl, q, k, v, kw, dout):
     out = gated_attention(leaves[0], leaves[1], leaves[2],
                           gate=leaves[3] if g is not None else None, bias=kw["bias"],
                           key_mask=kw["key_mask"], causal=kw["causal"], window=kw["window"],
+                          chunk=kw["chunk"],
                           impl=impl)
     grads = torch.autograd.grad(out, leaves, dout)
     return out, grads
@@ -143,6 +152,8 @@ def _fully_masked_rows(q, k, kw):
         vis &= j <= i
     if kw["window"]:
         vis &= i - j < kw["window"]
+    if kw["chunk"]:
+        vis &= torch.div(i, kw["chunk"], rounding_mode="floor") == j // kw["chunk"]
     if kw["key_mask"] is not None:
         vis = vis & kw["key_mask"][:, None, None, :]
     s = s.masked_fill(~vis, NEG_INF)
@@ -180,13 +191,16 @@ def _cfg(fwd, dq, dkdv):
                                  _cfg((16, 32), (32, 16), (32, 16))], ids=["tall", "wide"])
 @pytest.mark.parametrize("case", [dict(Tq=40, Tk=70, causal=True, window=23),
                                   dict(Tq=70, Tk=40, window=11, key_mask="random", B=2),
-                                  dict(Tq=64, Tk=64, causal=True)],
-                         ids=["q40-k70-causal-window", "q70-k40-window-keymask", "even-64"])
+                                  dict(Tq=64, Tk=64, causal=True),
+                                  dict(Tq=40, Tk=70, causal=True, chunk=13),
+                                  dict(Tq=64, Tk=64, causal=True, chunk=32)],
+                         ids=["q40-k70-causal-window", "q70-k40-window-keymask", "even-64",
+                              "q40-k70-chunk13", "even-64-chunk32"])
 def test_block_m_differs_from_block_n(case, cfg):
     """The GPU configs use BLOCK_M != BLOCK_N: exercise the band arithmetic with such tiles."""
     q, k, v, kw, dout = make_case(Hq=2, Hkv=1, D=32, gate="elementwise", **case)
     scale = 1 / math.sqrt(32)
-    args = (kw["gate"], kw["bias"], kw["key_mask"], scale, kw["causal"], kw["window"])
+    args = (kw["gate"], kw["bias"], kw["key_mask"], scale, kw["causal"], kw["window"], kw["chunk"])
     out, lse = flash.attention_forward(q, k, v, *args, config=cfg)
     grads = flash.attention_backward(dout, q, k, v, out, lse, *args, config=cfg)
     ref, ref_grads = _reference(q, k, v, kw, dout)
@@ -303,6 +317,10 @@ def test_forced_triton_rejects_bias_grad_and_bad_args():
         gated_attention(q, q, q, key_mask=torch.ones(1, 8))
     with pytest.raises(ValueError, match="impl"):
         gated_attention(q, q, q, impl="cudnn")
+    with pytest.raises(ValueError, match="needs causal"):
+        gated_attention(q, q, q, chunk=4)
+    with pytest.raises(ValueError, match="chunk must be >= 0"):
+        gated_attention(q, q, q, causal=True, chunk=-1)
 
 
 def test_torch_compile_aot_eager_keeps_ops_opaque():
@@ -346,12 +364,12 @@ def test_opcheck(impl):
                                   gate="elementwise", bias="1_1_q_k")
     bias = kw["bias"].clone().requires_grad_(impl != "triton")
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
-            kw["gate"].requires_grad_(), bias, None, 0.25, True, 0, impl)
+            kw["gate"].requires_grad_(), bias, None, 0.25, True, 0, 0, impl)
     torch.library.opcheck(attention_op, args)
     out, lse = attention_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
     saved = (out if impl == "triton" else lse)
     bargs = (dout, q.detach(), k.detach(), v.detach(), saved, lse, kw["gate"], bias.detach(),
-             None, 0.25, True, 0, impl, impl != "triton")
+             None, 0.25, True, 0, 0, impl, impl != "triton")
     torch.library.opcheck(attention_backward_op, bargs,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -420,7 +438,7 @@ def test_backward_through_out_only_materializes_nothing():
     """Autograd must not build zero grads for lse / o_ungated (no aten::zeros in the backward)."""
     q, k, v, kw, dout = make_case(causal=True, gate="elementwise", Tq=16, Tk=16, D=16)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, kw["gate"])]
-    out, _ = torch.ops.gla.attention(*leaves, None, None, 0.25, True, 0, "triton")
+    out, _ = torch.ops.gla.attention(*leaves, None, None, 0.25, True, 0, 0, "triton")
     with torch.profiler.profile() as prof:
         torch.autograd.grad(out, leaves, dout)
     names = {e.name for e in prof.events()}
@@ -462,6 +480,10 @@ GPU_CASES = {
                                      window=256, key_mask="random", gate="headwise"),
     "bias-d128-bthd": dict(B=2, Hq=4, Hkv=2, Tq=1000, Tk=1000, D=128, bias="b_1_1_k", bthd=True),
     "decode-d128": dict(B=2, Hq=8, Hkv=2, Tq=1, Tk=1000, D=128, causal=True),
+    "chunk300-gqa-d128-gate": dict(B=2, Hq=8, Hkv=2, Tq=1000, Tk=1000, D=128, causal=True,
+                                   chunk=300, gate="elementwise"),
+    "cross-d64-chunk200-window": dict(B=2, Hq=4, Hkv=1, Tq=333, Tk=1000, D=64, causal=True,
+                                      chunk=200, window=150, key_mask="random"),
 }
 
 
@@ -495,7 +517,7 @@ def test_gpu_every_default_config(D, few_tiles, extras):
     q, k, v, dout = q.cuda(), k.cuda(), v.cuda(), dout.cuda()
     kw = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
     cfg = flash._configs_cached(D, D, torch.bfloat16, True, 65, extras, False, few_tiles)
-    args = (kw["gate"], None, kw["key_mask"], 1 / math.sqrt(D), True, kw["window"])
+    args = (kw["gate"], None, kw["key_mask"], 1 / math.sqrt(D), True, kw["window"], kw["chunk"])
     out, lse = flash.attention_forward(q, k, v, *args, config=cfg)
     grads = flash.attention_backward(dout, q, k, v, out, lse, *args, config=cfg)
     ref, ref_grads = _reference(q, k, v, kw, dout)

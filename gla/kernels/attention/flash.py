@@ -3,7 +3,7 @@
 FlashAttention-2 structure, read top to bottom like Triton's ``06-fused-attention`` tutorial:
 
 * forward: one program per (query block, batch·query head). Online softmax in base 2 (``log2(e)``
-  is folded into the scale), fp32 accumulation, key blocks outside the causal/window band are
+  is folded into the scale), fp32 accumulation, key blocks outside the causal/window/chunk band are
   skipped and blocks entirely inside it run without masks. The sigmoid gate is applied in the
   epilogue, so the output is written once. Saves the log-sum-exp (base 2) per row.
 * backward: a preprocess kernel (``delta = rowsum(dO·O)``, the gated ``dO``, and ``dgate``, all
@@ -13,7 +13,8 @@ FlashAttention-2 structure, read top to bottom like Triton's ``06-fused-attentio
   whose fp32 partials one more kernel sums), and a dQ kernel (one program per query block).
 
 Semantics (see ``naive.attention_reference``): GQA head ``h`` reads kv head ``h // group``;
-bottom-right aligned causal / left window; additive ``bias`` broadcast with zero strides; bool
+bottom-right aligned causal / left window / chunk (causal within aligned blocks of ``chunk``
+keys); additive ``bias`` broadcast with zero strides; bool
 ``key_mask [B, Tk]``; a query row with no visible key outputs 0 and gets zero gradients (its lse
 is stored as +inf so that every recomputed probability is exactly 0).
 
@@ -45,8 +46,8 @@ POISON = os.environ.get("GLA_POISON", "0") == "1"
 # Shared helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _key_range(start_m, TQ, TK, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _key_range(start_m, TQ, TK, WINDOW, CHUNK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr):
     """Key blocks seen by query rows [start_m, start_m + BLOCK_M): lo ≤ lo_full ≤ hi_full ≤ hi.
 
     [lo, lo_full) and [hi_full, hi) need the position mask; [lo_full, hi_full) is entirely
@@ -63,6 +64,10 @@ def _key_range(start_m, TQ, TK, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
     if HAS_WINDOW:
         lo = (tl.maximum(start_m + off - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
         lo_full = ((tl.maximum(last_m + off - WINDOW + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    if HAS_CHUNK:  # (causal) a row sees its own chunk's keys: from the chunk's first one
+        lo = tl.maximum(lo, ((tl.maximum(start_m + off, 0) // CHUNK) * CHUNK // BLOCK_N) * BLOCK_N)
+        first = (tl.maximum(last_m + off, 0) // CHUNK) * CHUNK
+        lo_full = tl.maximum(lo_full, ((first + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
     lo = tl.minimum(lo, hi)
     lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
     hi_full = tl.maximum(tl.minimum(hi_full, hi), lo_full)
@@ -70,8 +75,8 @@ def _key_range(start_m, TQ, TK, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _query_range(start_n, TQ, TK, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _query_range(start_n, TQ, TK, WINDOW, CHUNK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr):
     """Query blocks that see keys [start_n, start_n + BLOCK_N): lo ≤ lo_full ≤ hi_full ≤ hi.
 
     [lo_full, hi_full) holds whole query blocks inside [0, TQ) that see every key of the block
@@ -89,6 +94,10 @@ def _query_range(start_n, TQ, TK, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
         hi = tl.minimum(hi, tl.maximum(last_n + WINDOW - off, 0))
         hi_full = tl.minimum(hi_full,
                              (tl.maximum(start_n + WINDOW - off, 0) // BLOCK_M) * BLOCK_M)
+    if HAS_CHUNK:  # (causal) a key is seen by the rows of its own chunk only: up to its end
+        hi = tl.minimum(hi, tl.maximum((last_n // CHUNK + 1) * CHUNK - off, 0))
+        hi_full = tl.minimum(hi_full, (tl.maximum((start_n // CHUNK + 1) * CHUNK - off, 0)
+                                       // BLOCK_M) * BLOCK_M)
     lo = tl.minimum(lo, hi)
     lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
     hi_full = tl.maximum(tl.minimum(hi_full, hi), lo_full)
@@ -113,9 +122,10 @@ def _load_tile(ptrs, rows, n_rows, cols, N_COLS: tl.constexpr, CHECK_ROWS: tl.co
 
 
 @triton.jit
-def _scores(qk, offs_m, offs_n, qk_scale, TQ, TK, WINDOW, bias_base, stride_bm, stride_bn,
-            km_base, stride_kmn, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-            HAS_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr):
+def _scores(qk, offs_m, offs_n, qk_scale, TQ, TK, WINDOW, CHUNK, bias_base, stride_bm,
+            stride_bn, km_base, stride_kmn, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+            HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
+            HAS_KMASK: tl.constexpr):
     """Base-2 logits of a [M, N] tile: qk·scale·log2e (+ bias·log2e), -inf where not visible.
 
     offs_m / offs_n may be given as [M, 1] / [1, N] or transposed ([1, M] / [N, 1]); every
@@ -135,6 +145,8 @@ def _scores(qk, offs_m, offs_n, qk_scale, TQ, TK, WINDOW, bias_base, stride_bm, 
             vis = vis & (offs_n <= offs_m + (TK - TQ))
         if HAS_WINDOW:
             vis = vis & ((offs_m + (TK - TQ)) - offs_n < WINDOW)
+        if HAS_CHUNK:  # (causal: rows before key 0 see nothing, whatever their chunk reads)
+            vis = vis & ((offs_m + (TK - TQ)) // CHUNK == offs_n // CHUNK)
         s = tl.where(vis, s, float("-inf"))
     return s
 
@@ -145,9 +157,10 @@ def _scores(qk, offs_m, offs_n, qk_scale, TQ, TK, WINDOW, bias_base, stride_bm, 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                     bias_base, stride_bm, stride_bn, km_base, stride_kmn,
-                    offs_m, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW,
+                    offs_m, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW, CHUNK,
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HAS_CHUNK: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr,
                     INT64: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
@@ -158,9 +171,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
                        offs_n, TK, offs_d, D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED or HAS_BIAS or HAS_KMASK:
-            s = _scores(qk, offs_m[:, None], offs_n[None, :], qk_scale, TQ, TK, WINDOW,
+            s = _scores(qk, offs_m[:, None], offs_n[None, :], qk_scale, TQ, TK, WINDOW, CHUNK,
                         bias_base, stride_bm, stride_bn, km_base, stride_kmn,
-                        MASKED, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK)
+                        MASKED, IS_CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_BIAS, HAS_KMASK)
             m_ij = tl.maximum(m_i, tl.max(s, 1))
             # A row with nothing visible yet keeps m = -inf; subtract 0 instead (no NaN).
             m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
@@ -190,10 +203,11 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, LSE, sm_scale,
               stride_bb, stride_bh, stride_bm, stride_bn,
               stride_kmb, stride_kmn,
               stride_ob, stride_oh, stride_om, stride_od,
-              H, GROUP, TQ, TK, WINDOW,
+              H, GROUP, TQ, TK, WINDOW, CHUNK,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_GATE: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_CHUNK: tl.constexpr, HAS_GATE: tl.constexpr,
               GATE_HEADWISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr,
               PRECISION: tl.constexpr, INT64: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -223,25 +237,25 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, LSE, sm_scale,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    lo, lo_full, hi_full, hi = _key_range(start_m, TQ, TK, WINDOW, BLOCK_M, BLOCK_N,
-                                          IS_CAUSAL, HAS_WINDOW)
-    # left edge of the window band (masked), the fully visible middle, the causal diagonal.
-    if HAS_WINDOW:
+    lo, lo_full, hi_full, hi = _key_range(start_m, TQ, TK, WINDOW, CHUNK, BLOCK_M, BLOCK_N,
+                                          IS_CAUSAL, HAS_WINDOW, HAS_CHUNK)
+    # left edge of the window / chunk band (masked), the fully visible middle, the diagonal.
+    if HAS_WINDOW or HAS_CHUNK:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
             bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
-            lo, lo_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
+            lo, lo_full, qk_scale, TQ, TK, WINDOW, CHUNK, D, DV, BLOCK_N,
+            True, IS_CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
-        lo_full, hi_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-        False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
+        lo_full, hi_full, qk_scale, TQ, TK, WINDOW, CHUNK, D, DV, BLOCK_N,
+        False, IS_CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
-        hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-        True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
+        hi_full, hi, qk_scale, TQ, TK, WINDOW, CHUNK, D, DV, BLOCK_N,
+        True, IS_CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
 
     # epilogue: normalise, empty rows -> 0 with lse = +inf, gate, write once.
     empty = l_i == 0.0
@@ -323,9 +337,10 @@ def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA,
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                          stride_qm, stride_qd, stride_dom, stride_dod,
                          bias_base, stride_bm, stride_bn, km_base, stride_kmn,
-                         offs_n, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW,
+                         offs_n, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW, CHUNK,
                          D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                          MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         HAS_CHUNK: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr,
                          PRECISION: tl.constexpr, INT64: tl.constexpr):
     # Transposed tiles: rows are keys (offs_n), columns are queries (offs_m).
@@ -343,9 +358,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
             delta = tl.load(delta_base + offs_m)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         if MASKED or HAS_BIAS or HAS_KMASK:
-            sT = _scores(qkT, offs_m[None, :], offs_n[:, None], qk_scale, TQ, TK, WINDOW,
+            sT = _scores(qkT, offs_m[None, :], offs_n[:, None], qk_scale, TQ, TK, WINDOW, CHUNK,
                          bias_base, stride_bm, stride_bn, km_base, stride_kmn,
-                         MASKED, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK)
+                         MASKED, IS_CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_BIAS, HAS_KMASK)
             pT = tl.math.exp2(sT - lse[None, :])
         else:
             pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
@@ -369,10 +384,11 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_dks, stride_dvs,
-                   H, HK, GROUP, SPLIT, TQ, TK, WINDOW,
+                   H, HK, GROUP, SPLIT, TQ, TK, WINDOW, CHUNK,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   HAS_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
                    EVEN_M: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -400,8 +416,8 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     km_base = KMASK + off_b * stride_kmb
 
-    lo, lo_full, hi_full, hi = _query_range(start_n, TQ, TK, WINDOW, BLOCK_M, BLOCK_N,
-                                            IS_CAUSAL, HAS_WINDOW)
+    lo, lo_full, hi_full, hi = _query_range(start_n, TQ, TK, WINDOW, CHUNK, BLOCK_M, BLOCK_N,
+                                            IS_CAUSAL, HAS_WINDOW, HAS_CHUNK)
     # the query heads of this kv head (all of them, or one slice when SPLIT > 1: then DKEY/DVAL
     # are fp32 partial sums, one per slice, added by _attn_bwd_dkdv_sum): no atomics either way.
     heads = GROUP // SPLIT
@@ -413,24 +429,25 @@ def _attn_bwd_dkdv(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DKEY, DVAL, sm_scale,
         row_base = (off_b * H + off_h) * TQ
         lse_base = LSE + row_base
         delta_base = DELTA + row_base
-        # causal diagonal (masked), the fully visible middle, the window's far edge and the
-        # ragged last query block (masked).
+        # causal diagonal (masked), the fully visible middle, the window's / chunk's far edge and
+        # the ragged last query block (masked).
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
             stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
-            offs_n, offs_d, offs_dv, lo, lo_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
-            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
+            offs_n, offs_d, offs_dv, lo, lo_full, qk_scale, TQ, TK, WINDOW, CHUNK, D, DV,
+            BLOCK_M, True, IS_CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
             stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
-            offs_n, offs_d, offs_dv, lo_full, hi_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
-            False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
-        if HAS_WINDOW or not EVEN_M:  # (else [hi_full, hi) is empty)
+            offs_n, offs_d, offs_dv, lo_full, hi_full, qk_scale, TQ, TK, WINDOW, CHUNK, D, DV,
+            BLOCK_M, False, IS_CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
+        if HAS_WINDOW or HAS_CHUNK or not EVEN_M:  # (else [hi_full, hi) is empty)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                 stride_dom, stride_dod, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
-                offs_n, offs_d, offs_dv, hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_M,
-                True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
+                offs_n, offs_d, offs_dv, hi_full, hi, qk_scale, TQ, TK, WINDOW, CHUNK, D, DV,
+                BLOCK_M, True, IS_CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_BIAS, HAS_KMASK, PRECISION,
+                INT64)
 
     dk = dk * sm_scale
     DKEY += pid_s.to(tl.int64) * stride_dks
@@ -487,9 +504,10 @@ def _attn_bwd_dkdv_sum(PK, PV, DKEY, DVAL, stride_pks, stride_pvs, HK, TK,
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd,
                        stride_vn, stride_vd, bias_base, stride_bm, stride_bn, km_base, stride_kmn,
-                       offs_m, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW,
+                       offs_m, offs_d, offs_dv, lo, hi, qk_scale, TQ, TK, WINDOW, CHUNK,
                        D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       HAS_CHUNK: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr,
                        INT64: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
@@ -502,9 +520,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_
                        offs_n, TK, offs_dv, DV, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED or HAS_BIAS or HAS_KMASK:
-            s = _scores(qk, offs_m[:, None], offs_n[None, :], qk_scale, TQ, TK, WINDOW,
+            s = _scores(qk, offs_m[:, None], offs_n[None, :], qk_scale, TQ, TK, WINDOW, CHUNK,
                         bias_base, stride_bm, stride_bn, km_base, stride_kmn,
-                        MASKED, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK)
+                        MASKED, IS_CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_BIAS, HAS_KMASK)
             p = tl.math.exp2(s - lse[:, None])
         else:
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
@@ -524,10 +542,11 @@ def _attn_bwd_dq(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DQ, sm_scale,
                  stride_kmb, stride_kmn,
                  stride_dob, stride_doh, stride_dom, stride_dod,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                 H, GROUP, TQ, TK, WINDOW,
+                 H, GROUP, TQ, TK, WINDOW, CHUNK,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_KMASK: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -561,24 +580,24 @@ def _attn_bwd_dq(Q, K, V, BIAS, KMASK, DO, LSE, DELTA, DQ, sm_scale,
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
     km_base = KMASK + off_b * stride_kmb
-    lo, lo_full, hi_full, hi = _key_range(start_m, TQ, TK, WINDOW, BLOCK_M, BLOCK_N,
-                                          IS_CAUSAL, HAS_WINDOW)
-    if HAS_WINDOW:
+    lo, lo_full, hi_full, hi = _key_range(start_m, TQ, TK, WINDOW, CHUNK, BLOCK_M, BLOCK_N,
+                                          IS_CAUSAL, HAS_WINDOW, HAS_CHUNK)
+    if HAS_WINDOW or HAS_CHUNK:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
             bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
-            lo, lo_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-            True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
+            lo, lo_full, qk_scale, TQ, TK, WINDOW, CHUNK, D, DV, BLOCK_N,
+            True, IS_CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
-        lo_full, hi_full, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-        False, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
+        lo_full, hi_full, qk_scale, TQ, TK, WINDOW, CHUNK, D, DV, BLOCK_N,
+        False, IS_CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         bias_base, stride_bm, stride_bn, km_base, stride_kmn, offs_m, offs_d, offs_dv,
-        hi_full, hi, qk_scale, TQ, TK, WINDOW, D, DV, BLOCK_N,
-        True, IS_CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
+        hi_full, hi, qk_scale, TQ, TK, WINDOW, CHUNK, D, DV, BLOCK_N,
+        True, IS_CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_BIAS, HAS_KMASK, PRECISION, INT64)
 
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
@@ -828,7 +847,7 @@ def _interp_upcast(*ts):
 
 
 def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, causal=False,
-                      window=0, config=None):
+                      window=0, chunk=0, config=None):
     """Launch the forward kernel. Returns ``(out, lse)``.
 
     ``out`` is a ``[B, Hq, Tq, Dv]`` view of a ``[B, Tq, Hq, Dv]`` buffer in ``q.dtype`` (gated
@@ -847,7 +866,7 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     if INTERPRETED and q.dtype == torch.bfloat16:
         q, k, v, gate, bias = _interp_upcast(q, k, v, gate, bias)
     cfg = config or _configs(D, DV, q.dtype, causal, TQ,
-                             bias is not None or key_mask is not None or window > 0,
+                             bias is not None or key_mask is not None or window > 0 or chunk > 0,
                              batch_heads=B * H, device=q.device)
     c = cfg["fwd"]
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
@@ -859,10 +878,11 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     _attn_fwd[grid](
         q, k, v, g, b, km, out_k, lse, scale,
         *q.stride(), *k.stride(), *v.stride(), *gs, *bs, *kms, *out_k.stride(),
-        H, H // HK, TQ, TK, int(window),
+        H, H // HK, TQ, TK, int(window), int(chunk),
         D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-        IS_CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_GATE=gate is not None,
+        IS_CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_CHUNK=chunk > 0,
+        HAS_GATE=gate is not None,
         GATE_HEADWISE=headwise, HAS_BIAS=bias is not None, HAS_KMASK=key_mask is not None,
         PRECISION=_precision(q.dtype), INT64=int64,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
@@ -872,7 +892,7 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
 
 
 def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=None,
-                       scale=None, causal=False, window=0, config=None):
+                       scale=None, causal=False, window=0, chunk=0, config=None):
     """Launch preprocess, dK/dV and dQ kernels. Returns ``(dq, dk, dv, dgate)`` (dgate None
     without a gate). ``out`` and ``lse`` are what :func:`attention_forward` returned."""
     B, H, TQ, D = q.shape
@@ -893,7 +913,7 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
         dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
         dgate = _empty_like(gate) if gate is not None else None
     cfg = config or _configs(D, DV, q.dtype, causal, TQ,
-                             bias is not None or key_mask is not None or window > 0)
+                             bias is not None or key_mask is not None or window > 0 or chunk > 0)
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
     int64 = _needs_int64(q, k, v, out, dout, dq, dk, dv, g if gate is not None else None,
                          b if bias is not None else None)
@@ -913,7 +933,7 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
             num_warps=c["num_warps"],
             num_stages=c["num_stages"])
     common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), IS_CAUSAL=bool(causal),
-                  HAS_WINDOW=window > 0, HAS_BIAS=bias is not None,
+                  HAS_WINDOW=window > 0, HAS_CHUNK=chunk > 0, HAS_BIAS=bias is not None,
                   HAS_KMASK=key_mask is not None, PRECISION=_precision(q.dtype),
                   INT64=int64)
     if TK > 0:
@@ -931,6 +951,7 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
             q, k, v, b, km, do_eff, lse, delta, out_k, out_v, scale,
             *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *out_k.stride(),
             *out_v.stride(), *split_strides, H, HK, H // HK, split, TQ, TK, int(window),
+            int(chunk),
             BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], EVEN_M=TQ % c["BLOCK_M"] == 0,
             num_warps=c["num_warps"],
             num_stages=c["num_stages"], **common)
@@ -944,7 +965,7 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
         _attn_bwd_dq[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
             q, k, v, b, km, do_eff, lse, delta, dq, scale,
             *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *dq.stride(),
-            H, H // HK, TQ, TK, int(window),
+            H, H // HK, TQ, TK, int(window), int(chunk),
             BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"],
             num_stages=c["num_stages"], **common)
     if final[0] is not dq:  # interpreter bf16: computed in fp32

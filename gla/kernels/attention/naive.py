@@ -11,14 +11,16 @@ import torch
 
 
 def visible_positions(
-    tq: int, tk: int, causal: bool, window: int, device: torch.device | str | None = None
+    tq: int, tk: int, causal: bool, window: int, device: torch.device | str | None = None,
+    chunk: int = 0,
 ) -> torch.Tensor | None:
     """Bool ``[tq, tk]``: may query ``i`` see key ``j`` by position alone (None: all visible).
 
     Positions are bottom-right aligned: query ``i`` sits at key position ``i + (tk - tq)``.
     ``causal``: ``j <= i + tk - tq``. ``window > 0``: ``(i + tk - tq) - j < window``.
+    ``chunk > 0``: ``(i + tk - tq) // chunk == j // chunk`` (Llama 4's chunked attention).
     """
-    if not causal and window <= 0:
+    if not causal and window <= 0 and chunk <= 0:
         return None
     i = torch.arange(tq, device=device).unsqueeze(1) + (tk - tq)
     j = torch.arange(tk, device=device).unsqueeze(0)
@@ -27,6 +29,8 @@ def visible_positions(
         vis = vis & (j <= i)
     if window > 0:
         vis = vis & (i - j < window)
+    if chunk > 0:
+        vis = vis & (torch.div(i, chunk, rounding_mode="floor") == j // chunk)
     return vis
 
 
@@ -40,6 +44,7 @@ def attention_reference(
     scale: float | None = None,
     causal: bool = False,
     window: int = 0,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """Gated softmax attention, written out. Differentiable in every tensor argument.
 
@@ -53,6 +58,8 @@ def attention_reference(
     * ``key_mask`` is a bool ``[B, Tk]``, True where the key may be attended;
     * ``causal`` is bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Tk - Tq``;
     * ``window > 0`` additionally requires ``(i + Tk - Tq) - j < window``;
+    * ``chunk > 0`` additionally requires ``(i + Tk - Tq) // chunk == j // chunk``: attention
+      within aligned blocks of ``chunk`` positions (only with ``causal``);
     * ``gate`` holds pre-sigmoid logits, ``[B, Hq, Tq, Dv]`` (elementwise) or ``[B, Hq, Tq, 1]``
       (headwise), or anything else broadcastable to the output.
 
@@ -80,7 +87,7 @@ def attention_reference(
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias.to(ct)
-    vis = visible_positions(Tq, Tk, causal, window, q.device)
+    vis = visible_positions(Tq, Tk, causal, window, q.device, chunk)
     if key_mask is not None:
         km = key_mask.to(torch.bool)[:, None, None, :]
         vis = km if vis is None else vis & km

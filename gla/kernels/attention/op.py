@@ -38,7 +38,7 @@ _MAX_HEAD_DIM = 256
 # ----------------------------------------------------------------------------------------------
 # Argument checks (shapes / dtypes / devices only: they run on FakeTensors too)
 # ----------------------------------------------------------------------------------------------
-def _check_args(q, k, v, gate, bias, key_mask, window) -> None:
+def _check_args(q, k, v, gate, bias, key_mask, window, causal=False, chunk=0) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, T, D]; got {q.dim()}-D, {k.dim()}-D, "
                          f"{v.dim()}-D")
@@ -54,6 +54,10 @@ def _check_args(q, k, v, gate, bias, key_mask, window) -> None:
         raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
     if window < 0:
         raise ValueError(f"window must be >= 0 (0 = no window); got {window}")
+    if chunk < 0:
+        raise ValueError(f"chunk must be >= 0 (0 = no chunks); got {chunk}")
+    if chunk > 0 and not causal:
+        raise ValueError("chunk > 0 needs causal=True (chunked attention is causal within chunks)")
     Dv = v.shape[3]
     if gate is not None:
         if not gate.is_floating_point():
@@ -84,8 +88,11 @@ def _check_args(q, k, v, gate, bias, key_mask, window) -> None:
 
 
 def triton_unsupported_reason(q, k, v, gate=None, bias=None, key_mask=None, causal=False,
-                              window=0) -> str | None:
+                              window=0, chunk=0) -> str | None:
     """None if the Triton kernels handle this call, else a sentence saying why not.
+
+    (``causal``, ``window`` and ``chunk`` are taken for the signature's sake: the kernels run
+    every position mask.)
 
     Looks only at shapes, dtypes, devices and ``requires_grad`` (works on Fake/meta tensors).
     Assumes the arguments are otherwise valid (``gated_attention`` checks that first).
@@ -117,7 +124,7 @@ def triton_unsupported_reason(q, k, v, gate=None, bias=None, key_mask=None, caus
 # The SDPA path
 # ----------------------------------------------------------------------------------------------
 def attention_sdpa(q, k, v, gate=None, bias=None, key_mask=None, scale=None, causal=False,
-                   window=0) -> torch.Tensor:
+                   window=0, chunk=0) -> torch.Tensor:
     """The same semantics through ``F.scaled_dot_product_attention`` (differentiable).
 
     Causal (Tq == Tk) alone uses ``is_causal``; otherwise positions, key_mask and bias are
@@ -129,11 +136,12 @@ def attention_sdpa(q, k, v, gate=None, bias=None, key_mask=None, scale=None, cau
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     gqa = bool(Hq != Hkv)  # (a SymBool when traced with dynamic shapes: SDPA takes a bool)
-    if bias is None and key_mask is None and window <= 0 and (not causal or Tq == Tk):
+    if bias is None and key_mask is None and window <= 0 and chunk <= 0 and \
+            (not causal or Tq == Tk):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                              enable_gqa=gqa)
     else:
-        vis = visible_positions(Tq, Tk, causal, window, q.device)
+        vis = visible_positions(Tq, Tk, causal, window, q.device, chunk)
         if key_mask is not None:
             km = key_mask[:, None, None, :]
             vis = km if vis is None else vis & km
@@ -233,22 +241,23 @@ def _bthd_like(q: torch.Tensor, dv: int) -> torch.Tensor:
 @torch.library.custom_op("gla::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], scale: float,
-                 causal: bool, window: int, impl: str
+                 causal: bool, window: int, chunk: int, impl: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse)``. ``out`` is ``[B, Hq, Tq, Dv]`` with ``[B, Tq, Hq, Dv]`` memory.
     For ``impl="triton"`` ``lse`` is fp32 ``[B, Hq, Tq]``; other impls return it empty (their
     backward recomputes)."""
     if impl == "triton":
-        return flash.attention_forward(q, k, v, gate, bias, key_mask, scale, causal, window)
+        return flash.attention_forward(q, k, v, gate, bias, key_mask, scale, causal, window,
+                                       chunk)
     res = _forward_fn(impl)(q, k, v, gate=gate, bias=bias, key_mask=key_mask, scale=scale,
-                            causal=causal, window=window)
+                            causal=causal, window=window, chunk=chunk)
     out = _bthd_like(q, v.shape[-1])
     out.copy_(res)
     return out, q.new_empty(0, dtype=torch.float32)
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, gate, bias, key_mask, scale, causal, window, impl):
+def _attention_fake(q, k, v, gate, bias, key_mask, scale, causal, window, chunk, impl):
     B, H, T, _ = q.shape
     out = _bthd_like(q, v.shape[-1])
     if impl == "triton":
@@ -260,7 +269,7 @@ def _attention_fake(q, k, v, gate, bias, key_mask, scale, causal, window, impl):
 def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           o: torch.Tensor, lse: torch.Tensor, gate: Optional[torch.Tensor],
                           bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
-                          scale: float, causal: bool, window: int, impl: str,
+                          scale: float, causal: bool, window: int, chunk: int, impl: str,
                           bias_requires_grad: bool
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor]:
@@ -271,14 +280,14 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         if bias_requires_grad:
             raise RuntimeError("bias requires grad; the Triton kernel has no dbias")
         dq, dk, dv, dgate = flash.attention_backward(
-            dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window)
+            dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window, chunk)
         return dq, dk, dv, dgate if dgate is not None else q.new_empty(0), q.new_empty(0)
     with autograd_reenabled():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         g = gate.detach().requires_grad_() if gate is not None else None
         b = bias.detach().requires_grad_(bias_requires_grad) if bias is not None else None
         res = _forward_fn(impl)(*leaves, gate=g, bias=b, key_mask=key_mask, scale=scale,
-                                causal=causal, window=window)
+                                causal=causal, window=window, chunk=chunk)
         wrt = leaves + ([g] if g is not None else []) + ([b] if bias_requires_grad else [])
         grads = torch.autograd.grad(res, wrt, dout, allow_unused=True)
     outs = owned_grads(wrt, grads)
@@ -290,18 +299,18 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window,
-                             impl, bias_requires_grad):
+                             chunk, impl, bias_requires_grad):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(gate) if gate is not None else q.new_empty(0),
             torch.empty_like(bias) if bias_requires_grad else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gate, bias, key_mask, scale, causal, window, impl = inputs
+    q, k, v, gate, bias, key_mask, scale, causal, window, chunk, impl = inputs
     out, lse = output
     o = out if impl == "triton" else lse  # (the recomputing impls need neither: save the empty)
     ctx.save_for_backward(q, k, v, o, lse, gate, bias, key_mask)
-    ctx.args = (scale, causal, window, impl)
+    ctx.args = (scale, causal, window, chunk, impl)
     ctx.bias_requires_grad = bias is not None and ctx.needs_input_grad[4]
     ctx.mark_non_differentiable(lse)
     # lse never gets a gradient: without this, autograd materializes zeros for it before every
@@ -311,14 +320,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, o, lse, gate, bias, key_mask = ctx.saved_tensors
-    scale, causal, window, impl = ctx.args
+    scale, causal, window, chunk, impl = ctx.args
     if dout is None:  # (grads are not materialized)
         dout = _bthd_like(q, v.shape[-1]).zero_()
     dq, dk, dv, dgate, dbias = torch.ops.gla.attention_backward(
-        dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window, impl,
+        dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window, chunk, impl,
         ctx.bias_requires_grad)
     return (dq, dk, dv, dgate if gate is not None else None,
-            dbias if ctx.bias_requires_grad else None, None, None, None, None, None)
+            dbias if ctx.bias_requires_grad else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("gla::attention", _backward, setup_context=_setup_context)
@@ -334,10 +343,11 @@ class _TritonAttention(torch.autograd.Function):
     ops remain what torch.compile / AOT autograd / dispatch modes see."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gate, bias, key_mask, scale, causal, window):
-        out, lse = flash.attention_forward(q, k, v, gate, bias, key_mask, scale, causal, window)
+    def forward(ctx, q, k, v, gate, bias, key_mask, scale, causal, window, chunk):
+        out, lse = flash.attention_forward(q, k, v, gate, bias, key_mask, scale, causal, window,
+                                           chunk)
         ctx.save_for_backward(q, k, v, out, lse, gate, bias, key_mask)
-        ctx.args = (scale, causal, window)
+        ctx.args = (scale, causal, window, chunk)
         ctx.set_materialize_grads(False)
         return out
 
@@ -345,12 +355,12 @@ class _TritonAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable   # a second derivative raises, never silent
     def backward(ctx, dout):
         q, k, v, o, lse, gate, bias, key_mask = ctx.saved_tensors
-        scale, causal, window = ctx.args
+        scale, causal, window, chunk = ctx.args
         if dout is None:
             dout = _bthd_like(q, v.shape[-1]).zero_()
         dq, dk, dv, dgate = flash.attention_backward(
-            dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window)
-        return dq, dk, dv, dgate, None, None, None, None, None
+            dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window, chunk)
+        return dq, dk, dv, dgate, None, None, None, None, None, None
 
 
 
@@ -380,7 +390,8 @@ def resolve_impl(q, k, v, gate=None, bias=None, key_mask=None, causal=False, win
 def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     gate: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                     key_mask: torch.Tensor | None = None, scale: float | None = None,
-                    causal: bool = False, window: int = 0, impl: str = "auto") -> torch.Tensor:
+                    causal: bool = False, window: int = 0, chunk: int = 0,
+                    impl: str = "auto") -> torch.Tensor:
     """Gated softmax attention: ``softmax(scale·q kᵀ + bias, masked) v ⊙ sigmoid(gate)``.
 
     Args:
@@ -394,6 +405,8 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         scale: softmax scale, default ``1 / sqrt(D)``.
         causal: bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Tk - Tq``.
         window: if > 0, query ``i`` sees key ``j`` only if ``(i + Tk - Tq) - j < window``.
+        chunk: if > 0 (needs ``causal``), query ``i`` sees key ``j`` only if
+            ``(i + Tk - Tq) // chunk == j // chunk``: Llama 4's chunked attention.
         impl: ``"triton"``, ``"sdpa"``, ``"reference"`` or ``"auto"`` (Triton on CUDA when
             :func:`triton_unsupported_reason` is None, else SDPA).
 
@@ -404,7 +417,7 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     A query row with no visible key (all masked by causal/window/key_mask/-inf bias) outputs 0
     and gets zero gradients (flash-attention convention).
     """
-    _check_args(q, k, v, gate, bias, key_mask, window)
+    _check_args(q, k, v, gate, bias, key_mask, window, causal, chunk)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     impl = resolve_impl(q, k, v, gate, bias, key_mask, causal, window, impl)
@@ -412,15 +425,15 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         # Plain PyTorch: autograd uses SDPA's own backward (no recompute of the forward, as the
         # op's backward would do), and a compiled graph holds aten's SDPA, which Inductor knows.
         return attention_sdpa(q, k, v, gate=gate, bias=bias, key_mask=key_mask, scale=scale,
-                              causal=causal, window=window)
+                              causal=causal, window=window, chunk=chunk)
     if impl == "triton" and eager_ok(q, k, v, gate, bias, key_mask):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or (gate is not None and gate.requires_grad)):
             return _TritonAttention.apply(q, k, v, gate, bias, key_mask, float(scale),
-                                          bool(causal), int(window))
+                                          bool(causal), int(window), int(chunk))
         out, _ = flash.attention_forward(q, k, v, gate, bias, key_mask, float(scale),
-                                         bool(causal), int(window))
+                                         bool(causal), int(window), int(chunk))
         return out
     out, _ = torch.ops.gla.attention(q, k, v, gate, bias, key_mask, float(scale),
-                                     bool(causal), int(window), impl)
+                                     bool(causal), int(window), int(chunk), impl)
     return out
