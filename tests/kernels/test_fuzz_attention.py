@@ -1,7 +1,7 @@
 """Fuzzing the Triton attention kernels (CPU: Triton's interpreter) against the float64 reference.
 
 Random Tq/Tk (cross-attention, decode-like Tq=1, odd lengths), head dims (padded), GQA/MQA,
-causal, sliding windows, bias kinds, key masks (a batch with no visible key), gates, and both
+causal, sliding windows, chunks, bias kinds, key masks (a batch with no visible key), gates, and both
 layouts; the output and every gradient are checked, and fully masked rows give exact zeros.
 Inputs sit before NaN tails and the launchers' buffers are NaN-poisoned (``flash.POISON``).
 """
@@ -33,11 +33,13 @@ def attention_cases(draw):
     if bias == "1_1_q_k":    # its pattern writes key columns up to 19 and query row 1
         assume(Tk >= 20 and Tq >= 2)
     Hkv = draw(st.sampled_from([1, 2]))
+    causal = draw(st.booleans())
     return dict(
         B=2 if key_mask == "empty_batch" else draw(st.sampled_from([1, 2])),
         Hkv=Hkv, Hq=Hkv * draw(st.sampled_from([1, 2, 4])), Tq=Tq, Tk=Tk,
         D=draw(st.sampled_from([16, 24, 40, 64])), Dv=draw(st.sampled_from([None, 16, 40])),
-        causal=draw(st.booleans()), window=draw(st.sampled_from([0, 0, 1, 7, 33])),
+        causal=causal, window=draw(st.sampled_from([0, 0, 1, 7, 33])),
+        chunk=draw(st.sampled_from([0, 0, 1, 5, 16, 29])) if causal else 0,
         gate=draw(st.sampled_from([None, "elementwise", "headwise"])), bias=bias,
         key_mask=key_mask, bthd=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
