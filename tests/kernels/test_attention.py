@@ -506,11 +506,15 @@ def test_gpu_triton_matches_float64(case, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("few_tiles", [True, False], ids=["small-grid", "large-grid"])
-@pytest.mark.parametrize("extras", [False, True], ids=["plain", "window-keymask"])
-def test_gpu_every_default_config(D, few_tiles, extras):
+@pytest.mark.parametrize("masks", ["none", "window-chunk", "window-keymask"])
+def test_gpu_every_default_config(D, few_tiles, masks):
     """Each block config the table can hand out (small- and large-grid forward, the plain and
-    extras variants), forced with ``config=`` at one odd shape, against float64."""
+    extras variants), forced with ``config=`` at one odd shape, against float64; the plain tiles
+    also with a window and a chunk (what such masks take at head dims ≤ 128)."""
     case = dict(B=2, Hq=4, Hkv=2, Tq=1000, Tk=1000, D=D, causal=True, gate="elementwise")
+    extras = masks == "window-keymask"
+    if masks == "window-chunk":
+        case.update(window=300, chunk=256)
     if extras:
         case.update(window=300, key_mask="random")
     q, k, v, kw, dout = make_case(dtype=torch.bfloat16, **case)
@@ -555,6 +559,17 @@ def test_causal_forward_takes_smaller_tiles_on_a_small_grid(monkeypatch):
     assert cfg(4096, causal=False)["fwd"]["BLOCK_M"] == 128
     assert flash.attention_configs(128, 128, torch.bfloat16, True, 4096, interpret=False,
                                    batch_heads=32, device=torch.device("cpu")) == large
+
+
+def test_position_masks_keep_the_plain_tiles_up_to_head_dim_128():
+    """A window or chunk compares indices only: the plain tiles (measured faster on an H200) up to
+    head dim 128; a bias or key mask, or head dim 256, takes the extras tiles."""
+    bias, km = torch.zeros(1, 1, 4, 4), torch.ones(1, 4, dtype=torch.bool)
+    assert not flash._extra_tiles(128, 128, None, None, 300, 0)
+    assert not flash._extra_tiles(64, 40, None, None, 0, 256)
+    assert flash._extra_tiles(256, 256, None, None, 300, 0)
+    assert flash._extra_tiles(64, 64, bias, None, 0, 0) and flash._extra_tiles(64, 64, None, km, 0, 0)
+    assert not flash._extra_tiles(128, 128, None, None, 0, 0)
 
 
 @pytest.mark.gpu

@@ -652,7 +652,8 @@ def attention_configs(d: int, dv: int, dtype: torch.dtype, causal: bool, tq: int
 
     Keys: ``fwd`` and ``dq`` (BLOCK_M query rows per program, BLOCK_N keys per step), ``dkdv``
     (BLOCK_N keys per program, BLOCK_M query rows per step), ``pre`` (BLOCK_M rows).
-    ``extras``: a bias, key_mask or window is present (more registers per score tile).
+    ``extras``: a bias or key_mask is present, or (head dim 256) a window or chunk: more
+    registers per score tile (see :func:`_extra_tiles`).
     ``batch_heads`` (B·Hq) and ``device`` size the forward's grid: a causal forward with few
     128-row tiles per multiprocessor takes 64-row tiles (None: assume a large grid).
     ``GLA_ATTN_CONFIG`` (see :func:`_parse_config_override`) overrides entries on the GPU.
@@ -748,7 +749,7 @@ def _configs_cached(d, dv, dtype, causal, tq, extras, interpret, few_tiles=False
         dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if few_tiles and bd <= 128:  # causal forward, small grid: more, smaller programs
         fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-    if extras:  # bias / key-mask / window tiles: smaller key tiles keep registers in check
+    if extras:  # bias / key-mask tiles: smaller key tiles keep registers in check
         if bd <= 64:
             fwd = dict(fwd, BLOCK_N=32)
             dkdv = dict(dkdv, BLOCK_M=16, BLOCK_N=64, num_stages=2)
@@ -801,6 +802,17 @@ def _empty_bthd(b, h, t, d, dtype, device) -> torch.Tensor:
     """[B, H, T, D] view of a [B, T, H, D] buffer: the layout every ``gla::attention`` output has
     (``out.transpose(1, 2).reshape(B, T, H * D)`` is then free)."""
     return _empty(b, t, h, d, dtype=dtype, device=device).transpose(1, 2)
+
+
+def _extra_tiles(d, dv, bias, key_mask, window, chunk) -> bool:
+    """Whether the call takes the "extras" tiles: a bias or key-mask tile loaded per score tile.
+    A window or chunk only compares indices; at head dims ≤ 128 it keeps the plain tiles, which
+    ran it 1.15–1.40× faster backward and 0.96–1.28× forward on an H200
+    (``benchmarks/results/attention-position-mask-tiles-nvidia-h200.txt``); head dim 256 was
+    not measured and keeps the extras tiles."""
+    if bias is not None or key_mask is not None:
+        return True
+    return (window > 0 or chunk > 0) and max(_pow2(d), _pow2(dv)) > 128
 
 
 def _extras(q, gate, bias, key_mask, tq, tk):
@@ -866,7 +878,7 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     if INTERPRETED and q.dtype == torch.bfloat16:
         q, k, v, gate, bias = _interp_upcast(q, k, v, gate, bias)
     cfg = config or _configs(D, DV, q.dtype, causal, TQ,
-                             bias is not None or key_mask is not None or window > 0 or chunk > 0,
+                             _extra_tiles(D, DV, bias, key_mask, window, chunk),
                              batch_heads=B * H, device=q.device)
     c = cfg["fwd"]
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
@@ -913,7 +925,7 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
         dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
         dgate = _empty_like(gate) if gate is not None else None
     cfg = config or _configs(D, DV, q.dtype, causal, TQ,
-                             bias is not None or key_mask is not None or window > 0 or chunk > 0)
+                             _extra_tiles(D, DV, bias, key_mask, window, chunk))
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
     int64 = _needs_int64(q, k, v, out, dout, dq, dk, dv, g if gate is not None else None,
                          b if bias is not None else None)
