@@ -284,6 +284,18 @@ def test_generation_with_a_kv_cache(cache):
     assert torch.equal(out, ref)
 
 
+class _Called(torch.nn.Module):
+    """``call(m, *args)`` as a module holding ``m``: assert_rewrites then compares the gradients of
+    every parameter of the model."""
+
+    def __init__(self, m, call):
+        super().__init__()
+        self.m, self.call = m, call
+
+    def forward(self, *args):
+        return self.call(self.m, *args)
+
+
 def test_deberta_training_matches_eager():
     """DeBERTa-v2 with relative attention, training (dropout off): both attentions rewritten,
     every parameter's gradient as eager's (the attention's bmm views, tensor scale, bias + mask)."""
@@ -291,21 +303,14 @@ def test_deberta_training_matches_eager():
         pytest.skip(f"transformers {transformers.__version__} has no DebertaV2Config")
     cfg_name, model_name, kw = ENCODERS["deberta_v2"][:3]
     torch.manual_seed(0)
-    m = transformers.DebertaV2Model(transformers.DebertaV2Config(
+    m = getattr(transformers, model_name)(getattr(transformers, cfg_name)(
         **kw, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     m.set_attn_implementation("eager")
     ids = torch.randint(3, 100, (2, 16))
     am = torch.ones(2, 16, dtype=torch.long)
     am[1, 11:] = 0
-    class Hidden(torch.nn.Module):  # a module, so that its parameters' gradients are compared
-        def __init__(self):
-            super().__init__()
-            self.m = m
-
-        def forward(self, i, a):
-            return self.m(i, attention_mask=a).last_hidden_state
-
-    gla.testing.assert_rewrites(Hidden(), ids, am, expect={"attention": 2}, grad=True)
+    hidden = _Called(m, lambda m, i, a: m(i, attention_mask=a).last_hidden_state)
+    gla.testing.assert_rewrites(hidden, ids, am, expect={"attention": 2}, grad=True)
 
 
 def test_llama4_chunked_attention_trains_through_the_kernel():
@@ -315,18 +320,10 @@ def test_llama4_chunked_attention_trains_through_the_kernel():
         pytest.skip(f"transformers {transformers.__version__} has no Llama4TextConfig")
     cfg_name, model_name, kw = FAMILIES["llama4"][:3]
     torch.manual_seed(0)
-    m = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**kw))
+    m = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**kw))
     m.set_attn_implementation("eager")
-
-    class Logits(torch.nn.Module):  # a module, so that its parameters' gradients are compared
-        def __init__(self):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids):
-            return self.m(ids, use_cache=False).logits
-
-    report = gla.testing.assert_rewrites(Logits(), torch.randint(1, 128, (2, 24)), expect={"attention": 2},
+    logits = _Called(m, lambda m, ids: m(ids, use_cache=False).logits)
+    report = gla.testing.assert_rewrites(logits, torch.randint(1, 128, (2, 24)), expect={"attention": 2},
                                          grad=True, options={"kernels": "triton"})
     kernels = [r.kernel for r in report.rewrites if r.kind == "attention"]
     assert all("gla::attention[triton] (causal, chunk 8" in k for k in kernels), str(report)

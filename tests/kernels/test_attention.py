@@ -107,6 +107,7 @@ CASES = {
     "causal-chunk9-window5-bias-b-1-1-k": dict(Hq=2, Hkv=1, causal=True, chunk=9, window=5,
                                                bias="b_1_1_k"),
     "d64-chunk50-long": dict(Hq=1, Hkv=1, Tq=130, Tk=130, D=64, causal=True, chunk=50),
+    "causal-q63-k17-chunk8-empty-rows": dict(Tq=63, Tk=17, causal=True, chunk=8),
 }
 
 
@@ -153,7 +154,7 @@ def _fully_masked_rows(q, k, kw):
     if kw["window"]:
         vis &= i - j < kw["window"]
     if kw["chunk"]:
-        vis &= torch.div(i, kw["chunk"], rounding_mode="floor") == j // kw["chunk"]
+        vis &= i // kw["chunk"] == j // kw["chunk"]
     if kw["key_mask"] is not None:
         vis = vis & kw["key_mask"][:, None, None, :]
     s = s.masked_fill(~vis, NEG_INF)
@@ -321,6 +322,8 @@ def test_forced_triton_rejects_bias_grad_and_bad_args():
         gated_attention(q, q, q, chunk=4)
     with pytest.raises(ValueError, match="chunk must be >= 0"):
         gated_attention(q, q, q, causal=True, chunk=-1)
+    with pytest.raises(ValueError, match="needs causal"):  # the launchers assume it too
+        flash.attention_forward(q, q, q, chunk=4)
 
 
 def test_torch_compile_aot_eager_keeps_ops_opaque():

@@ -804,6 +804,12 @@ def _empty_bthd(b, h, t, d, dtype, device) -> torch.Tensor:
     return _empty(b, t, h, d, dtype=dtype, device=device).transpose(1, 2)
 
 
+def _check_chunk(chunk, causal) -> None:
+    """The chunk's block ranges assume causal attention (a row sees its chunk up to itself)."""
+    if chunk > 0 and not causal:
+        raise ValueError("chunk > 0 needs causal=True (chunked attention is causal within chunks)")
+
+
 def _extra_tiles(d, dv, bias, key_mask, window, chunk) -> bool:
     """Whether the call takes the "extras" tiles: a bias or key-mask tile loaded per score tile.
     A window or chunk only compares indices; at head dims ≤ 128 it keeps the plain tiles, which
@@ -868,6 +874,7 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     """
     B, H, TQ, D = q.shape
     HK, TK, DV = k.shape[1], k.shape[2], v.shape[3]
+    _check_chunk(chunk, causal)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     out = _empty_bthd(B, H, TQ, DV, q.dtype, q.device)
@@ -909,6 +916,7 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
     without a gate). ``out`` and ``lse`` are what :func:`attention_forward` returned."""
     B, H, TQ, D = q.shape
     HK, TK, DV = k.shape[1], k.shape[2], v.shape[3]
+    _check_chunk(chunk, causal)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     dq = _empty_like(q)

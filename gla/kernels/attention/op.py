@@ -56,8 +56,7 @@ def _check_args(q, k, v, gate, bias, key_mask, window, causal=False, chunk=0) ->
         raise ValueError(f"window must be >= 0 (0 = no window); got {window}")
     if chunk < 0:
         raise ValueError(f"chunk must be >= 0 (0 = no chunks); got {chunk}")
-    if chunk > 0 and not causal:
-        raise ValueError("chunk > 0 needs causal=True (chunked attention is causal within chunks)")
+    flash._check_chunk(chunk, causal)
     Dv = v.shape[3]
     if gate is not None:
         if not gate.is_floating_point():
