@@ -19,6 +19,10 @@ keys); additive ``bias`` broadcast with zero strides; bool
 is stored as +inf so that every recomputed probability is exactly 0).
 
 Every tensor is addressed through its strides; nothing is made contiguous.
+
+On Hopper (sm_90) :func:`attention_forward` hands the calls where it pays (``gluon_pays``) to the
+Gluon forward of ``hopper.py`` (FlashAttention-3's warp-specialized schedule, which Triton's
+compiler does not produce from this file's kernel); same outputs, so the backward is this file's.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..launch import cdiv as _cdiv, launcher, next_pow2 as _next_pow2
+from . import hopper
 
 LOG2E = 1.4426950408889634  # written out as a literal inside the kernels
 # Finite biases below this are clamped before scaling by log2(e), so finfo(float32).min stays
@@ -882,6 +887,9 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     if out.numel() == 0:
         lse.fill_(float("inf"))
         return out, lse
+    if config is None and _gluon_forward(q, k, v, out, lse, gate, bias, key_mask, scale, causal,
+                                         window, chunk):
+        return out, lse
     if INTERPRETED and q.dtype == torch.bfloat16:
         q, k, v, gate, bias = _interp_upcast(q, k, v, gate, bias)
     cfg = config or _configs(D, DV, q.dtype, causal, TQ,
@@ -908,6 +916,41 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     if out_k is not out:
         out.copy_(out_k)
     return out, lse
+
+
+# Set to "0" to keep every forward on the Triton kernel (A/B runs; an escape hatch).
+GLUON = os.environ.get("GLA_ATTN_GLUON", "1") != "0"
+
+
+def gluon_pays(d: int, tq: int, batch_heads: int, n_sm: int) -> bool:
+    """Where the Hopper Gluon forward beat this file's forward on an H200 (bf16, CUDA-graph
+    replays, same process; ``benchmarks/results/attention-gluon-fwd-nvidia-h200.txt``):
+
+    * head dim 128: 1.11-1.32x from 128 query rows on, causal or not, gated or not, GQA; but
+      0.86x with 32 or 64 programs of 128 rows on 132 SMs (1.13-1.32x with 128 programs), and
+      0.77-0.85x for 1-16 query rows (decode: this file's forward takes 16-row tiles there);
+    * head dim 64: 1.02-1.06x from T = 4096 on, 0.96-1.00x at T = 512-2048.
+    """
+    if tq < 128 or 4 * _cdiv(tq, hopper.BLOCK_M) * batch_heads < 3 * n_sm:
+        return False
+    return d == 128 or tq >= 4096
+
+
+def _gluon_forward(q, k, v, out, lse, gate, bias, key_mask, scale, causal, window, chunk) -> bool:
+    """Run the Hopper forward (``hopper.py``) where it applies and pays; False: it did not."""
+    if not GLUON or INTERPRETED or not q.is_cuda:
+        return False
+    if hopper.unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk) \
+            or not gluon_pays(q.shape[3], q.shape[2], q.shape[0] * q.shape[1],
+                              _sm_count(q.device)):
+        return False
+    g, gs, headwise = _extras(q, gate, None, None, q.shape[2], k.shape[2])[:3]
+    try:
+        hopper.attention_forward(q, k, v, out, lse, g if gate is not None else None, gs,
+                                 headwise, scale, causal)
+    except hopper.Declined:
+        return False
+    return True
 
 
 def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=None,

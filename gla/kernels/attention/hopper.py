@@ -1,0 +1,435 @@
+"""The attention forward on Hopper (sm_90), in Gluon: FlashAttention-3's schedule.
+
+Triton's compiler gives the flash forward (``flash._attn_fwd``) neither warp specialization that
+pays nor two warpgroups that take turns at the tensor cores (sessions 3-10 of
+``benchmarks/attention_notes.md``). Gluon states both:
+
+* one program per 128 query rows of one (batch, head), in three partitions: a 1-warp loader
+  (TMA: the two Q halves once, then K and V blocks into a 3-stage ring), and two 4-warp
+  consumers of 64 rows each, which share every K/V stage (released by a count-2 barrier);
+* the consumers take turns (``turn`` barriers): one issues its P·V and its next QKᵀ while the
+  other runs its softmax;
+* inside a consumer, softmax_j runs while P_{j-1}·V is still on the tensor cores (FA3's
+  intra-warpgroup overlap: QKᵀ_j is issued first, ``wait(1)`` returns when it is done).
+
+Same contract as ``flash.attention_forward`` (out in a ``[B, Tq, H, D]`` buffer, lse base 2), so
+the Triton backward runs unchanged after it. What it covers: bf16/fp16, head dim 64 or 128
+(= value dim), causal (bottom-right aligned, Tq ≤ Tk: every row sees a key) or not, GQA, ragged
+lengths (TMA reads zeros past the end and clips its stores), the sigmoid output gate. Everything
+else (bias, key mask, window, chunk, other head dims) stays on the Triton kernel:
+:func:`unsupported_reason` says why. No interpreter runs Gluon: its tests are GPU tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+
+from .. import launch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError as e:  # an older Triton: the Triton kernel serves every call
+    gluon = None
+    _IMPORT_ERROR = f"triton.experimental.gluon is not importable ({e})"
+else:
+    _IMPORT_ERROR = None
+
+BLOCK_M = 128  # two consumer warpgroups of 64 rows
+HALF = 64
+# H200 (benchmarks/results/attention-gluon-fwd-nvidia-h200.txt): 128-key blocks in 3 stages were
+# the fastest of the five (BLOCK_N, STAGES) pairs timed at head dims 64 and 128.
+BLOCK_N = 128
+STAGES = 3
+# Launch-time failures seen once (a Triton whose Gluon API moved): the Triton kernel takes over.
+_DISABLED: list[str] = []
+
+if gluon is not None:
+    @gluon.jit
+    def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                kv_empty, b, h, hk, row0, n_blocks, Q_T_MAJOR: gl.constexpr,
+                K_T_MAJOR: gl.constexpr, V_T_MAJOR: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr):
+        for i in gl.static_range(2):
+            mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes)
+            if Q_T_MAJOR:
+                tma.async_copy_global_to_shared(q_desc, [b, row0 + i * 64, h, 0], q_bar.index(i),
+                                                q_smem.index(i))
+            else:
+                tma.async_copy_global_to_shared(q_desc, [b, h, row0 + i * 64, 0], q_bar.index(i),
+                                                q_smem.index(i))
+        for j in range(n_blocks):
+            s = j % STAGES
+            ph = (j // STAGES) & 1
+            mbarrier.wait(kv_empty.index(s), ph ^ 1)  # a fresh barrier passes parity 1 at once
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            if K_T_MAJOR:
+                tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0],
+                                                k_ready.index(s), k_smem.index(s))
+            else:
+                tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0],
+                                                k_ready.index(s), k_smem.index(s))
+            if V_T_MAJOR:
+                tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0],
+                                                v_ready.index(s), v_smem.index(s))
+            else:
+                tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0],
+                                                v_ready.index(s), v_smem.index(s))
+
+    @gluon.jit
+    def _key_blocks(first_row, TQ, TK, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """(key blocks every row of [first_row, first_row + 64) sees whole, blocks it needs)."""
+        if CAUSAL:  # bottom-right aligned: row i sees keys <= i + TK - TQ
+            off = TK - TQ
+            last_row = gl.minimum(first_row + 63, TQ - 1)  # rows past TQ: as the last real one
+            n_full = (gl.minimum(first_row, TQ - 1) + off + 1) // BLOCK_N
+            n_mine = gl.cdiv(last_row + off + 1, BLOCK_N)
+        else:
+            n_full = TK // BLOCK_N
+            n_mine = gl.cdiv(TK, BLOCK_N)
+        return n_full, n_mine
+
+    @gluon.jit
+    def _sigmoid(x):  # as tl.sigmoid (Gluon has none)
+        return 1.0 / (1.0 + gl.exp(-x))
+
+    @gluon.jit
+    def _masked(qk, j, rows, cols0, TQ, TK, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        cols = gl.expand_dims(j * BLOCK_N + cols0, 0)
+        vis = cols < TK
+        if CAUSAL:
+            vis = vis & (cols <= gl.expand_dims(rows, 1) + (TK - TQ))
+        return gl.where(vis, qk, float("-inf"))
+
+    @gluon.jit
+    def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, o_desc,
+                  LSE, GATE, stride_gb, stride_gh, stride_gm, stride_gd, qk_scale,
+                  b, h, row0, lse_row0, TQ, TK,
+                  WG: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, O_T_MAJOR: gl.constexpr,
+                  HAS_GATE: gl.constexpr, GATE_HEADWISE: gl.constexpr):
+        dtype: gl.constexpr = o_desc.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+        first_row = row0 + WG * 64
+        n_full, n_mine = _key_blocks(first_row, TQ, TK, BLOCK_N, CAUSAL)
+        _, n_other = _key_blocks(row0 + (1 - WG) * 64, TQ, TK, BLOCK_N, CAUSAL)
+        rows = first_row + gl.arange(0, 64, layout=row_s)
+        cols0 = gl.arange(0, BLOCK_N, layout=col_s)
+        zero_s = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
+        acc = gl.zeros([64, D], gl.float32, o_layout)
+        q_tile = q_smem.index(WG)
+        q = q_tile.reshape([64, D])  # drop the unit dims of the 4-d TMA box
+        mbarrier.wait(q_bar.index(WG), 0)
+
+        # key block 0 alone: the loop below overlaps softmax_j with P_{j-1}·V
+        mbarrier.wait(k_ready.index(0), 0)
+        k0 = k_smem.index(0).reshape([BLOCK_N, D])
+        qk = warpgroup_mma(q, k0.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(0, deps=(qk, ))
+        if n_full == 0:
+            qk = _masked(qk, 0, rows, cols0, TQ, TK, BLOCK_N, CAUSAL)
+        m_i = gl.max(qk, 1) * qk_scale
+        p = gl.exp2(qk * qk_scale - gl.expand_dims(m_i, 1))
+        l_i = gl.sum(p, 1)
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+
+        for j in range(1, n_mine):
+            s = j % STAGES
+            sp = (j - 1) % STAGES
+            mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+            # my turn at the tensor cores: warpgroup 0 first, then alternating
+            mbarrier.wait(turn.index(WG), ((j - 1) & 1) ^ (1 - WG))
+            kj = k_smem.index(s).reshape([BLOCK_N, D])
+            qk = warpgroup_mma(q, kj.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+            vp = v_smem.index(sp).reshape([BLOCK_N, D])
+            acc = warpgroup_mma(p16, vp, acc, is_async=True)
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+            qk = warpgroup_mma_wait(1, deps=(qk, ))  # QKᵀ_j done; P_{j-1}·V may still run
+            if j >= n_full:
+                qk = _masked(qk, j, rows, cols0, TQ, TK, BLOCK_N, CAUSAL)
+            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+            p = gl.exp2(qk * qk_scale - gl.expand_dims(m_new, 1))
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
+            mbarrier.arrive(kv_empty.index(sp), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p16 = gl.convert_layout(p.to(dtype), p_layout)
+            m_i = m_new
+        # the other warpgroup may need more blocks: keep passing it turns (its waits must pair)
+        for j in range(n_mine, n_other):
+            mbarrier.wait(turn.index(WG), ((j - 1) & 1) ^ (1 - WG))
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+        sl = (n_mine - 1) % STAGES
+        mbarrier.wait(v_ready.index(sl), ((n_mine - 1) // STAGES) & 1)
+        vl = v_smem.index(sl).reshape([BLOCK_N, D])
+        acc = warpgroup_mma(p16, vl, acc, is_async=True)
+        acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
+        mbarrier.arrive(kv_empty.index(sl), count=1)
+
+        # epilogue: every row saw a key (causal needs Tq <= Tk), so l > 0
+        gl.store(LSE + lse_row0 + rows, m_i + gl.log2(l_i), mask=rows < TQ)
+        o = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, row_o), 1)
+        if HAS_GATE:
+            rows_o = first_row + gl.arange(0, 64, layout=row_o)
+            g_base = GATE + b.to(gl.int64) * stride_gb + h.to(gl.int64) * stride_gh
+            if GATE_HEADWISE:
+                g = gl.load(g_base + rows_o.to(gl.int64) * stride_gm, mask=rows_o < TQ, other=0.0)
+                o = o * gl.expand_dims(_sigmoid(g.to(gl.float32)), 1)
+            else:
+                cols_o = gl.arange(0, D, layout=col_o)
+                g_off = gl.expand_dims(rows_o.to(gl.int64) * stride_gm, 1) \
+                    + gl.expand_dims(cols_o.to(gl.int64) * stride_gd, 0)
+                g = gl.load(g_base + g_off, mask=gl.expand_dims(rows_o < TQ, 1), other=0.0)
+                o = o * _sigmoid(g.to(gl.float32))
+        q.store(o.to(dtype))  # Q is read no more: its tile stages the output for the TMA store
+        fence_async_shared()
+        o_tile = q_tile._reinterpret(dtype, o_desc.block_type.shape, o_desc.layout)
+        if O_T_MAJOR:
+            tma.async_copy_shared_to_global(o_desc, [b, first_row, h, 0], o_tile)
+        else:
+            tma.async_copy_shared_to_global(o_desc, [b, h, first_row, 0], o_tile)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, GATE,
+                       stride_gb, stride_gh, stride_gm, stride_gd, qk_scale, TQ, TK, H, GROUP,
+                       D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       CAUSAL: gl.constexpr, Q_T_MAJOR: gl.constexpr, K_T_MAJOR: gl.constexpr,
+                       V_T_MAJOR: gl.constexpr, O_T_MAJOR: gl.constexpr, HAS_GATE: gl.constexpr,
+                       GATE_HEADWISE: gl.constexpr):
+        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # the longest causal rows first
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // GROUP
+        row0 = pid_m * 128
+        _, n_blocks = _key_blocks(row0 + 64, TQ, TK, BLOCK_N, CAUSAL)  # the later warpgroup's
+        dtype: gl.constexpr = q_desc.dtype
+
+        q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape,
+                                           k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape,
+                                           v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_bar.index(i), count=1)
+            mbarrier.init(turn.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a stage
+        fence_async_shared()
+
+        lse_row0 = bh.to(gl.int64) * TQ
+        WG0: gl.constexpr = 0
+        WG1: gl.constexpr = 1
+        gl.warp_specialize([
+            (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, o_desc,
+                         LSE, GATE, stride_gb, stride_gh, stride_gm, stride_gd, qk_scale,
+                         b, h, row0, lse_row0, TQ, TK, WG0, D, BLOCK_N, STAGES, CAUSAL,
+                         O_T_MAJOR, HAS_GATE, GATE_HEADWISE)),
+            (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, o_desc,
+                         LSE, GATE, stride_gb, stride_gh, stride_gm, stride_gd, qk_scale,
+                         b, h, row0, lse_row0, TQ, TK, WG1, D, BLOCK_N, STAGES, CAUSAL,
+                         O_T_MAJOR, HAS_GATE, GATE_HEADWISE)),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                       kv_empty, b, h, hk, row0, n_blocks, Q_T_MAJOR, K_T_MAJOR, V_T_MAJOR,
+                       BLOCK_N, STAGES)),
+        ], [4, 1], [232, 40])
+
+
+def _t_major(x: torch.Tensor) -> bool:
+    """Whether a [B, H, T, D] view is laid out as [B, T, H, D] (the projection's own layout)."""
+    return x.stride(2) > x.stride(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _smem_layout(box: tuple, half: bool):
+    # a constexpr_function: its host call unwraps every argument (µs), so once per box
+    return gl.NVMMASharedLayout.get_default_for(list(box), gl.float16 if half else gl.bfloat16)
+
+
+def _descriptor(x: torch.Tensor, rows: int):
+    """A 4-d TMA descriptor over ``x`` [B, H, T, D] in its memory order, boxes of ``rows`` rows
+    of one head."""
+    d = x.shape[3]
+    if _t_major(x):
+        x = x.transpose(1, 2)  # [B, T, H, D], strides now decreasing
+        box = (1, rows, 1, d)
+    else:
+        box = (1, 1, rows, d)
+    layout = _smem_layout(box, x.dtype == torch.float16)
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), list(box), layout)
+
+
+def _tma_ready(x: torch.Tensor) -> bool:
+    """TMA's rules: unit stride along D, other strides and the base 16-byte aligned, and the
+    three outer strides ordered (b outermost), so the box walks T within one head."""
+    es = x.element_size()
+    sb, sh, st, sd = x.stride()
+    if sd != 1 or x.data_ptr() % 16:
+        return False
+    if any((s * es) % 16 for s in (sb, sh, st)):
+        return False
+    inner = sorted((sh, st), reverse=True)
+    return x.shape[0] == 1 or sb >= inner[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: int) -> tuple:
+    return torch.cuda.get_device_capability(device)
+
+
+def unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk) -> str | None:
+    """Why the Gluon forward does not take this call (None: it does)."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if _DISABLED:
+        return _DISABLED[0]
+    if not q.is_cuda or _capability(q.device.index) != (9, 0):
+        return "not an sm_90 (Hopper) GPU"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (bf16/fp16 only)"
+    if q.shape[3] not in (64, 128) or v.shape[3] != q.shape[3]:
+        return f"head dims {q.shape[3]}/{v.shape[3]} (64 or 128, equal)"
+    if bias is not None or key_mask is not None or window > 0 or chunk > 0:
+        return "bias, key mask, window or chunk (the Triton kernel has them)"
+    if causal and q.shape[2] > k.shape[2]:
+        return "causal with Tq > Tk (rows without keys)"
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return "empty"
+    if not all(_tma_ready(x) for x in (q, k, v)):
+        return "strides TMA cannot address"
+    if gate is not None and gate.dtype not in (q.dtype, torch.float32):
+        return f"gate dtype {gate.dtype}"
+    return None
+
+
+def attention_forward(q, k, v, out, lse, gate, gate_strides, headwise, scale, causal) -> None:
+    """Write ``out`` ([B, H, Tq, D] view of a [B, Tq, H, D] buffer) and ``lse`` ([B, H, Tq],
+    base 2) for a call :func:`unsupported_reason` accepted."""
+    B, H, TQ, D = q.shape
+    HK, TK = k.shape[1], k.shape[2]
+    device = q.device.index
+    g = gate if gate is not None else lse
+    args = (lse, g, *gate_strides, scale * 1.4426950408889634, TQ, TK, H, H // HK)
+    cached = launch.CACHED and not _hooked()
+    # exact key: every value the launch depends on but the data (C-speed hashing of one tuple)
+    exact = (device, bool(causal), headwise, gate is None, q.dtype, g.dtype, q.shape, k.shape,
+             q.stride(), k.stride(), v.stride(), out.stride(), gate_strides,
+             lse.data_ptr() & 15 == 0, g.data_ptr() & 15 == 0)
+    hit = _EXACT.get(exact) if cached else None
+    if hit is not None:  # Triton's JIT path and TensorDescriptor's checks: ~0.1 ms per call
+        kernel, consts, grid, layouts = hit
+        descs = [_Descriptor(x, rows, layout)
+                 for x, rows, layout in zip((q, k, v, out), _ROWS, layouts)]
+        with _on(device):
+            kernel.run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(device),
+                       kernel.function, kernel.packed_metadata, None, None, None,
+                       *descs, *args, *consts)
+        return
+    descs = [_descriptor(x, rows) for x, rows in zip((q, k, v, out), _ROWS)]
+    grid = (math.ceil(TQ / BLOCK_M), B * H)
+    consts = dict(D=D, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
+                  Q_T_MAJOR=_t_major(q), K_T_MAJOR=_t_major(k), V_T_MAJOR=_t_major(v),
+                  O_T_MAJOR=_t_major(out), HAS_GATE=gate is not None, GATE_HEADWISE=headwise)
+    fine = (device, tuple(consts.values()), tuple(_desc_key(d) for d in descs),
+            tuple(launch._arg_key(a) for a in args))
+    kernel = _KERNELS.get(fine) if cached else None
+    if kernel is None:
+        try:
+            with torch.cuda.device(device):
+                kernel = _attn_fwd_sm90[grid](*descs, *args, **consts, num_warps=4)
+        except Exception as e:  # noqa: BLE001 - a compile failure: decline from now on, loudly
+            from triton.compiler.errors import CompilationError
+            if not isinstance(e, (CompilationError, TypeError, AttributeError)):
+                raise
+            import warnings
+            _DISABLED.append(f"the Gluon forward failed to compile ({type(e).__name__}: {e})")
+            warnings.warn(_DISABLED[0] + "; the Triton kernel takes every call", stacklevel=2)
+            raise Declined from e
+        if cached:
+            _KERNELS[fine] = kernel
+    else:
+        with _on(device):
+            kernel.run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(device),
+                       kernel.function, kernel.packed_metadata, None, None, None,
+                       *descs, *args, *consts.values())
+    if cached:
+        if len(_EXACT) >= 4096:  # a model calls at a few shapes; a sweep starts over
+            _EXACT.clear()
+        _EXACT[exact] = (kernel, tuple(consts.values()), grid, [d.layout for d in descs])
+
+
+_ROWS = (HALF, BLOCK_N, BLOCK_N, HALF)  # box rows of q, k, v, out
+_EXACT: dict = {}
+
+
+class _Descriptor:
+    """What the launcher reads of a ``TensorDescriptor`` (base, shape, strides, padding), built
+    without its checks for a call whose exact key was seen: same layout, same strides."""
+    __slots__ = ("base", "shape", "strides", "block_shape", "layout", "padding")
+
+    def __init__(self, x, rows, layout):
+        if _t_major(x):
+            x = x.transpose(1, 2)
+            self.block_shape = [1, rows, 1, x.shape[3]]
+        else:
+            self.block_shape = [1, 1, rows, x.shape[3]]
+        self.base = x
+        self.shape = list(x.shape)
+        self.strides = list(x.stride())
+        self.layout = layout
+        self.padding = "zero"
+
+
+# Compiled kernels by everything Triton specializes the launch on (see launch.Launcher).
+_KERNELS: dict = {}
+
+
+def _desc_key(d) -> tuple:
+    """What a descriptor argument contributes to the specialization: dtype, box, and
+    its shape and strides as Triton keys ints (value 1, divisibility by 16)."""
+    return (d.base.dtype, tuple(d.block_shape),  # (the layout follows from these)
+            tuple(launch._arg_key(int(n)) for n in d.shape),
+            tuple(launch._arg_key(int(n)) for n in d.strides))
+
+
+def _on(device: int):
+    """The device's context (a kernel's handle belongs to the device it was loaded on)."""
+    if device == torch._C._cuda_getDevice():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _hooked() -> bool:
+    knobs = launch._triton_runtime_knobs()
+    return knobs is not None and (launch._hook_set(knobs.launch_enter_hook)
+                                  or launch._hook_set(knobs.launch_exit_hook))
+
+
+class Declined(Exception):
+    """The Gluon launch failed before running: the caller runs the Triton kernel instead."""

@@ -1,0 +1,177 @@
+"""The Hopper (sm_90) Gluon forward: where it runs, and on the GPU against float64.
+
+No interpreter runs Gluon, so the kernel's own tests are GPU tests; the CPU tests cover which calls
+it takes and which it declines.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gla.kernels  # noqa: F401  (selects the Triton interpreter without CUDA)
+from gla.kernels.attention import flash, hopper
+from gla.testing import rel_rms_error
+from nan_poison import nan_tailed
+from test_attention import _reference, _run, make_case
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(flash, "POISON", True)
+
+
+class _Count:
+    """Wraps ``hopper.attention_forward`` to count the calls that reached it."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = hopper.attention_forward
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(hopper, "attention_forward", counted)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: what the Gluon forward takes
+# ----------------------------------------------------------------------------------------------
+def test_tma_rules_on_strides():
+    x = torch.randn(2, 4, 63, 64)
+    assert hopper._tma_ready(x)
+    assert hopper._tma_ready(torch.randn(2, 63, 4, 64).transpose(1, 2))  # [B, T, H, D] view
+    assert not hopper._tma_ready(x.transpose(2, 3))  # D not contiguous
+    assert not hopper._tma_ready(torch.randn(2, 4, 63, 65)[..., :64])  # rows not 16-byte aligned
+    assert not hopper._tma_ready(torch.randn(4, 2, 63, 64).transpose(0, 1))  # batch not outermost
+    assert hopper._t_major(torch.randn(2, 63, 4, 64).transpose(1, 2))
+    assert not hopper._t_major(x)
+
+
+def test_declines_off_hopper_and_the_triton_kernel_runs(monkeypatch):
+    q, k, v, kw, _ = make_case(Hq=2, Hkv=2, Tq=63, Tk=63, D=64, causal=True,
+                               dtype=torch.float16)
+    reason = hopper.unsupported_reason(q, k, v, None, None, None, True, 0, 0)
+    assert reason is not None
+    count = _Count(monkeypatch)
+    out, lse = flash.attention_forward(q, k, v, causal=True)
+    assert count.calls == 0 and torch.isfinite(out).all()
+
+
+def test_gluon_pays_rule():
+    """The measured rule (132 SMs): head dim 128 from 128 rows with at least ~1 program per SM,
+    head dim 64 from 4096 rows; never for decode-length queries."""
+    assert flash.gluon_pays(128, 512, 32, 132) and flash.gluon_pays(128, 128, 128, 132)
+    assert flash.gluon_pays(128, 16384, 2, 132)
+    assert not flash.gluon_pays(128, 256, 32, 132)  # 64 programs
+    assert not flash.gluon_pays(128, 16, 256, 132) and not flash.gluon_pays(128, 1, 256, 132)
+    assert not flash.gluon_pays(64, 2048, 32, 132)
+    assert flash.gluon_pays(64, 4096, 32, 132)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------
+def _to_gpu(t):
+    """A CUDA copy that keeps ``t``'s layout, NaN past its end."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.dim() == 4 and t.stride(2) > t.stride(1):  # a [B, T, H, D] buffer seen as [B, H, T, D]
+        return nan_tailed(t.transpose(1, 2).contiguous().cuda()).transpose(1, 2)
+    return nan_tailed(t.contiguous().cuda())
+
+
+HOPPER_CASES = {
+    "causal-d128-t63": dict(Hq=2, Hkv=2, Tq=63, Tk=63, D=128, causal=True),
+    "causal-gqa4-d64-t1000-gate": dict(B=2, Hq=8, Hkv=2, Tq=1000, Tk=1000, D=64, causal=True,
+                                       gate="elementwise"),
+    "causal-gqa2-d128-t777-headwise-bthd": dict(Hq=4, Hkv=2, Tq=777, Tk=777, D=128,
+                                                causal=True, gate="headwise", bthd=True),
+    "causal-cross-q200-k1000-d128": dict(B=2, Hq=2, Hkv=1, Tq=200, Tk=1000, D=128, causal=True,
+                                         gate="elementwise"),
+    "cross-q333-k1000-d64-bthd-gate": dict(Hq=4, Hkv=4, Tq=333, Tk=1000, D=64,
+                                           gate="elementwise", bthd=True),
+    "cross-q1000-k63-d128": dict(Hq=2, Hkv=1, Tq=1000, Tk=63, D=128),
+    "decode-q1-k1000-d128": dict(B=3, Hq=8, Hkv=2, Tq=1, Tk=1000, D=128, causal=True,
+                                 gate="headwise"),
+    "causal-q64-k64-d64": dict(Hq=2, Hkv=2, Tq=64, Tk=64, D=64, causal=True),
+    "causal-q129-k300-d128": dict(Hq=2, Hkv=2, Tq=129, Tk=300, D=128, causal=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(HOPPER_CASES), ids=list(HOPPER_CASES))
+def test_gpu_gluon_forward_matches_float64(case, dtype, monkeypatch):
+    """Forward (out and lse) straight from the Gluon kernel, then forward and backward through
+    the op with the Gluon forward forced (the Triton backward reads its out and lse)."""
+    q, k, v, kw, dout = make_case(dtype=dtype, **HOPPER_CASES[case])
+    q, k, v, dout = map(_to_gpu, (q, k, v, dout))
+    kw = {n: _to_gpu(t) for n, t in kw.items()}
+    gate = kw["gate"]
+    assert hopper.unsupported_reason(q, k, v, gate, None, None, kw["causal"], 0, 0) is None
+    monkeypatch.setattr(flash, "gluon_pays", lambda *a: True)
+    count = _Count(monkeypatch)
+    out, lse = flash.attention_forward(q, k, v, gate, causal=kw["causal"])
+    assert count.calls == 1
+    ref, ref_grads = _reference(q, k, v, kw, dout)
+    assert rel_rms_error(out, ref) <= 1e-2
+    # lse (base 2) from float64 scores
+    kr = k.double().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = q.double() @ kr.transpose(-1, -2) / math.sqrt(q.shape[3])
+    if kw["causal"]:
+        tq, tk = q.shape[2], k.shape[2]
+        i = torch.arange(tq, device=s.device)[:, None] + (tk - tq)
+        s = s.masked_fill(torch.arange(tk, device=s.device)[None, :] > i, float("-inf"))
+    lse_ref = torch.logsumexp(s, -1) / math.log(2)
+    assert (lse - lse_ref).abs().max().item() <= 2e-2
+
+    out2, grads = _run("triton", q, k, v, kw, dout)
+    assert count.calls == 2
+    errs = {"out": rel_rms_error(out2, ref)}
+    errs.update({n: rel_rms_error(a, e) for n, a, e in zip(["dq", "dk", "dv", "dg"], grads,
+                                                          ref_grads)})
+    assert all(e <= 1e-2 for e in errs.values()), errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+def test_gpu_mixed_layouts():
+    """q as a [B, T, H, D] view, k and v [B, H, T, D] (a KV cache), and the other way round."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    B, H, HK, T, D = 2, 4, 2, 300, 128
+    bthd = lambda h: torch.randn(B, T, h, D, device="cuda", generator=gen,  # noqa: E731
+                                 dtype=torch.bfloat16).transpose(1, 2)
+    bhtd = lambda h: torch.randn(B, h, T, D, device="cuda", generator=gen,  # noqa: E731
+                                 dtype=torch.bfloat16)
+    for q, k, v in [(bthd(H), bhtd(HK), bhtd(HK)), (bhtd(H), bthd(HK), bhtd(HK)),
+                    (bhtd(H), bhtd(HK), bthd(HK))]:
+        assert hopper.unsupported_reason(q, k, v, None, None, None, True, 0, 0) is None
+        out, _ = flash.attention_forward(q, k, v, causal=True)
+        kw = dict(gate=None, bias=None, key_mask=None, causal=True, window=0, chunk=0)
+        ref, _ = _reference(q, k, v, kw, torch.zeros_like(q))
+        assert rel_rms_error(out, ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+def test_gpu_what_the_gluon_forward_declines(monkeypatch):
+    """Masks, Tq > Tk with causal, fp32 and other head dims stay on the Triton kernel."""
+    count = _Count(monkeypatch)
+    monkeypatch.setattr(flash, "gluon_pays", lambda *a: True)
+    dev = dict(device="cuda", dtype=torch.bfloat16)
+    q, k, v = (torch.randn(1, 2, 256, 128, **dev) for _ in range(3))
+    flash.attention_forward(q, k, v, causal=True, window=64)
+    flash.attention_forward(q, k, v, causal=True, chunk=64)
+    flash.attention_forward(q, k, v, key_mask=torch.ones(1, 256, device="cuda", dtype=torch.bool))
+    flash.attention_forward(q, k[:, :, :100], v[:, :, :100], causal=True)
+    flash.attention_forward(q.float(), k.float(), v.float(), causal=True)
+    q96, k96, v96 = (torch.randn(1, 2, 256, 96, **dev) for _ in range(3))
+    flash.attention_forward(q96, k96, v96, causal=True)
+    assert count.calls == 0
+    flash.attention_forward(q, k, v, causal=True)
+    assert count.calls == 1
