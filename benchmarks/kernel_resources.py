@@ -1,6 +1,7 @@
 """Registers, spills, shared memory and compile time of gla's Triton kernels for sm_90, without a GPU.
 
     python benchmarks/kernel_resources.py [OUT_DIR]     # writes {OUT_DIR}/kernel-resources-sm90.md
+    python benchmarks/kernel_resources.py --gluon       # the Hopper Gluon forward only, as JSON
 
 The launchers run as usual on CPU tensors (bf16, GLA at B=2 H=16 K=V=128 T=4096, attention at
 B=2 H=16 T=4096 D=128 causal), with the device-dependent choices (block configs, dot precision)
@@ -155,6 +156,39 @@ def _capture_attention(calls):
         flash.attention_backward(do, q, k, v, o, lse, None, None, None, D ** -0.5, True, 0)
 
 
+_GLUON_VARIANTS = [  # head dim, causal, gate, q/k/v/out in [B, T, H, D] order
+    (128, True, "elementwise", True), (128, False, None, False), (64, True, "headwise", True)]
+
+
+def _compile_gluon_attention(d, causal, gate, t_major):
+    """The Hopper Gluon forward (``hopper._attn_fwd_sm90``) at one variant, as a launch would
+    specialize it (descriptor boxes and layouts from ``hopper``)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from gla.kernels.attention import hopper
+
+    def desc(rows):
+        box = (1, rows, 1, d) if t_major else (1, 1, rows, d)
+        return f"tensordesc<bf16[{','.join(map(str, box))}],{hopper._smem_layout(box, False)!r}>"
+
+    sig = {"q_desc": desc(hopper.HALF), "k_desc": desc(hopper.BLOCK_N),
+           "v_desc": desc(hopper.BLOCK_N), "o_desc": desc(hopper.HALF), "LSE": "*fp32",
+           "GATE": "*bf16", **{f"stride_g{c}": "i64" for c in "bhmd"}, "qk_scale": "fp32",
+           "TQ": "i32", "TK": "i32", "H": "i32", "GROUP": "i32"}
+    consts = dict(D=d, BLOCK_N=hopper.BLOCK_N, STAGES=hopper.STAGES, CAUSAL=causal,
+                  Q_T_MAJOR=t_major, K_T_MAJOR=t_major, V_T_MAJOR=t_major, O_T_MAJOR=t_major,
+                  HAS_GATE=gate is not None, GATE_HEADWISE=gate == "headwise")
+    sig.update({name: "constexpr" for name in consts})
+    t0 = time.perf_counter()
+    k = triton.compile(GluonASTSource(hopper._attn_fwd_sm90, sig, constexprs=consts),
+                       target=TARGET, options={"num_warps": 4})
+    dt = time.perf_counter() - t0
+    regs, spill = _ptxas(k.asm["ptx"])
+    cfg = (f"D={d}, BLOCK_M={hopper.BLOCK_M}, BLOCK_N={hopper.BLOCK_N}, "
+           f"{'causal' if causal else 'full'}, gate {gate}, {'bthd' if t_major else 'bhtd'}")
+    return dict(kernel="_attn_fwd_sm90 (Gluon)", cfg=cfg, warps="4+4+1", stages=hopper.STAGES,
+                regs=regs, spill=spill, smem=k.metadata.shared, compile_s=dt)
+
+
 def main(out_dir: str) -> str:
     rows = []
     for what, capture in (("GLA chunk fwd+bwd, bf16 K=V=128", _capture_gla),
@@ -170,6 +204,11 @@ def main(out_dir: str) -> str:
             rows.append((what, r))
             print(f"{what}: {r['kernel']} {r['cfg']}: {r['regs']} registers, {r['spill']} B "
                   f"spilled, {r['compile_s']:.1f} s", flush=True)
+    for variant in _GLUON_VARIANTS:
+        r = _compile_gluon_attention(*variant)
+        rows.append(("attention fwd on Hopper, bf16", r))
+        print(f"Gluon: {r['cfg']}: {r['regs']} registers, {r['spill']} B spilled, "
+              f"{r['compile_s']:.1f} s", flush=True)
     head = (f"# gla Triton kernels on sm_90: resources (compiled ahead of time, no GPU)\n\n"
             f"triton {triton.__version__}, torch {torch.__version__}; default configs at "
             "the shapes in `benchmarks/kernel_resources.py`; compile time on this machine.\n\n"
@@ -188,5 +227,10 @@ def main(out_dir: str) -> str:
 
 
 if __name__ == "__main__":
+    if "--gluon" in sys.argv:  # only the Gluon forward, one JSON line per variant (tests)
+        import json
+        for variant in _GLUON_VARIANTS:
+            print(json.dumps(_compile_gluon_attention(*variant)), flush=True)
+        sys.exit(0)
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     print(main(args[0] if args else os.path.join(os.path.dirname(__file__), "results")))

@@ -5,7 +5,11 @@ it takes and which it declines.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,6 +51,7 @@ def test_tma_rules_on_strides():
     assert not hopper._tma_ready(x.transpose(2, 3))  # D not contiguous
     assert not hopper._tma_ready(torch.randn(2, 4, 63, 65)[..., :64])  # rows not 16-byte aligned
     assert not hopper._tma_ready(torch.randn(4, 2, 63, 64).transpose(0, 1))  # batch not outermost
+    assert not hopper._tma_ready(torch.randn(2, 1, 63, 64).expand(2, 4, 63, 64))  # broadcast heads
     assert hopper._t_major(torch.randn(2, 63, 4, 64).transpose(1, 2))
     assert not hopper._t_major(x)
 
@@ -70,6 +75,19 @@ def test_gluon_pays_rule():
     assert not flash.gluon_pays(128, 16, 256, 132) and not flash.gluon_pays(128, 1, 256, 132)
     assert not flash.gluon_pays(64, 2048, 32, 132)
     assert flash.gluon_pays(64, 4096, 32, 132)
+
+
+def test_compiles_for_sm90_without_spills():
+    """The kernel compiled ahead of time for sm_90 by this machine's Triton (a subprocess: the
+    suite runs Triton's interpreter, which has no Gluon): no spills, within the H100/H200's
+    227 KB of shared memory per block."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"),
+                          "--gluon"], capture_output=True, text=True, timeout=600, cwd=root)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert out.returncode == 0 and len(rows) == 3, out.stderr[-3000:]
+    for r in rows:
+        assert r["spill"] == "0" and r["smem"] <= 232448, r
 
 
 # ----------------------------------------------------------------------------------------------

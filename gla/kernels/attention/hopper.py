@@ -40,6 +40,9 @@ except ImportError as e:  # an older Triton: the Triton kernel serves every call
     _IMPORT_ERROR = f"triton.experimental.gluon is not importable ({e})"
 else:
     _IMPORT_ERROR = None
+    # Triton 3.9 renamed the TMA copies (the old names raise); 3.6, on the device, has only these
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
 HALF = 64
@@ -52,36 +55,31 @@ _DISABLED: list[str] = []
 
 if gluon is not None:
     @gluon.jit
+    def _at(b, h, row, T_MAJOR: gl.constexpr):
+        """TMA coordinates of a box starting at ``row`` of head ``h``, in the tensor's order."""
+        if T_MAJOR:
+            return (b, row, h, 0)
+        else:
+            return (b, h, row, 0)
+
+    @gluon.jit
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                 kv_empty, b, h, hk, row0, n_blocks, Q_T_MAJOR: gl.constexpr,
                 K_T_MAJOR: gl.constexpr, V_T_MAJOR: gl.constexpr, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr):
         for i in gl.static_range(2):
             mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes)
-            if Q_T_MAJOR:
-                tma.async_copy_global_to_shared(q_desc, [b, row0 + i * 64, h, 0], q_bar.index(i),
-                                                q_smem.index(i))
-            else:
-                tma.async_copy_global_to_shared(q_desc, [b, h, row0 + i * 64, 0], q_bar.index(i),
-                                                q_smem.index(i))
+            _tma_load(q_desc, _at(b, h, row0 + i * 64, Q_T_MAJOR), q_bar.index(i),
+                      q_smem.index(i))
         for j in range(n_blocks):
             s = j % STAGES
-            ph = (j // STAGES) & 1
-            mbarrier.wait(kv_empty.index(s), ph ^ 1)  # a fresh barrier passes parity 1 at once
+            mbarrier.wait(kv_empty.index(s), ((j // STAGES) & 1) ^ 1)  # fresh: parity 1 passes
             mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            _tma_load(k_desc, _at(b, hk, j * BLOCK_N, K_T_MAJOR), k_ready.index(s),
+                      k_smem.index(s))
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            if K_T_MAJOR:
-                tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0],
-                                                k_ready.index(s), k_smem.index(s))
-            else:
-                tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0],
-                                                k_ready.index(s), k_smem.index(s))
-            if V_T_MAJOR:
-                tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0],
-                                                v_ready.index(s), v_smem.index(s))
-            else:
-                tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0],
-                                                v_ready.index(s), v_smem.index(s))
+            _tma_load(v_desc, _at(b, hk, j * BLOCK_N, V_T_MAJOR), v_ready.index(s),
+                      v_smem.index(s))
 
     @gluon.jit
     def _key_blocks(first_row, TQ, TK, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
@@ -201,11 +199,8 @@ if gluon is not None:
                 o = o * _sigmoid(g.to(gl.float32))
         q.store(o.to(dtype))  # Q is read no more: its tile stages the output for the TMA store
         fence_async_shared()
-        o_tile = q_tile._reinterpret(dtype, o_desc.block_type.shape, o_desc.layout)
-        if O_T_MAJOR:
-            tma.async_copy_shared_to_global(o_desc, [b, first_row, h, 0], o_tile)
-        else:
-            tma.async_copy_shared_to_global(o_desc, [b, h, first_row, 0], o_tile)
+        o_tile = q.reshape(o_desc.block_type.shape)  # the 4-d box of out (its own T/H order)
+        _tma_store(o_desc, _at(b, h, first_row, O_T_MAJOR), o_tile)
         tma.store_wait(0)
 
     @gluon.jit
@@ -292,7 +287,7 @@ def _tma_ready(x: torch.Tensor) -> bool:
     sb, sh, st, sd = x.stride()
     if sd != 1 or x.data_ptr() % 16:
         return False
-    if any((s * es) % 16 for s in (sb, sh, st)):
+    if any(s <= 0 or (s * es) % 16 for s in (sb, sh, st)):  # (broadcast views: stride 0)
         return False
     inner = sorted((sh, st), reverse=True)
     return x.shape[0] == 1 or sb >= inner[0]
@@ -321,6 +316,8 @@ def unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk) -> 
         return "causal with Tq > Tk (rows without keys)"
     if q.shape[2] == 0 or k.shape[2] == 0:
         return "empty"
+    if q.shape[0] * q.shape[1] > 65535:
+        return "more than 65535 batch x heads (the grid's second dimension)"
     if not all(_tma_ready(x) for x in (q, k, v)):
         return "strides TMA cannot address"
     if gate is not None and gate.dtype not in (q.dtype, torch.float32):
