@@ -5,6 +5,7 @@ it takes and which it declines.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -64,6 +65,30 @@ def test_declines_off_hopper_and_the_triton_kernel_runs(monkeypatch):
     count = _Count(monkeypatch)
     out, lse = flash.attention_forward(q, k, v, causal=True)
     assert count.calls == 0 and torch.isfinite(out).all()
+
+
+def test_a_compile_failure_turns_the_path_off(monkeypatch):
+    """A Triton whose Gluon API moved fails at the first compile: that call and every later one
+    decline (with the reason) instead of raising; the launcher then runs the Triton kernel."""
+    from triton.compiler.errors import CompilationError
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise CompilationError(None, None, "no such builtin")
+            return launch
+
+    monkeypatch.setattr(hopper, "_attn_fwd_sm90", Broken())
+    monkeypatch.setattr(hopper, "_on", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(hopper, "_DISABLED", [])
+    monkeypatch.setattr(hopper, "_KERNELS", {})
+    monkeypatch.setattr(hopper, "_EXACT", {})
+    q, k, v = (torch.randn(1, 2, 64, 64, dtype=torch.float16) for _ in range(3))
+    out = flash._empty_bthd(1, 2, 64, 64, torch.float16, q.device)
+    lse = torch.empty(1, 2, 64)
+    with pytest.warns(UserWarning, match="failed to compile"), pytest.raises(hopper.Declined):
+        hopper.attention_forward(q, k, v, out, lse, None, (0, 0, 0, 0), False, 0.125, True)
+    assert "failed to compile" in hopper.unsupported_reason(q, k, v, None, None, None, True, 0, 0)
 
 
 def test_gluon_pays_rule():

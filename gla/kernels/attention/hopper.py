@@ -357,17 +357,19 @@ def attention_forward(q, k, v, out, lse, gate, gate_strides, headwise, scale, ca
             tuple(launch._arg_key(a) for a in args))
     kernel = _KERNELS.get(fine) if cached else None
     if kernel is None:
-        try:
-            with torch.cuda.device(device):
+        with _on(device):
+            try:
                 kernel = _attn_fwd_sm90[grid](*descs, *args, **consts, num_warps=4)
-        except Exception as e:  # noqa: BLE001 - a compile failure: decline from now on, loudly
-            from triton.compiler.errors import CompilationError
-            if not isinstance(e, (CompilationError, TypeError, AttributeError)):
-                raise
-            import warnings
-            _DISABLED.append(f"the Gluon forward failed to compile ({type(e).__name__}: {e})")
-            warnings.warn(_DISABLED[0] + "; the Triton kernel takes every call", stacklevel=2)
-            raise Declined from e
+            except Exception as e:  # noqa: BLE001 - a compile failure: decline from now on
+                from triton.compiler.errors import CompilationError
+                if not isinstance(e, (CompilationError, TypeError, AttributeError)):
+                    raise
+                import warnings
+                _DISABLED.append(f"the Gluon forward failed to compile ({type(e).__name__}: "
+                                 f"{e})")
+                warnings.warn(_DISABLED[0] + "; the Triton kernel takes every call",
+                              stacklevel=2)
+                raise Declined from e
         if cached:
             _KERNELS[fine] = kernel
     else:
