@@ -91,6 +91,54 @@ def test_a_compile_failure_turns_the_path_off(monkeypatch):
     assert "failed to compile" in hopper.unsupported_reason(q, k, v, None, None, None, True, 0, 0)
 
 
+def test_launch_caches_reuse_only_what_triton_would(monkeypatch):
+    """The exact-key cache rebuilds descriptors on the call's own tensors; the fine key reuses a
+    compiled kernel only across lengths Triton specializes alike (divisibility by 16), and a new
+    specialization compiles."""
+    compiled = []
+
+    class Kernel:  # what the JIT launch returns: a compiled kernel with its launcher
+        function = packed_metadata = None
+
+        def __init__(self):
+            self.runs = []
+
+        def run(self, *args):
+            self.runs.append(args)
+
+    class Jit:
+        def __getitem__(self, grid):
+            def launch(*args, **consts):
+                compiled.append(Kernel())
+                return compiled[-1]
+            return launch
+
+    monkeypatch.setattr(hopper, "_attn_fwd_sm90", Jit())
+    monkeypatch.setattr(hopper, "_on", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
+    monkeypatch.setattr(hopper, "_KERNELS", {})
+    monkeypatch.setattr(hopper, "_EXACT", {})
+
+    def call(t, causal=True):
+        q, k, v = (torch.randn(1, 2, t, 64, dtype=torch.float16) for _ in range(3))
+        out = flash._empty_bthd(1, 2, t, 64, torch.float16, q.device)
+        hopper.attention_forward(q, k, v, out, torch.empty(1, 2, t), None, (0, 0, 0, 0), False,
+                                 0.125, causal)
+        return q, out
+
+    call(1024)
+    q, out = call(1024)  # exact hit: no compile, descriptors over this call's tensors
+    assert len(compiled) == 1 and len(compiled[0].runs) == 1
+    descs = compiled[0].runs[-1][9:13]
+    assert descs[0].base.data_ptr() == q.data_ptr() and descs[3].base.data_ptr() == out.data_ptr()
+    assert descs[3].block_shape == [1, hopper.HALF, 1, 64]  # out is [B, T, H, D]
+    call(1008)  # also divisible by 16: the same specialization
+    assert len(compiled) == 1 and len(compiled[0].runs) == 2
+    call(1000)  # not divisible by 16: Triton would compile another
+    call(1024, causal=False)
+    assert len(compiled) == 3
+
+
 def test_gluon_pays_rule():
     """The measured rule (132 SMs): head dim 128 from 128 rows with at least ~1 program per SM,
     head dim 64 from 4096 rows; never for decode-length queries."""
