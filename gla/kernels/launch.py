@@ -114,9 +114,7 @@ class Launcher:
         self._knobs = None if self.interpreted else _triton_runtime_knobs()
 
     def _hooked(self) -> bool:
-        knobs = self._knobs
-        return knobs is not None and (_hook_set(knobs.launch_enter_hook)
-                                      or _hook_set(knobs.launch_exit_hook))
+        return hooks_installed(self._knobs)
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
@@ -201,6 +199,13 @@ def _hook_set(hook) -> bool:
     """A launch hook is installed: a callable, or a non-empty ``triton.knobs.HookChain`` (Triton
     3.6+ keeps an empty chain there by default)."""
     return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def hooks_installed(knobs) -> bool:
+    """A launch enter/exit hook is installed in Triton's runtime ``knobs`` (profilers): launches
+    then go through Triton's own path, which calls them."""
+    return knobs is not None and (_hook_set(knobs.launch_enter_hook)
+                                  or _hook_set(knobs.launch_exit_hook))
 
 
 def _triton_runtime_knobs():

@@ -35,7 +35,6 @@ import triton
 import triton.language as tl
 
 from ..launch import cdiv as _cdiv, launcher, next_pow2 as _next_pow2
-from . import hopper
 
 LOG2E = 1.4426950408889634  # written out as a literal inside the kernels
 # Finite biases below this are clamped before scaling by log2(e), so finfo(float32).min stays
@@ -929,8 +928,10 @@ def gluon_pays(d: int, tq: int, batch_heads: int, n_sm: int) -> bool:
     * head dim 128: 1.11-1.32x from 128 query rows on, causal or not, gated or not, GQA; but
       0.86x with 32 or 64 programs of 128 rows on 132 SMs (1.13-1.32x with 128 programs), and
       0.77-0.85x for 1-16 query rows (decode: this file's forward takes 16-row tiles there);
-    * head dim 64: 1.02-1.06x from T = 4096 on, 0.96-1.00x at T = 512-2048.
+    * head dim 64: 1.02-1.06x from T = 4096 on, 0.96-1.00x at T = 512-2048 (0.86x gated at
+      1024).
     """
+    from . import hopper
     if tq < 128 or 4 * _cdiv(tq, hopper.BLOCK_M) * batch_heads < 3 * n_sm:
         return False
     return d == 128 or tq >= 4096
@@ -940,6 +941,7 @@ def _gluon_forward(q, k, v, out, lse, gate, bias, key_mask, scale, causal, windo
     """Run the Hopper forward (``hopper.py``) where it applies and pays; False: it did not."""
     if not GLUON or INTERPRETED or not q.is_cuda:
         return False
+    from . import hopper  # here, not at import: Gluon's modules take ~60 ms to import
     if hopper.unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk) \
             or not gluon_pays(q.shape[3], q.shape[2], q.shape[0] * q.shape[1],
                               _sm_count(q.device)):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 
 import torch
 
@@ -35,6 +36,7 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.compiler.errors import CompilationError
 except ImportError as e:  # an older Triton: the Triton kernel serves every call
     gluon = None
     _IMPORT_ERROR = f"triton.experimental.gluon is not importable ({e})"
@@ -241,6 +243,8 @@ if gluon is not None:
         lse_row0 = bh.to(gl.int64) * TQ
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
+        # (the two consumers' argument tuples are spelled out: a tuple built by concatenation
+        # inside a Gluon kernel turns its constexprs into tensors)
         gl.warp_specialize([
             (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, o_desc,
                          LSE, GATE, stride_gb, stride_gh, stride_gm, stride_gd, qk_scale,
@@ -267,17 +271,32 @@ def _smem_layout(box: tuple, half: bool):
     return gl.NVMMASharedLayout.get_default_for(list(box), gl.float16 if half else gl.bfloat16)
 
 
-def _descriptor(x: torch.Tensor, rows: int):
-    """A 4-d TMA descriptor over ``x`` [B, H, T, D] in its memory order, boxes of ``rows`` rows
-    of one head."""
-    d = x.shape[3]
+def _box(x: torch.Tensor, rows: int):
+    """``x`` [B, H, T, D] as the 4-d tensor in its memory order, and the TMA box of ``rows``
+    rows of one head in that order."""
     if _t_major(x):
         x = x.transpose(1, 2)  # [B, T, H, D], strides now decreasing
-        box = (1, rows, 1, d)
-    else:
-        box = (1, 1, rows, d)
+        return x, (1, rows, 1, x.shape[3])
+    return x, (1, 1, rows, x.shape[3])
+
+
+def _descriptor(x: torch.Tensor, rows: int, checked: bool = True):
+    """A TMA descriptor over ``x`` (see :func:`_box`). ``checked=False``: a :class:`_Descriptor`
+    without ``TensorDescriptor``'s checks, for a call whose exact key was seen (same dtype,
+    shapes and strides as one that passed them)."""
+    x, box = _box(x, rows)
     layout = _smem_layout(box, x.dtype == torch.float16)
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), list(box), layout)
+    kind = TensorDescriptor if checked else _Descriptor
+    return kind(x, list(x.shape), list(x.stride()), list(box), layout)
+
+
+class _Descriptor:
+    """What the launcher reads of a ``TensorDescriptor`` (base, shape, strides, padding)."""
+    __slots__ = ("base", "shape", "strides", "block_shape", "layout", "padding")
+
+    def __init__(self, base, shape, strides, block_shape, layout):
+        self.base, self.shape, self.strides = base, shape, strides
+        self.block_shape, self.layout, self.padding = block_shape, layout, "zero"
 
 
 def _tma_ready(x: torch.Tensor) -> bool:
@@ -327,29 +346,29 @@ def unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk) -> 
 
 def attention_forward(q, k, v, out, lse, gate, gate_strides, headwise, scale, causal) -> None:
     """Write ``out`` ([B, H, Tq, D] view of a [B, Tq, H, D] buffer) and ``lse`` ([B, H, Tq],
-    base 2) for a call :func:`unsupported_reason` accepted."""
+    base 2) for a call :func:`unsupported_reason` accepted.
+
+    Launches skip Triton's JIT path (~0.25 ms of host time per call for this kernel) as
+    ``launch.Launcher`` does for the Triton kernels, which it cannot serve here: descriptors are
+    built per call and are no cache key. Two caches: an exact key (dtype, shapes, strides,
+    alignment: one tuple hash, and no descriptor checks), then a fine key (what Triton
+    specializes on), before compiling."""
     B, H, TQ, D = q.shape
     HK, TK = k.shape[1], k.shape[2]
     device = q.device.index
     g = gate if gate is not None else lse
     args = (lse, g, *gate_strides, scale * 1.4426950408889634, TQ, TK, H, H // HK)
-    cached = launch.CACHED and not _hooked()
-    # exact key: every value the launch depends on but the data (C-speed hashing of one tuple)
+    grid = (math.ceil(TQ / BLOCK_M), B * H)
+    cached = launch.CACHED and not launch.hooks_installed(launch._triton_runtime_knobs())
     exact = (device, bool(causal), headwise, gate is None, q.dtype, g.dtype, q.shape, k.shape,
              q.stride(), k.stride(), v.stride(), out.stride(), gate_strides,
              lse.data_ptr() & 15 == 0, g.data_ptr() & 15 == 0)
     hit = _EXACT.get(exact) if cached else None
-    if hit is not None:  # Triton's JIT path and TensorDescriptor's checks: ~0.1 ms per call
-        kernel, consts, grid, layouts = hit
-        descs = [_Descriptor(x, rows, layout)
-                 for x, rows, layout in zip((q, k, v, out), _ROWS, layouts)]
-        with _on(device):
-            kernel.run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(device),
-                       kernel.function, kernel.packed_metadata, None, None, None,
-                       *descs, *args, *consts)
-        return
+    if hit is not None:
+        kernel, consts = hit
+        descs = [_descriptor(x, rows, checked=False) for x, rows in zip((q, k, v, out), _ROWS)]
+        return _run(kernel, grid, device, descs, args, consts)
     descs = [_descriptor(x, rows) for x, rows in zip((q, k, v, out), _ROWS)]
-    grid = (math.ceil(TQ / BLOCK_M), B * H)
     consts = dict(D=D, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
                   Q_T_MAJOR=_t_major(q), K_T_MAJOR=_t_major(k), V_T_MAJOR=_t_major(v),
                   O_T_MAJOR=_t_major(out), HAS_GATE=gate is not None, GATE_HEADWISE=headwise)
@@ -357,56 +376,40 @@ def attention_forward(q, k, v, out, lse, gate, gate_strides, headwise, scale, ca
             tuple(launch._arg_key(a) for a in args))
     kernel = _KERNELS.get(fine) if cached else None
     if kernel is None:
-        with _on(device):
-            try:
-                kernel = _attn_fwd_sm90[grid](*descs, *args, **consts, num_warps=4)
-            except Exception as e:  # noqa: BLE001 - a compile failure: decline from now on
-                from triton.compiler.errors import CompilationError
-                if not isinstance(e, (CompilationError, TypeError, AttributeError)):
-                    raise
-                import warnings
-                _DISABLED.append(f"the Gluon forward failed to compile ({type(e).__name__}: "
-                                 f"{e})")
-                warnings.warn(_DISABLED[0] + "; the Triton kernel takes every call",
-                              stacklevel=2)
-                raise Declined from e
+        kernel = _compile_and_run(grid, device, descs, args, consts)
         if cached:
             _KERNELS[fine] = kernel
     else:
-        with _on(device):
-            kernel.run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(device),
-                       kernel.function, kernel.packed_metadata, None, None, None,
-                       *descs, *args, *consts.values())
+        _run(kernel, grid, device, descs, args, tuple(consts.values()))
     if cached:
         if len(_EXACT) >= 4096:  # a model calls at a few shapes; a sweep starts over
             _EXACT.clear()
-        _EXACT[exact] = (kernel, tuple(consts.values()), grid, [d.layout for d in descs])
+        _EXACT[exact] = (kernel, tuple(consts.values()))
 
 
 _ROWS = (HALF, BLOCK_N, BLOCK_N, HALF)  # box rows of q, k, v, out
+# Compiled kernels: by the exact key, and by everything Triton specializes the launch on.
 _EXACT: dict = {}
-
-
-class _Descriptor:
-    """What the launcher reads of a ``TensorDescriptor`` (base, shape, strides, padding), built
-    without its checks for a call whose exact key was seen: same layout, same strides."""
-    __slots__ = ("base", "shape", "strides", "block_shape", "layout", "padding")
-
-    def __init__(self, x, rows, layout):
-        if _t_major(x):
-            x = x.transpose(1, 2)
-            self.block_shape = [1, rows, 1, x.shape[3]]
-        else:
-            self.block_shape = [1, 1, rows, x.shape[3]]
-        self.base = x
-        self.shape = list(x.shape)
-        self.strides = list(x.stride())
-        self.layout = layout
-        self.padding = "zero"
-
-
-# Compiled kernels by everything Triton specializes the launch on (see launch.Launcher).
 _KERNELS: dict = {}
+
+
+def _run(kernel, grid, device, descs, args, consts) -> None:
+    """The compiled kernel's own launcher (every parameter in order, constexprs last)."""
+    with _on(device):
+        kernel.run(grid[0], grid[1], 1, launch._current_stream(device), kernel.function,
+                   kernel.packed_metadata, None, None, None, *descs, *args, *consts)
+
+
+def _compile_and_run(grid, device, descs, args, consts):
+    """Triton's JIT launch, which compiles this specialization; a compile failure (a Triton
+    whose Gluon API moved) declines this call and every later one, with a warning."""
+    try:
+        with _on(device):
+            return _attn_fwd_sm90[grid](*descs, *args, **consts, num_warps=4)
+    except (CompilationError, TypeError, AttributeError) as e:
+        _DISABLED.append(f"the Gluon forward failed to compile ({type(e).__name__}: {e})")
+        warnings.warn(_DISABLED[0] + "; the Triton kernel takes every call", stacklevel=3)
+        raise Declined from e
 
 
 def _desc_key(d) -> tuple:
@@ -419,15 +422,9 @@ def _desc_key(d) -> tuple:
 
 def _on(device: int):
     """The device's context (a kernel's handle belongs to the device it was loaded on)."""
-    if device == torch._C._cuda_getDevice():
+    if device == launch._current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device)
-
-
-def _hooked() -> bool:
-    knobs = launch._triton_runtime_knobs()
-    return knobs is not None and (launch._hook_set(knobs.launch_enter_hook)
-                                  or launch._hook_set(knobs.launch_exit_hook))
 
 
 class Declined(Exception):
