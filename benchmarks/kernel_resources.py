@@ -168,7 +168,8 @@ def _compile_gluon_attention(d, causal, gate, t_major):
 
     def desc(rows):
         box = (1, rows, 1, d) if t_major else (1, 1, rows, d)
-        return f"tensordesc<bf16[{','.join(map(str, box))}],{hopper._smem_layout(box, False)!r}>"
+        return (f"tensordesc<bf16[{','.join(map(str, box))}],"
+                f"{hopper._smem_layout(box, torch.bfloat16)!r}>")
 
     sig = {"q_desc": desc(hopper.HALF), "k_desc": desc(hopper.BLOCK_N),
            "v_desc": desc(hopper.BLOCK_N), "o_desc": desc(hopper.HALF), "LSE": "*fp32",
@@ -189,6 +190,45 @@ def _compile_gluon_attention(d, causal, gate, t_major):
                 regs=regs, spill=spill, smem=k.metadata.shared, compile_s=dt)
 
 
+_GLUON_BWD_VARIANTS = [(128, True), (128, False), (64, True)]  # (D, causal), [B, T, H, D]
+
+
+def _compile_gluon_attention_bwd(d, causal):
+    """The Hopper Gluon backward (``hopper_bwd._attn_bwd_sm90``), [B, T, H, D] tensors."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from gla.kernels.attention import hopper, hopper_bwd
+
+    def desc(rows, dtype=torch.bfloat16):
+        box = (1, rows, 1, d)
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        return f"tensordesc<{name}[{','.join(map(str, box))}],{hopper._smem_layout(box, dtype)!r}>"
+
+    n, m = hopper_bwd.BLOCK_N, hopper_bwd.BLOCK_M
+    sig = {"k_desc": desc(n), "v_desc": desc(n), "q_desc": desc(m), "do_desc": desc(m),
+           "dq_desc": desc(m, torch.float32), "dk_desc": desc(n), "dv_desc": desc(n),
+           "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32",
+           "TQ": "i32", "TK": "i32", "H": "i32", "HK": "i32", "GROUP": "i32"}
+    consts = dict(D=d, BLOCK_N=n, STAGES=hopper_bwd.STAGES, CAUSAL=causal,
+                  **{f"{t}_T_MAJOR": True for t in ("K", "V", "Q", "DO", "DQ", "DK", "DV")})
+    sig.update({name: "constexpr" for name in consts})
+    t0 = time.perf_counter()
+    k = triton.compile(GluonASTSource(hopper_bwd._attn_bwd_sm90, sig, constexprs=consts),
+                       target=TARGET, options={"num_warps": 8})
+    dt = time.perf_counter() - t0
+    regs, spill = _ptxas(k.asm["ptx"])
+    cfg = f"D={d}, BLOCK_N={n}, BLOCK_M={m}, {'causal' if causal else 'full'}, bthd"
+    return dict(kernel="_attn_bwd_sm90 (Gluon)", cfg=cfg, warps="8+1",
+                stages=hopper_bwd.STAGES, regs=regs, spill=spill, smem=k.metadata.shared,
+                compile_s=dt)
+
+
+def _gluon_rows():
+    for variant in _GLUON_VARIANTS:
+        yield "attention fwd on Hopper, bf16", _compile_gluon_attention(*variant)
+    for variant in _GLUON_BWD_VARIANTS:
+        yield "attention bwd on Hopper, bf16", _compile_gluon_attention_bwd(*variant)
+
+
 def main(out_dir: str) -> str:
     rows = []
     for what, capture in (("GLA chunk fwd+bwd, bf16 K=V=128", _capture_gla),
@@ -204,9 +244,8 @@ def main(out_dir: str) -> str:
             rows.append((what, r))
             print(f"{what}: {r['kernel']} {r['cfg']}: {r['regs']} registers, {r['spill']} B "
                   f"spilled, {r['compile_s']:.1f} s", flush=True)
-    for variant in _GLUON_VARIANTS:
-        r = _compile_gluon_attention(*variant)
-        rows.append(("attention fwd on Hopper, bf16", r))
+    for what, r in _gluon_rows():
+        rows.append((what, r))
         print(f"Gluon: {r['cfg']}: {r['regs']} registers, {r['spill']} B spilled, "
               f"{r['compile_s']:.1f} s", flush=True)
     head = (f"# gla Triton kernels on sm_90: resources (compiled ahead of time, no GPU)\n\n"
@@ -227,10 +266,10 @@ def main(out_dir: str) -> str:
 
 
 if __name__ == "__main__":
-    if "--gluon" in sys.argv:  # only the Gluon forward, one JSON line per variant (tests)
+    if "--gluon" in sys.argv:  # only the Gluon kernels, one JSON line per variant (tests)
         import json
-        for variant in _GLUON_VARIANTS:
-            print(json.dumps(_compile_gluon_attention(*variant)), flush=True)
+        for _, r in _gluon_rows():
+            print(json.dumps(r), flush=True)
         sys.exit(0)
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     print(main(args[0] if args else os.path.join(os.path.dirname(__file__), "results")))

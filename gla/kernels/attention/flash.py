@@ -942,7 +942,7 @@ def _gluon_forward(q, k, v, out, lse, gate, bias, key_mask, scale, causal, windo
     if not GLUON or INTERPRETED or not q.is_cuda:
         return False
     from . import hopper  # here, not at import: Gluon's modules take ~60 ms to import
-    if hopper.unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk) \
+    if hopper.unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk, scale) \
             or not gluon_pays(q.shape[3], q.shape[2], q.shape[0] * q.shape[1],
                               _sm_count(q.device)):
         return False
@@ -952,6 +952,32 @@ def _gluon_forward(q, k, v, out, lse, gate, bias, key_mask, scale, causal, windo
                                  headwise, scale, causal)
     except hopper.Declined:
         return False
+    return True
+
+
+# Set to False (or GLA_ATTN_GLUON_BWD=0) to keep the backward on the Triton kernels.
+GLUON_BACKWARD = GLUON and os.environ.get("GLA_ATTN_GLUON_BWD", "1") != "0"
+
+
+def _gluon_backward(q, k, v, do, lse, delta, dq, dk, dv, bias, key_mask, scale, causal, window,
+                    chunk) -> bool:
+    """Run the Hopper backward (``hopper_bwd.py``) where it applies; False: it did not."""
+    if not GLUON_BACKWARD or INTERPRETED or not q.is_cuda:
+        return False
+    from . import hopper, hopper_bwd
+    if hopper_bwd.unsupported_reason(q, k, v, do, bias, key_mask, causal, window, chunk, scale):
+        return False
+    if not hopper._tma_ready(do):  # e.g. the broadcast gradient of a sum: one copy, not a decline
+        do = do.contiguous()
+    if not (hopper._tma_ready(dk) and hopper._tma_ready(dv)):
+        return False
+    B, H, TQ, D = q.shape
+    dq_acc = torch.zeros(B, TQ, H, D, dtype=torch.float32, device=q.device).transpose(1, 2)
+    try:
+        hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, scale, causal)
+    except hopper.Declined:
+        return False
+    dq.copy_(dq_acc)
     return True
 
 
@@ -997,6 +1023,9 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
             HAS_GATE=gate is not None, GATE_HEADWISE=headwise, INT64=int64,
             num_warps=c["num_warps"],
             num_stages=c["num_stages"])
+    if config is None and TQ > 0 and TK > 0 and _gluon_backward(
+            q, k, v, do_eff, lse, delta, dq, dk, dv, bias, key_mask, scale, causal, window, chunk):
+        return dq, dk, dv, dgate
     common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), IS_CAUSAL=bool(causal),
                   HAS_WINDOW=window > 0, HAS_CHUNK=chunk > 0, HAS_BIAS=bias is not None,
                   HAS_KMASK=key_mask is not None, PRECISION=_precision(q.dtype),

@@ -52,8 +52,6 @@ HALF = 64
 # the fastest of the five (BLOCK_N, STAGES) pairs timed at head dims 64 and 128.
 BLOCK_N = 128
 STAGES = 3
-# Launch-time failures seen once (a Triton whose Gluon API moved): the Triton kernel takes over.
-_DISABLED: list[str] = []
 
 if gluon is not None:
     @gluon.jit
@@ -266,9 +264,11 @@ def _t_major(x: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _smem_layout(box: tuple, half: bool):
+def _smem_layout(box: tuple, dtype: torch.dtype):
     # a constexpr_function: its host call unwraps every argument (µs), so once per box
-    return gl.NVMMASharedLayout.get_default_for(list(box), gl.float16 if half else gl.bfloat16)
+    gl_dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16,
+                torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(box), gl_dtype)
 
 
 def _box(x: torch.Tensor, rows: int):
@@ -285,7 +285,7 @@ def _descriptor(x: torch.Tensor, rows: int, checked: bool = True):
     without ``TensorDescriptor``'s checks, for a call whose exact key was seen (same dtype,
     shapes and strides as one that passed them)."""
     x, box = _box(x, rows)
-    layout = _smem_layout(box, x.dtype == torch.float16)
+    layout = _smem_layout(box, x.dtype)
     kind = TensorDescriptor if checked else _Descriptor
     return kind(x, list(x.shape), list(x.stride()), list(box), layout)
 
@@ -317,12 +317,20 @@ def _capability(device: int) -> tuple:
     return torch.cuda.get_device_capability(device)
 
 
-def unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk) -> str | None:
+def unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk,
+                       scale=1.0) -> str | None:
     """Why the Gluon forward does not take this call (None: it does)."""
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
-    if _DISABLED:
-        return _DISABLED[0]
+    if FORWARD.disabled:
+        return FORWARD.disabled
+    return _uncovered(q, k, v, bias, key_mask, causal, window, chunk, scale) or (
+        f"gate dtype {gate.dtype}" if gate is not None and gate.dtype not in (q.dtype, torch.float32)
+        else None)
+
+
+def _uncovered(q, k, v, bias, key_mask, causal, window, chunk, scale) -> str | None:
+    """What neither Gluon kernel covers (the forward's and the backward's common ground)."""
     if not q.is_cuda or _capability(q.device.index) != (9, 0):
         return "not an sm_90 (Hopper) GPU"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -339,58 +347,87 @@ def unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk) -> 
         return "more than 65535 batch x heads (the grid's second dimension)"
     if not all(_tma_ready(x) for x in (q, k, v)):
         return "strides TMA cannot address"
-    if gate is not None and gate.dtype not in (q.dtype, torch.float32):
-        return f"gate dtype {gate.dtype}"
+    if not scale > 0:  # masks are -inf before the scale, and the row max assumes it positive
+        return f"scale {scale} (positive only)"
     return None
 
 
 def attention_forward(q, k, v, out, lse, gate, gate_strides, headwise, scale, causal) -> None:
     """Write ``out`` ([B, H, Tq, D] view of a [B, Tq, H, D] buffer) and ``lse`` ([B, H, Tq],
-    base 2) for a call :func:`unsupported_reason` accepted.
-
-    Launches skip Triton's JIT path (~0.25 ms of host time per call for this kernel) as
-    ``launch.Launcher`` does for the Triton kernels, which it cannot serve here: descriptors are
-    built per call and are no cache key. Two caches: an exact key (dtype, shapes, strides,
-    alignment: one tuple hash, and no descriptor checks), then a fine key (what Triton
-    specializes on), before compiling."""
+    base 2) for a call :func:`unsupported_reason` accepted."""
     B, H, TQ, D = q.shape
     HK, TK = k.shape[1], k.shape[2]
-    device = q.device.index
     g = gate if gate is not None else lse
     args = (lse, g, *gate_strides, scale * 1.4426950408889634, TQ, TK, H, H // HK)
-    grid = (math.ceil(TQ / BLOCK_M), B * H)
-    cached = launch.CACHED and not launch.hooks_installed(launch._triton_runtime_knobs())
-    exact = (device, bool(causal), headwise, gate is None, q.dtype, g.dtype, q.shape, k.shape,
-             q.stride(), k.stride(), v.stride(), out.stride(), gate_strides,
+    exact = (bool(causal), headwise, gate is None, g.dtype, gate_strides,
              lse.data_ptr() & 15 == 0, g.data_ptr() & 15 == 0)
-    hit = _EXACT.get(exact) if cached else None
-    if hit is not None:
-        kernel, consts = hit
-        descs = [_descriptor(x, rows, checked=False) for x, rows in zip((q, k, v, out), _ROWS)]
-        return _run(kernel, grid, device, descs, args, consts)
-    descs = [_descriptor(x, rows) for x, rows in zip((q, k, v, out), _ROWS)]
-    consts = dict(D=D, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
-                  Q_T_MAJOR=_t_major(q), K_T_MAJOR=_t_major(k), V_T_MAJOR=_t_major(v),
-                  O_T_MAJOR=_t_major(out), HAS_GATE=gate is not None, GATE_HEADWISE=headwise)
-    fine = (device, tuple(consts.values()), tuple(_desc_key(d) for d in descs),
-            tuple(launch._arg_key(a) for a in args))
-    kernel = _KERNELS.get(fine) if cached else None
-    if kernel is None:
-        kernel = _compile_and_run(grid, device, descs, args, consts)
+
+    def consts():
+        return dict(D=D, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
+                    Q_T_MAJOR=_t_major(q), K_T_MAJOR=_t_major(k), V_T_MAJOR=_t_major(v),
+                    O_T_MAJOR=_t_major(out), HAS_GATE=gate is not None, GATE_HEADWISE=headwise)
+    FORWARD((math.ceil(TQ / BLOCK_M), B * H), q.device.index,
+            ((q, HALF), (k, BLOCK_N), (v, BLOCK_N), (out, HALF)), args, exact, consts)
+
+
+class GluonLaunch:
+    """Launches of one Gluon kernel that skip Triton's JIT path (~0.25 ms of host time per call
+    for these kernels), as ``launch.Launcher`` does for the Triton kernels, which it cannot
+    serve here: descriptors are built per call and are no cache key. Two caches: an exact key
+    (the descriptors' dtypes, shapes and strides, plus the caller's own key: one tuple hash, and
+    no descriptor checks), then a fine key (what Triton specializes on), before compiling.
+
+    A compile failure (a Triton whose Gluon API moved) sets :attr:`disabled` (the reason, with
+    a warning) and raises :class:`Declined`; the caller then runs the Triton kernels, for that
+    call and every later one."""
+
+    def __init__(self, kernel, name: str, num_warps: int):
+        # ``kernel()`` returns the @gluon.jit function (looked up per compile: tests substitute it)
+        self.kernel, self.name, self.num_warps = kernel, name, num_warps
+        self.disabled: str | None = None
+        self.exact: dict = {}
+        self.kernels: dict = {}
+
+    def __call__(self, grid, device, tensors, args, exact, consts) -> None:
+        """``tensors``: (tensor, box rows) per descriptor parameter, in order; ``args``: the
+        other runtime parameters; ``exact``: what else the constexprs depend on (a tuple);
+        ``consts()``: the constexprs, by name."""
+        cached = launch.CACHED and not launch.hooks_installed(launch._triton_runtime_knobs())
+        key = (device, exact, *((t.dtype, t.shape, t.stride()) for t, _ in tensors))
+        hit = self.exact.get(key) if cached else None
+        if hit is not None:
+            kernel, values = hit
+            descs = [_descriptor(t, rows, checked=False) for t, rows in tensors]
+            return _run(kernel, grid, device, descs, args, values)
+        descs = [_descriptor(t, rows) for t, rows in tensors]
+        cs = consts()
+        values = tuple(cs.values())
+        fine = (device, values, tuple(_desc_key(d) for d in descs),
+                tuple(launch._arg_key(a) for a in args))
+        kernel = self.kernels.get(fine) if cached else None
+        if kernel is None:
+            kernel = self._compile_and_run(grid, device, descs, args, cs)
+            if cached:
+                self.kernels[fine] = kernel
+        else:
+            _run(kernel, grid, device, descs, args, values)
         if cached:
-            _KERNELS[fine] = kernel
-    else:
-        _run(kernel, grid, device, descs, args, tuple(consts.values()))
-    if cached:
-        if len(_EXACT) >= 4096:  # a model calls at a few shapes; a sweep starts over
-            _EXACT.clear()
-        _EXACT[exact] = (kernel, tuple(consts.values()))
+            if len(self.exact) >= 4096:  # a model calls at a few shapes; a sweep starts over
+                self.exact.clear()
+            self.exact[key] = (kernel, values)
+
+    def _compile_and_run(self, grid, device, descs, args, consts):
+        """Triton's JIT launch, which compiles this specialization."""
+        try:
+            with _on(device):
+                return self.kernel()[grid](*descs, *args, **consts, num_warps=self.num_warps)
+        except (CompilationError, TypeError, AttributeError) as e:
+            self.disabled = f"{self.name} failed to compile ({type(e).__name__}: {e})"
+            warnings.warn(self.disabled + "; the Triton kernels take every call", stacklevel=4)
+            raise Declined from e
 
 
-_ROWS = (HALF, BLOCK_N, BLOCK_N, HALF)  # box rows of q, k, v, out
-# Compiled kernels: by the exact key, and by everything Triton specializes the launch on.
-_EXACT: dict = {}
-_KERNELS: dict = {}
+FORWARD = GluonLaunch(lambda: _attn_fwd_sm90, "the Gluon forward", num_warps=4)
 
 
 def _run(kernel, grid, device, descs, args, consts) -> None:
@@ -398,18 +435,6 @@ def _run(kernel, grid, device, descs, args, consts) -> None:
     with _on(device):
         kernel.run(grid[0], grid[1], 1, launch._current_stream(device), kernel.function,
                    kernel.packed_metadata, None, None, None, *descs, *args, *consts)
-
-
-def _compile_and_run(grid, device, descs, args, consts):
-    """Triton's JIT launch, which compiles this specialization; a compile failure (a Triton
-    whose Gluon API moved) declines this call and every later one, with a warning."""
-    try:
-        with _on(device):
-            return _attn_fwd_sm90[grid](*descs, *args, **consts, num_warps=4)
-    except (CompilationError, TypeError, AttributeError) as e:
-        _DISABLED.append(f"the Gluon forward failed to compile ({type(e).__name__}: {e})")
-        warnings.warn(_DISABLED[0] + "; the Triton kernel takes every call", stacklevel=3)
-        raise Declined from e
 
 
 def _desc_key(d) -> tuple:

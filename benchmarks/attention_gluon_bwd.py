@@ -1,0 +1,100 @@
+"""The attention backward on Hopper: gla's Triton backward against the Gluon one, and cuDNN's.
+
+    python benchmarks/attention_gluon_bwd.py [--out DIR]
+
+Per shape (bf16, B=2, H=16 unless GQA): the whole backward (``flash.attention_backward``:
+preprocess, kernels, the Gluon path's dQ zeroing and cast) with the Triton kernels and with the
+Gluon kernel; the Gluon kernel alone; SDPA-cuDNN's backward (``autograd.grad`` of its output).
+CUDA-graph replays (``triton.testing.do_bench_cudagraph``), ms. Also the gradients of the two gla
+paths against each other (relative RMS). Backward FLOPs counted as 2.5x the forward's
+(4 matmuls of 5 in FA2's count: 2·2.5·B·H·Tq·Tk·D, halved when causal).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gla.kernels.attention import flash, hopper_bwd  # noqa: E402
+
+SHAPES = [  # (D, T, H, HK, causal)
+    (128, 1024, 16, 16, True), (128, 2048, 16, 16, True), (128, 4096, 16, 16, True),
+    (128, 8192, 16, 16, True), (128, 16384, 16, 16, True), (128, 4096, 16, 16, False),
+    (128, 4096, 16, 4, True), (64, 2048, 16, 16, True), (64, 4096, 16, 16, True),
+    (64, 8192, 16, 16, True), (64, 4096, 16, 4, True),
+]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
+
+
+def bench(fn):
+    try:
+        return do_bench_cudagraph(fn, rep=200)
+    except Exception:  # noqa: BLE001  (a path that cannot be captured: plain events)
+        return triton.testing.do_bench(fn, rep=200)
+
+
+def main(out_dir: str | None) -> str:
+    lines = [f"# attention backward, Triton vs Gluon (H200 session 12)\n",
+             f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"triton {triton.__version__}; bf16, B=2; CUDA-graph replays, ms "
+             "(TFLOP/s at 2.5x the forward's FLOPs)\n"]
+    print("\n".join(lines), flush=True)
+    B = 2
+    for D, T, H, HK, causal in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(T + D)
+        mk = lambda h: torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16,  # noqa
+                                   generator=g).transpose(1, 2)
+        q, k, v, dout = mk(H), mk(HK), mk(HK), mk(H)
+        out, lse = flash.attention_forward(q, k, v, causal=causal)
+        res = {}
+        grads = {}
+        for name, gluon in (("triton", False), ("gluon", True)):
+            flash.GLUON_BACKWARD = gluon
+            grads[name] = flash.attention_backward(dout, q, k, v, out, lse, causal=causal)
+            res[name] = bench(lambda: flash.attention_backward(dout, q, k, v, out, lse,
+                                                               causal=causal))
+        flash.GLUON_BACKWARD = True
+        delta = torch.empty(B, H, T, device="cuda", dtype=torch.float32)
+        delta.copy_((dout.float() * out.float()).sum(-1))
+        dq_acc = torch.zeros(B, T, H, D, device="cuda", dtype=torch.float32).transpose(1, 2)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        res["gluon kernel"] = bench(lambda: hopper_bwd.attention_backward(
+            q, k, v, dout, lse, delta, dq_acc, dk, dv, D ** -0.5, causal))
+        kr = k.repeat_interleave(H // HK, 1).detach().requires_grad_()
+        vr = v.repeat_interleave(H // HK, 1).detach().requires_grad_()
+        qr = q.detach().requires_grad_()
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=causal)
+        res["cudnn"] = bench(lambda: torch.autograd.grad(o, (qr, kr, vr), dout,
+                                                          retain_graph=True))
+        flops = 2 * 2.5 * B * H * T * T * D / (2 if causal else 1)
+        errs = " ".join(f"{n} {rel(a, b):.1e}" for n, a, b in
+                        zip(("dq", "dk", "dv"), grads["gluon"], grads["triton"]))
+        cells = "  ".join(f"{n} {t:.3f} ({flops / t * 1e-9:.0f})" for n, t in res.items())
+        line = (f"D={D} T={T} H={H}/{HK} {'causal' if causal else 'full'}: {cells}  | "
+                f"gluon/triton {res['triton'] / res['gluon']:.2f}x, gluon/cudnn "
+                f"{res['cudnn'] / res['gluon']:.2f}x | gluon vs triton grads: {errs}")
+        print(line, flush=True)
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "attention-gluon-bwd.txt"), "w") as f:
+            f.write(text)
+    return text
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    main(p.parse_args().out)

@@ -1,0 +1,249 @@
+"""The attention backward on Hopper (sm_90), in Gluon: FlashAttention-3's dQ through TMA adds.
+
+The Triton backward (``flash._attn_bwd_dkdv`` + ``flash._attn_bwd_dq``) runs 7 matmuls per
+(key block, query block): the dQ kernel recomputes QKᵀ and dO·Vᵀ. FA2/FA3 run 5 by adding each
+dQ tile from the dK/dV kernel, which in Triton lost 13-40% (sessions 4 and 10 of
+``benchmarks/attention_notes.md``: its atomics and a third fp32 tile on one warpgroup). Here:
+
+* one program per 128 keys of one (batch, kv head), looping over the query blocks (64 rows) of
+  every query head of its GQA group, in two partitions: a 1-warp loader (TMA: K and V once, Q
+  and dO blocks into a ring) and 8 compute warps (two warpgroups of 64 keys each);
+* per query block: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ on the tensor cores while the previous results
+  are used, Pᵀ = exp2(Sᵀ·scale − lse), dSᵀ = Pᵀ ⊙ (dPᵀ − delta), dV += Pᵀ·dO and dK += dSᵀ·Q
+  from registers, dSᵀ to shared memory, dQ = dS·K split over the two warpgroups by columns,
+  and dQ added into an fp32 buffer by one TMA reduce-add (``cp.reduce.async.bulk.tensor``);
+* dK and dV leave through the K/V tiles' shared memory and TMA stores, which clip keys past Tk.
+
+Inputs: the forward's lse (base 2) and the Triton preprocess's delta and gated dO
+(``flash._attn_bwd_preprocess``), so gates are handled before this kernel. The caller zeroes the
+fp32 dQ buffer ``[B, Tq, H, D]`` and casts it after. Covers what the Gluon forward covers
+(``hopper.unsupported_reason``). No interpreter runs Gluon: its tests are GPU tests.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import hopper
+from .hopper import gluon
+
+if gluon is not None:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from .hopper import _at, _tma_load, _tma_store
+
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed after Triton 3.6
+
+    _tma_add = getattr(tma, "async_atomic_add", None)  # Triton >= 3.7
+    if _tma_add is None:  # 3.6 (the device) builds the same op, without a Python wrapper
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _builtin
+
+        @_builtin
+        def _tma_add(tensor_desc, coord, src, _semantic=None):
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD,
+                                                      tensor_desc.handle, coord, src.handle)
+
+BLOCK_N = 128  # keys per program: two warpgroups of 64
+BLOCK_M = 64  # query rows per step
+STAGES = 2
+
+if gluon is not None:
+    @gluon.jit
+    def _query_blocks(n0, TQ, TK, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """(first query block that sees keys [n0, n0 + BLOCK_N), first that sees them all)."""
+        if CAUSAL:  # bottom-right aligned: row i sees keys <= i + TK - TQ
+            off = TK - TQ
+            lo = gl.maximum(n0 - off, 0) // 64
+            full = gl.cdiv(gl.maximum(n0 + BLOCK_N - 1 - off, 0), 64)
+        else:
+            lo = n0 * 0
+            full = n0 * 0
+        return lo, full
+
+    @gluon.jit
+    def _bwd_loader(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar,
+                    q_ready, do_ready, qdo_empty, b, hk, n0, GROUP, m_lo, n_m, n_iter,
+                    K_T_MAJOR: gl.constexpr, V_T_MAJOR: gl.constexpr, Q_T_MAJOR: gl.constexpr,
+                    DO_T_MAJOR: gl.constexpr, STAGES: gl.constexpr):
+        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, _at(b, hk, n0, K_T_MAJOR), kv_bar, k_smem)
+        _tma_load(v_desc, _at(b, hk, n0, V_T_MAJOR), kv_bar, v_smem)
+        for it in range(n_iter):
+            s = it % STAGES
+            mbarrier.wait(qdo_empty.index(s), ((it // STAGES) & 1) ^ 1)  # fresh: parity 1 passes
+            h = hk * GROUP + it // n_m
+            row = (m_lo + it % n_m) * 64
+            mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+            _tma_load(q_desc, _at(b, h, row, Q_T_MAJOR), q_ready.index(s), q_smem.index(s))
+            mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+            _tma_load(do_desc, _at(b, h, row, DO_T_MAJOR), do_ready.index(s), do_smem.index(s))
+
+    @gluon.jit
+    def _bwd_compute(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready,
+                     do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale,
+                     sm_scale, b, hk, n0, TQ, TK, H, GROUP, m_lo, m_full, n_m, n_iter,
+                     D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                     CAUSAL: gl.constexpr, DQ_T_MAJOR: gl.constexpr, DK_T_MAJOR: gl.constexpr,
+                     DV_T_MAJOR: gl.constexpr):
+        dtype: gl.constexpr = dk_desc.dtype
+        # Sᵀ, dPᵀ [keys, queries] and dK, dV [keys, D]: warpgroup w owns keys 64w..64w+63;
+        # dQ [queries, D]: warpgroup w owns columns (D/2)w.. of every query row.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                           instr_shape=[16, 64, 16])
+        kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                            instr_shape=[16, D, 16])
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                            instr_shape=[16, D // 2, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+        key_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+        keys = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=key_s), 1)
+        rows0 = gl.arange(0, 64, layout=row_s)
+        zero_s = gl.zeros([BLOCK_N, 64], gl.float32, s_layout)
+        zero_dq = gl.zeros([64, D], gl.float32, dq_layout)
+        dk = gl.zeros([BLOCK_N, D], gl.float32, kv_layout)
+        dv = gl.zeros([BLOCK_N, D], gl.float32, kv_layout)
+        k = k_smem.reshape([BLOCK_N, D])  # drop the unit dims of the 4-d TMA box
+        v = v_smem.reshape([BLOCK_N, D])
+        dq_tile = dq_smem.reshape([64, D])
+        ragged = n0 + BLOCK_N > TK  # keys past TK: their scores must not reach exp2
+        mbarrier.wait(kv_bar, 0)
+        for it in range(n_iter):
+            s = it % STAGES
+            phase = (it // STAGES) & 1
+            h = hk * GROUP + it // n_m
+            m = m_lo + it % n_m
+            rows = m * 64 + rows0
+            lse_base = (b * H + h).to(gl.int64) * TQ
+            q = q_smem.index(s).reshape([64, D])
+            do = do_smem.index(s).reshape([64, D])
+            mbarrier.wait(q_ready.index(s), phase)
+            st = warpgroup_mma(k, q.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(do_ready.index(s), phase)
+            dpt = warpgroup_mma(v, do.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            # rows past TQ: zeros (Q and dO are zero-filled there, so dS is 0 and nothing adds)
+            lse = gl.load(LSE + lse_base + rows, mask=rows < TQ, other=0.0)
+            st = warpgroup_mma_wait(1, deps=(st, ))  # Sᵀ done; dPᵀ may still run
+            st = st * qk_scale
+            if ragged or m < m_full:
+                vis = keys < TK
+                if CAUSAL:
+                    vis = vis & (keys <= gl.expand_dims(rows, 0) + (TK - TQ))
+                st = gl.where(vis, st, float("-inf"))
+            pt = gl.exp2(st - gl.expand_dims(lse, 0))
+            dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do, dv, is_async=True)
+            delta = gl.load(DELTA + lse_base + rows, mask=rows < TQ, other=0.0)
+            dpt = warpgroup_mma_wait(1, deps=(dpt, ))  # dPᵀ done; dV may still run
+            dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
+            dk = warpgroup_mma(gl.convert_layout(dst, a_layout), q, dk, is_async=True)
+            ds_smem.store(dst)
+            fence_async_shared()
+            dq = warpgroup_mma(ds_smem.permute((1, 0)), k, zero_dq, use_acc=False,
+                               is_async=True)
+            dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+            _barrier()  # both warpgroups are done with this Q/dO stage
+            mbarrier.arrive(qdo_empty.index(s), count=1)
+            tma.store_wait(0)  # the previous dQ add has read the staging tile
+            _barrier()
+            dq_tile.store(dq * sm_scale)
+            fence_async_shared()
+            _tma_add(dq_desc, _at(b, h, m * 64, DQ_T_MAJOR), dq_smem)
+        tma.store_wait(0)
+
+        # dK and dV through the K and V tiles (read no more); TMA clips keys past TK
+        _barrier()
+        k.store((dk * sm_scale).to(dtype))
+        v.store(dv.to(dtype))
+        fence_async_shared()
+        _tma_store(dk_desc, _at(b, hk, n0, DK_T_MAJOR), k.reshape(dk_desc.block_type.shape))
+        _tma_store(dv_desc, _at(b, hk, n0, DV_T_MAJOR), v.reshape(dv_desc.block_type.shape))
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _attn_bwd_sm90(k_desc, v_desc, q_desc, do_desc, dq_desc, dk_desc, dv_desc, LSE, DELTA,
+                       qk_scale, sm_scale, TQ, TK, H, HK, GROUP,
+                       D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       CAUSAL: gl.constexpr, K_T_MAJOR: gl.constexpr, V_T_MAJOR: gl.constexpr,
+                       Q_T_MAJOR: gl.constexpr, DO_T_MAJOR: gl.constexpr,
+                       DQ_T_MAJOR: gl.constexpr, DK_T_MAJOR: gl.constexpr,
+                       DV_T_MAJOR: gl.constexpr):
+        n0 = gl.program_id(0) * BLOCK_N  # causal: the first key blocks (most queries) first
+        bh = gl.program_id(1)
+        b = bh // HK
+        hk = bh % HK
+        m_lo, m_full = _query_blocks(n0, TQ, TK, BLOCK_N, CAUSAL)
+        n_m = gl.cdiv(TQ, 64) - m_lo
+        n_iter = GROUP * n_m
+        dtype: gl.constexpr = q_desc.dtype
+
+        k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape,
+                                           q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape,
+                                            do_desc.layout)
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                       rank=2)
+        ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, 64], ds_layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, dq_desc.block_type.shape, dq_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(do_ready.index(i), count=1)
+            mbarrier.init(qdo_empty.index(i), count=1)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_bwd_compute, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready,
+                            do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale,
+                            sm_scale, b, hk, n0, TQ, TK, H, GROUP, m_lo, m_full, n_m, n_iter,
+                            D, BLOCK_N, STAGES, CAUSAL, DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR)),
+            (_bwd_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
+                           kv_bar, q_ready, do_ready, qdo_empty, b, hk, n0, GROUP, m_lo, n_m,
+                           n_iter, K_T_MAJOR, V_T_MAJOR, Q_T_MAJOR, DO_T_MAJOR, STAGES)),
+        ], [1], [24])
+
+
+def unsupported_reason(q, k, v, dout, bias, key_mask, causal, window, chunk,
+                       scale=1.0) -> str | None:
+    """Why the Gluon backward does not take this call (None: it does). ``dout`` is the
+    attention's (gated) output gradient; strides TMA cannot read are copied, not declined."""
+    if hopper._IMPORT_ERROR is not None:
+        return hopper._IMPORT_ERROR
+    if BACKWARD.disabled:
+        return BACKWARD.disabled
+    if dout.dtype != q.dtype:
+        return f"output gradient dtype {dout.dtype}"
+    return hopper._uncovered(q, k, v, bias, key_mask, causal, window, chunk, scale)
+
+
+def attention_backward(q, k, v, dout, lse, delta, dq_acc, dk, dv, scale, causal) -> None:
+    """Add ``dq_acc`` (zeroed fp32, a [B, H, Tq, D] view of a [B, Tq, H, D] buffer) and write
+    ``dk``, ``dv`` for a call :func:`unsupported_reason` accepted. ``dout``: TMA-readable;
+    ``lse``, ``delta``: fp32 [B, H, Tq] (the forward's, base 2, and the preprocess's)."""
+    B, H, TQ, D = q.shape
+    HK, TK = k.shape[1], k.shape[2]
+    args = (lse, delta, scale * 1.4426950408889634, scale, TQ, TK, H, HK, H // HK)
+    exact = (bool(causal), lse.data_ptr() & 15 == 0, delta.data_ptr() & 15 == 0)
+
+    def consts():
+        return dict(D=D, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
+                    K_T_MAJOR=hopper._t_major(k), V_T_MAJOR=hopper._t_major(v),
+                    Q_T_MAJOR=hopper._t_major(q), DO_T_MAJOR=hopper._t_major(dout),
+                    DQ_T_MAJOR=hopper._t_major(dq_acc), DK_T_MAJOR=hopper._t_major(dk),
+                    DV_T_MAJOR=hopper._t_major(dv))
+    BACKWARD((math.ceil(TK / BLOCK_N), B * HK), q.device.index,
+             ((k, BLOCK_N), (v, BLOCK_N), (q, BLOCK_M), (dout, BLOCK_M), (dq_acc, BLOCK_M),
+              (dk, BLOCK_N), (dv, BLOCK_N)), args, exact, consts)
+
+
+BACKWARD = hopper.GluonLaunch(lambda: _attn_bwd_sm90, "the Gluon backward", num_warps=8)
