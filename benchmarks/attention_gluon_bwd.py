@@ -43,7 +43,8 @@ def bench(fn):
         return triton.testing.do_bench(fn, rep=200)
 
 
-def main(out_dir: str | None) -> str:
+def main(out_dir: str | None, variants=()) -> str:
+    """``variants``: (name, [(module, attribute, value), ...]) timed besides the defaults."""
     lines = [f"# attention backward, Triton vs Gluon (H200 session 12)\n",
              f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"triton {triton.__version__}; bf16, B=2; CUDA-graph replays, ms "
@@ -63,6 +64,17 @@ def main(out_dir: str | None) -> str:
             grads[name] = flash.attention_backward(dout, q, k, v, out, lse, causal=causal)
             res[name] = bench(lambda: flash.attention_backward(dout, q, k, v, out, lse,
                                                                causal=causal))
+        for name, knobs in variants:
+            saved = {n: getattr(mod, n) for mod, n, _ in knobs}
+            for mod, n, val in knobs:
+                setattr(mod, n, val)
+            torch.testing.assert_close(  # a variant must compute the same gradients
+                flash.attention_backward(dout, q, k, v, out, lse, causal=causal)[1],
+                grads["gluon"][1], rtol=2e-2, atol=2e-2)
+            res[name] = bench(lambda: flash.attention_backward(dout, q, k, v, out, lse,
+                                                               causal=causal))
+            for (mod, n, _), val in zip(knobs, saved.values()):
+                setattr(mod, n, val)
         flash.GLUON_BACKWARD = True
         delta = torch.empty(B, H, T, device="cuda", dtype=torch.float32)
         delta.copy_((dout.float() * out.float()).sum(-1))
@@ -97,4 +109,8 @@ def main(out_dir: str | None) -> str:
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
-    main(p.parse_args().out)
+    p.add_argument("--variants", action="store_true",
+                   help="also time 3 stages, and GQA without the split (A/B of the defaults)")
+    a = p.parse_args()
+    main(a.out, [("gluon 3 stages", [(hopper_bwd, "STAGES", 3)]),
+                 ("gluon no split", [(flash, "DKDV_SPLIT", 1)])] if a.variants else ())

@@ -190,10 +190,10 @@ def _compile_gluon_attention(d, causal, gate, t_major):
                 regs=regs, spill=spill, smem=k.metadata.shared, compile_s=dt)
 
 
-_GLUON_BWD_VARIANTS = [(128, True), (128, False), (64, True)]  # (D, causal), [B, T, H, D]
+_GLUON_BWD_VARIANTS = [(128, True), (128, False, True), (64, True)]  # (D, causal, partials)
 
 
-def _compile_gluon_attention_bwd(d, causal):
+def _compile_gluon_attention_bwd(d, causal, partials=False):
     """The Hopper Gluon backward (``hopper_bwd._attn_bwd_sm90``), [B, T, H, D] tensors."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from gla.kernels.attention import hopper, hopper_bwd
@@ -203,20 +203,23 @@ def _compile_gluon_attention_bwd(d, causal):
         name = "fp32" if dtype == torch.float32 else "bf16"
         return f"tensordesc<{name}[{','.join(map(str, box))}],{hopper._smem_layout(box, dtype)!r}>"
 
-    n, m = hopper_bwd.BLOCK_N, hopper_bwd.BLOCK_M
+    n, m = hopper_bwd.BLOCK_N, hopper_bwd.BLOCK_M[d]
     sig = {"k_desc": desc(n), "v_desc": desc(n), "q_desc": desc(m), "do_desc": desc(m),
            "dq_desc": desc(m, torch.float32), "dk_desc": desc(n), "dv_desc": desc(n),
-           "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32",
-           "TQ": "i32", "TK": "i32", "H": "i32", "HK": "i32", "GROUP": "i32"}
-    consts = dict(D=d, BLOCK_N=n, STAGES=hopper_bwd.STAGES, CAUSAL=causal,
-                  **{f"{t}_T_MAJOR": True for t in ("K", "V", "Q", "DO", "DQ", "DK", "DV")})
+           "LSE": "*fp32", "DELTA": "*fp32", "PART_K": "*fp32", "PART_V": "*fp32",
+           "qk_scale": "fp32", "sm_scale": "fp32", "TQ": "i32", "TK": "i32", "H": "i32",
+           "HK": "i32", "GROUP": "i32", "SPLIT": "i32"}
+    consts = dict(D=d, BLOCK_M=m, BLOCK_N=n, STAGES=hopper_bwd.STAGES, CAUSAL=causal,
+                  **{f"{t}_T_MAJOR": True for t in ("K", "V", "Q", "DO", "DQ", "DK", "DV")},
+                  PARTIALS=partials)
     sig.update({name: "constexpr" for name in consts})
     t0 = time.perf_counter()
     k = triton.compile(GluonASTSource(hopper_bwd._attn_bwd_sm90, sig, constexprs=consts),
                        target=TARGET, options={"num_warps": 8})
     dt = time.perf_counter() - t0
     regs, spill = _ptxas(k.asm["ptx"])
-    cfg = f"D={d}, BLOCK_N={n}, BLOCK_M={m}, {'causal' if causal else 'full'}, bthd"
+    cfg = (f"D={d}, BLOCK_N={n}, BLOCK_M={m}, {'causal' if causal else 'full'}, bthd"
+           + (", fp32 partials" if partials else ""))
     return dict(kernel="_attn_bwd_sm90 (Gluon)", cfg=cfg, warps="8+1",
                 stages=hopper_bwd.STAGES, regs=regs, spill=spill, smem=k.metadata.shared,
                 compile_s=dt)

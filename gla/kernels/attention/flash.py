@@ -972,13 +972,29 @@ def _gluon_backward(q, k, v, do, lse, delta, dq, dk, dv, bias, key_mask, scale, 
     if not (hopper._tma_ready(dk) and hopper._tma_ready(dv)):
         return False
     B, H, TQ, D = q.shape
+    HK, TK = k.shape[1], k.shape[2]
     dq_acc = torch.zeros(B, TQ, H, D, dtype=torch.float32, device=q.device).transpose(1, 2)
+    split = dkdv_split(H // HK, _cdiv(TK, hopper_bwd.BLOCK_N) * B * HK, q.device)
+    parts = [_empty(split, B, HK, TK, D, dtype=torch.float32, device=q.device)
+             for _ in range(2)] if split > 1 else [None, None]
     try:
-        hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, scale, causal)
+        hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, scale, causal,
+                                      split, *parts)
     except hopper.Declined:
         return False
+    if split > 1:
+        _sum_dkdv(*parts, dk, dv, split, _needs_int64(dk, dv))
     dq.copy_(dq_acc)
     return True
+
+
+def _sum_dkdv(part_k, part_v, dk, dv, split, int64) -> None:
+    """dK and dV from the fp32 partials of a split GQA group (``_attn_bwd_dkdv_sum``)."""
+    HK, TK, D, DV = dk.shape[1], dk.shape[2], dk.shape[3], dv.shape[3]
+    _attn_bwd_dkdv_sum[(_cdiv(TK, 64), dk.shape[0] * HK, 2)](
+        part_k, part_v, dk, dv, part_k.stride(0), part_v.stride(0), HK, TK, *dk.stride(),
+        *dv.stride(), SPLIT=split, D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), BLOCK_N=64,
+        INT64=int64, num_warps=4)
 
 
 def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=None,
@@ -1050,10 +1066,7 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
             num_warps=c["num_warps"],
             num_stages=c["num_stages"], **common)
         if split > 1:
-            _attn_bwd_dkdv_sum[(_cdiv(TK, 64), B * HK, 2)](
-                part_k, part_v, dk, dv, *split_strides, HK, TK, *dk.stride(), *dv.stride(),
-                SPLIT=split, D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), BLOCK_N=64,
-                INT64=int64, num_warps=4)
+            _sum_dkdv(part_k, part_v, dk, dv, split, int64)
     if TQ > 0:
         c = cfg["dq"]
         _attn_bwd_dq[(_cdiv(TQ, c["BLOCK_M"]), B * H)](

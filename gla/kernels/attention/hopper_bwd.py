@@ -48,17 +48,18 @@ if gluon is not None:
                                                       tensor_desc.handle, coord, src.handle)
 
 BLOCK_N = 128  # keys per program: two warpgroups of 64
-BLOCK_M = 64  # query rows per step
+BLOCK_M = {64: 64, 128: 64}  # query rows per step, by head dim
 STAGES = 2
 
 if gluon is not None:
     @gluon.jit
-    def _query_blocks(n0, TQ, TK, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    def _query_blocks(n0, TQ, TK, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      CAUSAL: gl.constexpr):
         """(first query block that sees keys [n0, n0 + BLOCK_N), first that sees them all)."""
         if CAUSAL:  # bottom-right aligned: row i sees keys <= i + TK - TQ
             off = TK - TQ
-            lo = gl.maximum(n0 - off, 0) // 64
-            full = gl.cdiv(gl.maximum(n0 + BLOCK_N - 1 - off, 0), 64)
+            lo = gl.maximum(n0 - off, 0) // BLOCK_M
+            full = gl.cdiv(gl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M)
         else:
             lo = n0 * 0
             full = n0 * 0
@@ -66,17 +67,17 @@ if gluon is not None:
 
     @gluon.jit
     def _bwd_loader(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar,
-                    q_ready, do_ready, qdo_empty, b, hk, n0, GROUP, m_lo, n_m, n_iter,
+                    q_ready, do_ready, qdo_empty, b, hk, n0, h0, m_lo, n_m, n_iter,
                     K_T_MAJOR: gl.constexpr, V_T_MAJOR: gl.constexpr, Q_T_MAJOR: gl.constexpr,
-                    DO_T_MAJOR: gl.constexpr, STAGES: gl.constexpr):
+                    DO_T_MAJOR: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         _tma_load(k_desc, _at(b, hk, n0, K_T_MAJOR), kv_bar, k_smem)
         _tma_load(v_desc, _at(b, hk, n0, V_T_MAJOR), kv_bar, v_smem)
         for it in range(n_iter):
             s = it % STAGES
             mbarrier.wait(qdo_empty.index(s), ((it // STAGES) & 1) ^ 1)  # fresh: parity 1 passes
-            h = hk * GROUP + it // n_m
-            row = (m_lo + it % n_m) * 64
+            h = h0 + it // n_m
+            row = (m_lo + it % n_m) * BLOCK_M
             mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
             _tma_load(q_desc, _at(b, h, row, Q_T_MAJOR), q_ready.index(s), q_smem.index(s))
             mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
@@ -85,15 +86,17 @@ if gluon is not None:
     @gluon.jit
     def _bwd_compute(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready,
                      do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale,
-                     sm_scale, b, hk, n0, TQ, TK, H, GROUP, m_lo, m_full, n_m, n_iter,
-                     D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                     CAUSAL: gl.constexpr, DQ_T_MAJOR: gl.constexpr, DK_T_MAJOR: gl.constexpr,
-                     DV_T_MAJOR: gl.constexpr):
+                     sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, m_full, n_m, n_iter,
+                     PART_K, PART_V, part_row0,
+                     D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_T_MAJOR: gl.constexpr,
+                     DK_T_MAJOR: gl.constexpr, DV_T_MAJOR: gl.constexpr,
+                     PARTIALS: gl.constexpr):
         dtype: gl.constexpr = dk_desc.dtype
         # Sᵀ, dPᵀ [keys, queries] and dK, dV [keys, D]: warpgroup w owns keys 64w..64w+63;
         # dQ [queries, D]: warpgroup w owns columns (D/2)w.. of every query row.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                           instr_shape=[16, 64, 16])
+                                                           instr_shape=[16, BLOCK_M, 16])
         kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
                                                             instr_shape=[16, D, 16])
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -103,25 +106,25 @@ if gluon is not None:
         row_s: gl.constexpr = gl.SliceLayout(0, s_layout)
 
         keys = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=key_s), 1)
-        rows0 = gl.arange(0, 64, layout=row_s)
-        zero_s = gl.zeros([BLOCK_N, 64], gl.float32, s_layout)
-        zero_dq = gl.zeros([64, D], gl.float32, dq_layout)
+        rows0 = gl.arange(0, BLOCK_M, layout=row_s)
+        zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+        zero_dq = gl.zeros([BLOCK_M, D], gl.float32, dq_layout)
         dk = gl.zeros([BLOCK_N, D], gl.float32, kv_layout)
         dv = gl.zeros([BLOCK_N, D], gl.float32, kv_layout)
         k = k_smem.reshape([BLOCK_N, D])  # drop the unit dims of the 4-d TMA box
         v = v_smem.reshape([BLOCK_N, D])
-        dq_tile = dq_smem.reshape([64, D])
+        dq_tile = dq_smem.reshape([BLOCK_M, D])
         ragged = n0 + BLOCK_N > TK  # keys past TK: their scores must not reach exp2
         mbarrier.wait(kv_bar, 0)
         for it in range(n_iter):
             s = it % STAGES
             phase = (it // STAGES) & 1
-            h = hk * GROUP + it // n_m
+            h = h0 + it // n_m
             m = m_lo + it % n_m
-            rows = m * 64 + rows0
+            rows = m * BLOCK_M + rows0
             lse_base = (b * H + h).to(gl.int64) * TQ
-            q = q_smem.index(s).reshape([64, D])
-            do = do_smem.index(s).reshape([64, D])
+            q = q_smem.index(s).reshape([BLOCK_M, D])
+            do = do_smem.index(s).reshape([BLOCK_M, D])
             mbarrier.wait(q_ready.index(s), phase)
             st = warpgroup_mma(k, q.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             mbarrier.wait(do_ready.index(s), phase)
@@ -152,33 +155,47 @@ if gluon is not None:
             _barrier()
             dq_tile.store(dq * sm_scale)
             fence_async_shared()
-            _tma_add(dq_desc, _at(b, h, m * 64, DQ_T_MAJOR), dq_smem)
+            _tma_add(dq_desc, _at(b, h, m * BLOCK_M, DQ_T_MAJOR), dq_smem)
         tma.store_wait(0)
 
-        # dK and dV through the K and V tiles (read no more); TMA clips keys past TK
-        _barrier()
-        k.store((dk * sm_scale).to(dtype))
-        v.store(dv.to(dtype))
-        fence_async_shared()
-        _tma_store(dk_desc, _at(b, hk, n0, DK_T_MAJOR), k.reshape(dk_desc.block_type.shape))
-        _tma_store(dv_desc, _at(b, hk, n0, DV_T_MAJOR), v.reshape(dv_desc.block_type.shape))
-        tma.store_wait(0)
+        dk = dk * sm_scale
+        if PARTIALS:  # one slice of a GQA group: fp32 partial sums, added by the caller
+            key_o: gl.constexpr = gl.SliceLayout(1, kv_layout)
+            col_o: gl.constexpr = gl.SliceLayout(0, kv_layout)
+            keys_o = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=key_o), 1)
+            off = (part_row0 + keys_o.to(gl.int64)) * D \
+                + gl.expand_dims(gl.arange(0, D, layout=col_o), 0)
+            gl.store(PART_K + off, dk, mask=keys_o < TK)
+            gl.store(PART_V + off, dv, mask=keys_o < TK)
+        else:  # dK and dV through the K and V tiles (read no more); TMA clips keys past TK
+            _barrier()
+            k.store(dk.to(dtype))
+            v.store(dv.to(dtype))
+            fence_async_shared()
+            _tma_store(dk_desc, _at(b, hk, n0, DK_T_MAJOR), k.reshape(dk_desc.block_type.shape))
+            _tma_store(dv_desc, _at(b, hk, n0, DV_T_MAJOR), v.reshape(dv_desc.block_type.shape))
+            tma.store_wait(0)
 
     @gluon.jit
     def _attn_bwd_sm90(k_desc, v_desc, q_desc, do_desc, dq_desc, dk_desc, dv_desc, LSE, DELTA,
-                       qk_scale, sm_scale, TQ, TK, H, HK, GROUP,
-                       D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       PART_K, PART_V, qk_scale, sm_scale, TQ, TK, H, HK, GROUP, SPLIT,
+                       D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       STAGES: gl.constexpr,
                        CAUSAL: gl.constexpr, K_T_MAJOR: gl.constexpr, V_T_MAJOR: gl.constexpr,
                        Q_T_MAJOR: gl.constexpr, DO_T_MAJOR: gl.constexpr,
                        DQ_T_MAJOR: gl.constexpr, DK_T_MAJOR: gl.constexpr,
-                       DV_T_MAJOR: gl.constexpr):
+                       DV_T_MAJOR: gl.constexpr, PARTIALS: gl.constexpr):
         n0 = gl.program_id(0) * BLOCK_N  # causal: the first key blocks (most queries) first
-        bh = gl.program_id(1)
+        bh = gl.program_id(1) // SPLIT
+        split = gl.program_id(1) % SPLIT  # which slice of the GQA group this program sums
         b = bh // HK
         hk = bh % HK
-        m_lo, m_full = _query_blocks(n0, TQ, TK, BLOCK_N, CAUSAL)
-        n_m = gl.cdiv(TQ, 64) - m_lo
-        n_iter = GROUP * n_m
+        heads = GROUP // SPLIT
+        h0 = hk * GROUP + split * heads
+        part_row0 = (split * (gl.num_programs(1) // SPLIT) + bh).to(gl.int64) * TK
+        m_lo, m_full = _query_blocks(n0, TQ, TK, BLOCK_M, BLOCK_N, CAUSAL)
+        n_m = gl.cdiv(TQ, BLOCK_M) - m_lo
+        n_iter = heads * n_m
         dtype: gl.constexpr = q_desc.dtype
 
         k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
@@ -189,7 +206,7 @@ if gluon is not None:
                                             do_desc.layout)
         ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                        rank=2)
-        ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, 64], ds_layout)
+        ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_layout)
         dq_smem = gl.allocate_shared_memory(gl.float32, dq_desc.block_type.shape, dq_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -205,11 +222,13 @@ if gluon is not None:
         gl.warp_specialize([
             (_bwd_compute, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready,
                             do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale,
-                            sm_scale, b, hk, n0, TQ, TK, H, GROUP, m_lo, m_full, n_m, n_iter,
-                            D, BLOCK_N, STAGES, CAUSAL, DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR)),
+                            sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, m_full, n_m, n_iter,
+                            PART_K, PART_V, part_row0, D, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
+                            DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS)),
             (_bwd_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
-                           kv_bar, q_ready, do_ready, qdo_empty, b, hk, n0, GROUP, m_lo, n_m,
-                           n_iter, K_T_MAJOR, V_T_MAJOR, Q_T_MAJOR, DO_T_MAJOR, STAGES)),
+                           kv_bar, q_ready, do_ready, qdo_empty, b, hk, n0, h0, m_lo, n_m,
+                           n_iter, K_T_MAJOR, V_T_MAJOR, Q_T_MAJOR, DO_T_MAJOR, BLOCK_M,
+                           STAGES)),
         ], [1], [24])
 
 
@@ -226,23 +245,32 @@ def unsupported_reason(q, k, v, dout, bias, key_mask, causal, window, chunk,
     return hopper._uncovered(q, k, v, bias, key_mask, causal, window, chunk, scale)
 
 
-def attention_backward(q, k, v, dout, lse, delta, dq_acc, dk, dv, scale, causal) -> None:
+def attention_backward(q, k, v, dout, lse, delta, dq_acc, dk, dv, scale, causal,
+                       split=1, part_k=None, part_v=None) -> None:
     """Add ``dq_acc`` (zeroed fp32, a [B, H, Tq, D] view of a [B, Tq, H, D] buffer) and write
     ``dk``, ``dv`` for a call :func:`unsupported_reason` accepted. ``dout``: TMA-readable;
-    ``lse``, ``delta``: fp32 [B, H, Tq] (the forward's, base 2, and the preprocess's)."""
+    ``lse``, ``delta``: fp32 [B, H, Tq] (the forward's, base 2, and the preprocess's).
+    ``split`` > 1 (a divisor of the GQA group): that many programs share each kv head's group,
+    and write fp32 partials ``part_k``/``part_v`` (contiguous [split, B, Hk, Tk, D]) instead of
+    ``dk``/``dv``, for the caller to sum."""
     B, H, TQ, D = q.shape
     HK, TK = k.shape[1], k.shape[2]
-    args = (lse, delta, scale * 1.4426950408889634, scale, TQ, TK, H, HK, H // HK)
-    exact = (bool(causal), lse.data_ptr() & 15 == 0, delta.data_ptr() & 15 == 0)
+    block_m = BLOCK_M[D]
+    partials = split > 1
+    pk = part_k if partials else lse
+    pv = part_v if partials else lse
+    args = (lse, delta, pk, pv, scale * 1.4426950408889634, scale, TQ, TK, H, HK, H // HK, split)
+    exact = (bool(causal), block_m, STAGES, partials, lse.data_ptr() & 15 == 0,
+             delta.data_ptr() & 15 == 0)
 
     def consts():
-        return dict(D=D, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
+        return dict(D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
                     K_T_MAJOR=hopper._t_major(k), V_T_MAJOR=hopper._t_major(v),
                     Q_T_MAJOR=hopper._t_major(q), DO_T_MAJOR=hopper._t_major(dout),
                     DQ_T_MAJOR=hopper._t_major(dq_acc), DK_T_MAJOR=hopper._t_major(dk),
-                    DV_T_MAJOR=hopper._t_major(dv))
-    BACKWARD((math.ceil(TK / BLOCK_N), B * HK), q.device.index,
-             ((k, BLOCK_N), (v, BLOCK_N), (q, BLOCK_M), (dout, BLOCK_M), (dq_acc, BLOCK_M),
+                    DV_T_MAJOR=hopper._t_major(dv), PARTIALS=partials)
+    BACKWARD((math.ceil(TK / BLOCK_N), B * HK * split), q.device.index,
+             ((k, BLOCK_N), (v, BLOCK_N), (q, block_m), (dout, block_m), (dq_acc, block_m),
               (dk, BLOCK_N), (dv, BLOCK_N)), args, exact, consts)
 
 
