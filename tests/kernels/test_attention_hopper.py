@@ -149,6 +149,14 @@ def test_gluon_pays_rule():
     assert flash.gluon_pays(64, 4096, 32, 132)
 
 
+def test_gluon_backward_pays_rule():
+    """The measured rule: head dim 128 always; head dim 64 from 8192 rows, or 4096 with GQA."""
+    assert flash.gluon_backward_pays(128, 64, 1) and flash.gluon_backward_pays(128, 4096, 4)
+    assert not flash.gluon_backward_pays(64, 2048, 1)
+    assert not flash.gluon_backward_pays(64, 4096, 1) and flash.gluon_backward_pays(64, 4096, 4)
+    assert flash.gluon_backward_pays(64, 8192, 1)
+
+
 def test_compiles_for_sm90_within_limits():
     """The kernels compiled ahead of time for sm_90 by this machine's Triton (a subprocess: the
     suite runs Triton's interpreter, which has no Gluon), within the H100/H200's 227 KB of
@@ -243,6 +251,7 @@ def test_gpu_gluon_backward_matches_float64(case, dtype, monkeypatch):
     kw = {n: _to_gpu(t) for n, t in kw.items()}
     monkeypatch.setattr(flash, "GLUON", False)
     monkeypatch.setattr(flash, "GLUON_BACKWARD", True)
+    monkeypatch.setattr(flash, "gluon_backward_pays", lambda *a: True)
     count = _Count(monkeypatch, hopper_bwd, "attention_backward")
     ref, ref_grads = _reference(q, k, v, kw, dout)
     out, grads = _run("triton", q, k, v, kw, dout)
@@ -265,6 +274,7 @@ def test_gpu_gluon_backward_of_a_sum_and_mixed_layouts(monkeypatch):
     bhtd = lambda h: torch.randn(B, h, T, D, device="cuda", generator=gen,  # noqa: E731
                                  dtype=torch.bfloat16)
     monkeypatch.setattr(flash, "gluon_pays", lambda *a: True)
+    monkeypatch.setattr(flash, "gluon_backward_pays", lambda *a: True)
     count = _Count(monkeypatch, hopper_bwd, "attention_backward")
     for q, k, v in [(bthd(H), bhtd(HK), bhtd(HK)), (bhtd(H), bthd(HK), bthd(HK))]:
         kw = dict(gate=None, bias=None, key_mask=None, causal=True, window=0, chunk=0)
@@ -329,6 +339,7 @@ def test_gpu_what_the_gluon_forward_declines(monkeypatch):
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 def test_gpu_what_the_gluon_backward_declines(monkeypatch):
     """Masks, fp32 and other head dims keep the Triton backward (and its answer)."""
+    monkeypatch.setattr(flash, "gluon_backward_pays", lambda *a: True)
     count = _Count(monkeypatch, hopper_bwd, "attention_backward")
     dev = dict(device="cuda", dtype=torch.bfloat16)
     q, k, v = (torch.randn(1, 2, 256, 128, **dev) for _ in range(3))

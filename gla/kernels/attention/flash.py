@@ -959,13 +959,24 @@ def _gluon_forward(q, k, v, out, lse, gate, bias, key_mask, scale, causal, windo
 GLUON_BACKWARD = GLUON and os.environ.get("GLA_ATTN_GLUON_BWD", "1") != "0"
 
 
+def gluon_backward_pays(d: int, tq: int, group: int) -> bool:
+    """Where the Hopper Gluon backward beat this file's on an H200 (bf16, whole backward,
+    CUDA-graph replays, same process; ``benchmarks/results/attention-gluon-bwd-nvidia-h200.txt``):
+
+    * head dim 128: 1.08-1.22x at T = 1k-16k (causal), 1.10x non-causal, 1.17x with GQA 16/4;
+    * head dim 64: 0.92x at T = 2k, 0.99x at 4k, 1.04x at 8k; 1.07x with GQA 16/4 at 4k.
+    """
+    return d == 128 or tq >= 8192 or (group > 1 and tq >= 4096)
+
+
 def _gluon_backward(q, k, v, do, lse, delta, dq, dk, dv, bias, key_mask, scale, causal, window,
                     chunk) -> bool:
     """Run the Hopper backward (``hopper_bwd.py``) where it applies; False: it did not."""
     if not GLUON_BACKWARD or INTERPRETED or not q.is_cuda:
         return False
     from . import hopper, hopper_bwd
-    if hopper_bwd.unsupported_reason(q, k, v, do, bias, key_mask, causal, window, chunk, scale):
+    if hopper_bwd.unsupported_reason(q, k, v, do, bias, key_mask, causal, window, chunk, scale) \
+            or not gluon_backward_pays(q.shape[3], q.shape[2], q.shape[1] // k.shape[1]):
         return False
     if not hopper._tma_ready(do):  # e.g. the broadcast gradient of a sum: one copy, not a decline
         do = do.contiguous()
