@@ -138,6 +138,49 @@ def test_launch_caches_reuse_only_what_triton_would(monkeypatch):
     assert len(compiled) == 3
 
 
+def test_backward_launch_grid_and_partials(monkeypatch):
+    """The backward's launch: one program per 128 keys of each (batch, kv head), times the GQA
+    split; a split writes fp32 partials (PARTIALS), an unsplit launch dK/dV, and the two are
+    distinct compiled specializations."""
+    launches = []
+
+    class Kernel:
+        function = packed_metadata = None
+
+        def run(self, *args):
+            launches.append(("run", args[:2]))
+
+    class Jit:
+        def __getitem__(self, grid):
+            def launch(*args, **consts):
+                launches.append(("compile", grid, consts, args))
+                return Kernel()
+            return launch
+
+    monkeypatch.setattr(hopper_bwd, "_attn_bwd_sm90", Jit())
+    monkeypatch.setattr(hopper, "_on", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
+    monkeypatch.setattr(hopper_bwd, "BACKWARD", hopper.GluonLaunch(
+        lambda: hopper_bwd._attn_bwd_sm90, "the Gluon backward", 8))
+    B, H, HK, T, D = 2, 8, 2, 300, 128
+    bthd = lambda h, dt=torch.float16: torch.randn(B, T, h, D, dtype=dt).transpose(1, 2)  # noqa
+    q, do, k, v = bthd(H), bthd(H), bthd(HK), bthd(HK)
+    lse, delta = torch.randn(B, H, T), torch.randn(B, H, T)
+    dq_acc = bthd(H, torch.float32)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    parts = [torch.empty(4, B, HK, T, D) for _ in range(2)]
+    hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, 0.1, True, 4, *parts)
+    kind, grid, consts, args = launches[-1]
+    assert kind == "compile" and grid == (3, B * HK * 4) and consts["PARTIALS"]
+    assert args[9] is parts[0] and args[10] is parts[1] and args[-1] == 4  # PART_K/V, SPLIT
+    assert [a.block_shape[1] for a in args[:7]] == [128, 128, 64, 64, 64, 128, 128]
+    hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, 0.1, True, 4, *parts)
+    assert launches[-1] == ("run", (3, B * HK * 4))  # exact hit
+    hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, 0.1, True)
+    kind, grid, consts, args = launches[-1]
+    assert kind == "compile" and grid == (3, B * HK) and not consts["PARTIALS"]
+
+
 def test_gluon_pays_rule():
     """The measured rule (132 SMs): head dim 128 from 128 rows with at least ~1 program per SM,
     head dim 64 from 4096 rows; never for decode-length queries."""

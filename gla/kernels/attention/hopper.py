@@ -272,22 +272,25 @@ def _smem_layout(box: tuple, dtype: torch.dtype):
 
 
 def _box(x: torch.Tensor, rows: int):
-    """``x`` [B, H, T, D] as the 4-d tensor in its memory order, and the TMA box of ``rows``
-    rows of one head in that order."""
-    if _t_major(x):
-        x = x.transpose(1, 2)  # [B, T, H, D], strides now decreasing
-        return x, (1, rows, 1, x.shape[3])
-    return x, (1, 1, rows, x.shape[3])
+    """``x`` [B, H, T, D] as the 4-d tensor in its memory order (shape, strides), and the TMA box
+    of ``rows`` rows of one head in that order."""
+    (b, h, t, d), (sb, sh, st, sd) = x.shape, x.stride()
+    if st > sh:  # (as _t_major) a [B, T, H, D] buffer
+        return [b, t, h, d], [sb, st, sh, sd], (1, rows, 1, d)
+    return [b, h, t, d], [sb, sh, st, sd], (1, 1, rows, d)
 
 
 def _descriptor(x: torch.Tensor, rows: int, checked: bool = True):
     """A TMA descriptor over ``x`` (see :func:`_box`). ``checked=False``: a :class:`_Descriptor`
-    without ``TensorDescriptor``'s checks, for a call whose exact key was seen (same dtype,
-    shapes and strides as one that passed them)."""
-    x, box = _box(x, rows)
+    without ``TensorDescriptor``'s checks (nor a permuted view: the launcher reads only the
+    base's address), for a call whose exact key was seen (same dtype, shapes and strides as one
+    that passed them)."""
+    shape, strides, box = _box(x, rows)
     layout = _smem_layout(box, x.dtype)
-    kind = TensorDescriptor if checked else _Descriptor
-    return kind(x, list(x.shape), list(x.stride()), list(box), layout)
+    if checked:
+        base = x.transpose(1, 2) if _t_major(x) else x  # the tensor TMA reads, in its order
+        return TensorDescriptor(base, shape, strides, list(box), layout)
+    return _Descriptor(x, shape, strides, list(box), layout)
 
 
 class _Descriptor:
