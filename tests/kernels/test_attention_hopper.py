@@ -193,11 +193,18 @@ def test_gluon_pays_rule():
 
 
 def test_gluon_backward_pays_rule():
-    """The measured rule: head dim 128 always; head dim 64 from 8192 rows, or 4096 with GQA."""
-    assert flash.gluon_backward_pays(128, 64, 1) and flash.gluon_backward_pays(128, 4096, 4)
-    assert not flash.gluon_backward_pays(64, 2048, 1)
-    assert not flash.gluon_backward_pays(64, 4096, 1) and flash.gluon_backward_pays(64, 4096, 4)
-    assert flash.gluon_backward_pays(64, 8192, 1)
+    """The measured rule: head dim 128 always, head dim 64 from 8192 rows (4096 with GQA); in
+    eager calls (not captured in a CUDA graph) only from B·H·Tq·Tk = 32·2048² on, below which
+    its extra host time outweighed its faster kernel."""
+    big, small = 32 * 2048 * 2048, 32 * 1024 * 1024
+    assert flash.gluon_backward_pays(128, 2048, 1, big, False)
+    assert flash.gluon_backward_pays(128, 4096, 4, 4 * big, False)
+    assert not flash.gluon_backward_pays(128, 1024, 1, small, False)
+    assert flash.gluon_backward_pays(128, 1024, 1, small, True)  # graph replays: GPU time
+    assert not flash.gluon_backward_pays(64, 2048, 1, big, True)
+    assert not flash.gluon_backward_pays(64, 4096, 1, 4 * big, False)
+    assert flash.gluon_backward_pays(64, 4096, 4, 4 * big, False)
+    assert flash.gluon_backward_pays(64, 8192, 1, 16 * big, False)
 
 
 def test_compiles_for_sm90_within_limits():

@@ -959,13 +959,20 @@ def _gluon_forward(q, k, v, out, lse, gate, bias, key_mask, scale, causal, windo
 GLUON_BACKWARD = GLUON and os.environ.get("GLA_ATTN_GLUON_BWD", "1") != "0"
 
 
-def gluon_backward_pays(d: int, tq: int, group: int) -> bool:
-    """Where the Hopper Gluon backward beat this file's on an H200 (bf16, whole backward,
-    CUDA-graph replays, same process; ``benchmarks/results/attention-gluon-bwd-nvidia-h200.txt``):
+def gluon_backward_pays(d: int, tq: int, group: int, work: int, capturing: bool) -> bool:
+    """Where the Hopper Gluon backward beat this file's on an H200 (bf16, same process):
 
-    * head dim 128: 1.08-1.22x at T = 1k-16k (causal), 1.10x non-causal, 1.17x with GQA 16/4;
-    * head dim 64: 0.92x at T = 2k, 0.99x at 4k, 1.04x at 8k; 1.07x with GQA 16/4 at 4k.
+    * GPU time (whole backward, CUDA-graph replays,
+      ``benchmarks/results/attention-gluon-bwd-nvidia-h200.txt``): head dim 128 1.08-1.22x at
+      T = 1k-16k (causal), 1.10x non-causal, 1.17x with GQA 16/4; head dim 64 0.92x at T = 2k,
+      0.99x at 4k, 1.04x at 8k, 1.07x with GQA 16/4 at 4k;
+    * host time: ~60 µs more per call (two more torch ops, seven TMA descriptors encoded per
+      launch; ``attention-bwd-host-nvidia-h200.md``). Back-to-back eager calls at D=128, B·H=32
+      were faster with it at T = 2048 (291 vs 320 µs per call) and slower at 1024 (210 vs 150):
+      outside a CUDA-graph capture it takes calls from ``work`` (B·H·Tq·Tk) = 32·2048² on.
     """
+    if not capturing and work < 32 * 2048 * 2048:
+        return False
     return d == 128 or tq >= 8192 or (group > 1 and tq >= 4096)
 
 
@@ -976,7 +983,9 @@ def _gluon_backward(q, k, v, do, lse, delta, dq, dk, dv, bias, key_mask, scale, 
         return False
     from . import hopper, hopper_bwd
     if hopper_bwd.unsupported_reason(q, k, v, do, bias, key_mask, causal, window, chunk, scale) \
-            or not gluon_backward_pays(q.shape[3], q.shape[2], q.shape[1] // k.shape[1]):
+            or not gluon_backward_pays(q.shape[3], q.shape[2], q.shape[1] // k.shape[1],
+                                       q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2],
+                                       torch.cuda.is_current_stream_capturing()):
         return False
     if not hopper._tma_ready(do):  # e.g. the broadcast gradient of a sum: one copy, not a decline
         do = do.contiguous()

@@ -13,7 +13,8 @@ pays nor two warpgroups that take turns at the tensor cores (sessions 3-10 of
   intra-warpgroup overlap: QKᵀ_j is issued first, ``wait(1)`` returns when it is done).
 
 Same contract as ``flash.attention_forward`` (out in a ``[B, Tq, H, D]`` buffer, lse base 2), so
-the Triton backward runs unchanged after it. What it covers: bf16/fp16, head dim 64 or 128
+either backward runs after it: the Triton one or the Gluon one (``hopper_bwd.py``, which shares
+this file's launcher, :class:`GluonLaunch`, and declines what :func:`_uncovered` names). What it covers: bf16/fp16, head dim 64 or 128
 (= value dim), causal (bottom-right aligned, Tq ≤ Tk: every row sees a key) or not, GQA, ragged
 lengths (TMA reads zeros past the end and clips its stores), the sigmoid output gate. Everything
 else (bias, key mask, window, chunk, other head dims) stays on the Triton kernel:
