@@ -1,7 +1,7 @@
 """Registers, spills, shared memory and compile time of gla's Triton kernels for sm_90, without a GPU.
 
     python benchmarks/kernel_resources.py [OUT_DIR]     # writes {OUT_DIR}/kernel-resources-sm90.md
-    python benchmarks/kernel_resources.py --gluon       # the Hopper Gluon forward only, as JSON
+    python benchmarks/kernel_resources.py --gluon       # the Hopper Gluon kernels only, as JSON
 
 The launchers run as usual on CPU tensors (bf16, GLA at B=2 H=16 K=V=128 T=4096, attention at
 B=2 H=16 T=4096 D=128 causal), with the device-dependent choices (block configs, dot precision)
@@ -160,10 +160,20 @@ _GLUON_VARIANTS = [  # head dim, causal, gate, q/k/v/out in [B, T, H, D] order
     (128, True, "elementwise", True), (128, False, None, False), (64, True, "headwise", True)]
 
 
+def _compile_gluon(fn, sig, consts, num_warps):
+    """A Gluon kernel compiled for sm_90: (kernel, seconds, registers, spill bytes)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    sig = dict(sig, **{name: "constexpr" for name in consts})
+    t0 = time.perf_counter()
+    k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=TARGET,
+                       options={"num_warps": num_warps})
+    dt = time.perf_counter() - t0
+    return (k, dt, *_ptxas(k.asm["ptx"]))
+
+
 def _compile_gluon_attention(d, causal, gate, t_major):
     """The Hopper Gluon forward (``hopper._attn_fwd_sm90``) at one variant, as a launch would
     specialize it (descriptor boxes and layouts from ``hopper``)."""
-    from triton.experimental.gluon._runtime import GluonASTSource
     from gla.kernels.attention import hopper
 
     def desc(rows):
@@ -178,12 +188,7 @@ def _compile_gluon_attention(d, causal, gate, t_major):
     consts = dict(D=d, BLOCK_N=hopper.BLOCK_N, STAGES=hopper.STAGES, CAUSAL=causal,
                   Q_T_MAJOR=t_major, K_T_MAJOR=t_major, V_T_MAJOR=t_major, O_T_MAJOR=t_major,
                   HAS_GATE=gate is not None, GATE_HEADWISE=gate == "headwise")
-    sig.update({name: "constexpr" for name in consts})
-    t0 = time.perf_counter()
-    k = triton.compile(GluonASTSource(hopper._attn_fwd_sm90, sig, constexprs=consts),
-                       target=TARGET, options={"num_warps": 4})
-    dt = time.perf_counter() - t0
-    regs, spill = _ptxas(k.asm["ptx"])
+    k, dt, regs, spill = _compile_gluon(hopper._attn_fwd_sm90, sig, consts, num_warps=4)
     cfg = (f"D={d}, BLOCK_M={hopper.BLOCK_M}, BLOCK_N={hopper.BLOCK_N}, "
            f"{'causal' if causal else 'full'}, gate {gate}, {'bthd' if t_major else 'bhtd'}")
     return dict(kernel="_attn_fwd_sm90 (Gluon)", cfg=cfg, warps="4+4+1", stages=hopper.STAGES,
@@ -195,7 +200,6 @@ _GLUON_BWD_VARIANTS = [(128, True), (128, False, True), (64, True)]  # (D, causa
 
 def _compile_gluon_attention_bwd(d, causal, partials=False):
     """The Hopper Gluon backward (``hopper_bwd._attn_bwd_sm90``), [B, T, H, D] tensors."""
-    from triton.experimental.gluon._runtime import GluonASTSource
     from gla.kernels.attention import hopper, hopper_bwd
 
     def desc(rows, dtype=torch.bfloat16):
@@ -212,12 +216,7 @@ def _compile_gluon_attention_bwd(d, causal, partials=False):
     consts = dict(D=d, BLOCK_M=m, BLOCK_N=n, STAGES=hopper_bwd.STAGES, CAUSAL=causal,
                   **{f"{t}_T_MAJOR": True for t in ("K", "V", "Q", "DO", "DQ", "DK", "DV")},
                   PARTIALS=partials)
-    sig.update({name: "constexpr" for name in consts})
-    t0 = time.perf_counter()
-    k = triton.compile(GluonASTSource(hopper_bwd._attn_bwd_sm90, sig, constexprs=consts),
-                       target=TARGET, options={"num_warps": 8})
-    dt = time.perf_counter() - t0
-    regs, spill = _ptxas(k.asm["ptx"])
+    k, dt, regs, spill = _compile_gluon(hopper_bwd._attn_bwd_sm90, sig, consts, num_warps=8)
     cfg = (f"D={d}, BLOCK_N={n}, BLOCK_M={m}, {'causal' if causal else 'full'}, bthd"
            + (", fp32 partials" if partials else ""))
     return dict(kernel="_attn_bwd_sm90 (Gluon)", cfg=cfg, warps="8+1",

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import gla.kernels  # noqa: F401  (selects the Triton interpreter without CUDA)
-from gla.kernels.attention import flash, hopper, hopper_bwd
+from gla.kernels.attention import flash, gated_attention, hopper, hopper_bwd
 from gla.testing import rel_rms_error
 from nan_poison import nan_tailed
 from test_attention import _reference, _run, make_case
@@ -234,6 +234,19 @@ def _to_gpu(t):
     return nan_tailed(t.contiguous().cuda())
 
 
+def _layouts(seed, T, B=2, D=128):
+    """Makers of random bf16 [B, H, T, D] CUDA tensors: views of [B, T, H, D] buffers, and not."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def bthd(h):
+        return torch.randn(B, T, h, D, device="cuda", generator=gen,
+                           dtype=torch.bfloat16).transpose(1, 2)
+
+    def bhtd(h):
+        return torch.randn(B, h, T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    return bthd, bhtd
+
+
 HOPPER_CASES = {
     "causal-d128-t63": dict(Hq=2, Hkv=2, Tq=63, Tk=63, D=128, causal=True),
     "causal-gqa4-d64-t1000-gate": dict(B=2, Hq=8, Hkv=2, Tq=1000, Tk=1000, D=64, causal=True,
@@ -314,15 +327,11 @@ def test_gpu_gluon_backward_matches_float64(case, dtype, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 def test_gpu_gluon_backward_of_a_sum_and_mixed_layouts(monkeypatch):
-    """``out.sum().backward()`` hands the backward a broadcast gradient (stride 0, which TMA
-    cannot read: copied, not declined); q/k/v in mixed layouts; Gluon forward and backward
-    together against the Triton kernels."""
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    B, H, HK, T, D = 2, 4, 2, 333, 128
-    bthd = lambda h: torch.randn(B, T, h, D, device="cuda", generator=gen,  # noqa: E731
-                                 dtype=torch.bfloat16).transpose(1, 2)
-    bhtd = lambda h: torch.randn(B, h, T, D, device="cuda", generator=gen,  # noqa: E731
-                                 dtype=torch.bfloat16)
+    """The gradient of a sum through the op, and a broadcast output gradient (stride 0, which
+    TMA cannot read: copied, not declined) straight into the backward; q/k/v in mixed layouts;
+    Gluon forward and backward together against the Triton kernels and float64."""
+    H, HK = 4, 2
+    bthd, bhtd = _layouts(5, T=333)
     monkeypatch.setattr(flash, "gluon_pays", lambda *a: True)
     monkeypatch.setattr(flash, "gluon_backward_pays", lambda *a: True)
     count = _Count(monkeypatch, hopper_bwd, "attention_backward")
@@ -332,30 +341,28 @@ def test_gpu_gluon_backward_of_a_sum_and_mixed_layouts(monkeypatch):
         for gluon in (True, False):
             monkeypatch.setattr(flash, "GLUON_BACKWARD", gluon)
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            out = flash_op(leaves, kw)
+            out = gated_attention(*leaves, causal=True, impl="triton")
             out.float().sum().backward()
             grads[gluon] = [t.grad for t in leaves]
         ref = _reference(q, k, v, kw, torch.ones_like(q))[1]
         for a, b, e in zip(grads[True], grads[False], ref):
             assert rel_rms_error(a, e) <= 1e-2 and rel_rms_error(a, b) <= 1e-2
-    assert count.calls == 2
-
-
-def flash_op(leaves, kw):
-    from gla.kernels.attention import gated_attention
-    return gated_attention(*leaves, causal=kw["causal"], impl="triton")
+        out, lse = flash.attention_forward(q, k, v, causal=True)
+        ones = torch.ones((), device="cuda", dtype=q.dtype).expand_as(q)
+        assert ones.stride() == (0, 0, 0, 0) and not hopper._tma_ready(ones)
+        monkeypatch.setattr(flash, "GLUON_BACKWARD", True)
+        direct = flash.attention_backward(ones, q, k, v, out, lse, causal=True)[:3]
+        for a, e in zip(direct, ref):
+            assert rel_rms_error(a, e) <= 1e-2
+    assert count.calls == 4
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 def test_gpu_mixed_layouts():
     """q as a [B, T, H, D] view, k and v [B, H, T, D] (a KV cache), and the other way round."""
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    B, H, HK, T, D = 2, 4, 2, 300, 128
-    bthd = lambda h: torch.randn(B, T, h, D, device="cuda", generator=gen,  # noqa: E731
-                                 dtype=torch.bfloat16).transpose(1, 2)
-    bhtd = lambda h: torch.randn(B, h, T, D, device="cuda", generator=gen,  # noqa: E731
-                                 dtype=torch.bfloat16)
+    H, HK = 4, 2
+    bthd, bhtd = _layouts(3, T=300)
     for q, k, v in [(bthd(H), bhtd(HK), bhtd(HK)), (bhtd(H), bthd(HK), bhtd(HK)),
                     (bhtd(H), bhtd(HK), bthd(HK))]:
         assert hopper.unsupported_reason(q, k, v, None, None, None, True, 0, 0) is None
