@@ -2,7 +2,7 @@
 
 The Triton backward (``flash._attn_bwd_dkdv`` + ``flash._attn_bwd_dq``) runs 7 matmuls per
 (key block, query block): the dQ kernel recomputes QKᵀ and dO·Vᵀ. FA2/FA3 run 5 by adding each
-dQ tile from the dK/dV kernel, which in Triton lost 13-40% (sessions 4 and 10 of
+dQ tile from the dK/dV kernel, which in Triton lost 10-42% (sessions 4 and 10 of
 ``benchmarks/attention_notes.md``: its atomics and a third fp32 tile on one warpgroup). Here:
 
 * one program per 128 keys of one (batch, kv head), looping over the query blocks (64 rows) of
@@ -12,12 +12,15 @@ dQ tile from the dK/dV kernel, which in Triton lost 13-40% (sessions 4 and 10 of
   are used, Pᵀ = exp2(Sᵀ·scale − lse), dSᵀ = Pᵀ ⊙ (dPᵀ − delta), dV += Pᵀ·dO and dK += dSᵀ·Q
   from registers, dSᵀ to shared memory, dQ = dS·K split over the two warpgroups by columns,
   and dQ added into an fp32 buffer by one TMA reduce-add (``cp.reduce.async.bulk.tensor``);
-* dK and dV leave through the K/V tiles' shared memory and TMA stores, which clip keys past Tk.
+* dK and dV leave through the K/V tiles' shared memory and TMA stores, which clip keys past Tk;
+  with few programs a GQA group is split over programs that write fp32 partials instead
+  (``flash.dkdv_split``; the caller sums them).
 
 Inputs: the forward's lse (base 2) and the Triton preprocess's delta and gated dO
 (``flash._attn_bwd_preprocess``), so gates are handled before this kernel. The caller zeroes the
 fp32 dQ buffer ``[B, Tq, H, D]`` and casts it after. Covers what the Gluon forward covers
-(``hopper.unsupported_reason``). No interpreter runs Gluon: its tests are GPU tests.
+(``hopper._uncovered``; :func:`unsupported_reason`). No interpreter runs Gluon: its tests are
+GPU tests, and the CPU suite compiles it for sm_90 (``benchmarks/kernel_resources.py --gluon``).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ if gluon is not None:
 
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed after Triton 3.6
 
-    _tma_add = getattr(tma, "async_atomic_add", None)  # Triton >= 3.7
+    _tma_add = getattr(tma, "async_atomic_add", None)  # newer Triton (3.9 on the CPU box)
     if _tma_add is None:  # 3.6 (the device) builds the same op, without a Python wrapper
         from triton._C.libtriton import ir as _ir
         from triton.experimental.gluon.language._core import builtin as _builtin
