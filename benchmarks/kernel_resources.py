@@ -207,7 +207,7 @@ def _compile_gluon_attention_bwd(d, causal, partials=False):
         name = "fp32" if dtype == torch.float32 else "bf16"
         return f"tensordesc<{name}[{','.join(map(str, box))}],{hopper._smem_layout(box, dtype)!r}>"
 
-    n, m = hopper_bwd.BLOCK_N, hopper_bwd.BLOCK_M[d]
+    n, m = hopper_bwd.BLOCK_N, hopper_bwd.BLOCK_M
     sig = {"k_desc": desc(n), "v_desc": desc(n), "q_desc": desc(m), "do_desc": desc(m),
            "dq_desc": desc(m, torch.float32), "dk_desc": desc(n), "dv_desc": desc(n),
            "LSE": "*fp32", "DELTA": "*fp32", "PART_K": "*fp32", "PART_V": "*fp32",

@@ -20,9 +20,11 @@ is stored as +inf so that every recomputed probability is exactly 0).
 
 Every tensor is addressed through its strides; nothing is made contiguous.
 
-On Hopper (sm_90) :func:`attention_forward` hands the calls where it pays (``gluon_pays``) to the
-Gluon forward of ``hopper.py`` (FlashAttention-3's warp-specialized schedule, which Triton's
-compiler does not produce from this file's kernel); same outputs, so the backward is this file's.
+On Hopper (sm_90) :func:`attention_forward` and :func:`attention_backward` hand the calls where
+it pays (``gluon_pays``, ``gluon_backward_pays``) to the Gluon kernels of ``hopper.py`` and
+``hopper_bwd.py`` (FlashAttention-3's warp-specialized schedules, which Triton's compiler does
+not produce from this file's kernels); same inputs and outputs, so either backward follows
+either forward.
 """
 from __future__ import annotations
 
@@ -988,9 +990,8 @@ def _gluon_backward(q, k, v, do, lse, delta, dq, dk, dv, bias, key_mask, scale, 
                                        torch.cuda.is_current_stream_capturing()):
         return False
     if not hopper._tma_ready(do):  # e.g. the broadcast gradient of a sum: one copy, not a decline
-        do = do.contiguous()
-    if not (hopper._tma_ready(dk) and hopper._tma_ready(dv)):
-        return False
+        do = do.clone(memory_format=torch.contiguous_format)  # (fresh: aligned, unlike a view)
+    # dk, dv are fresh, in k's and v's layout where those are dense (TMA-ready: checked above)
     B, H, TQ, D = q.shape
     HK, TK = k.shape[1], k.shape[2]
     dq_acc = torch.zeros(B, TQ, H, D, dtype=torch.float32, device=q.device).transpose(1, 2)

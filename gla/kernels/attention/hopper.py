@@ -363,8 +363,7 @@ def attention_forward(q, k, v, out, lse, gate, gate_strides, headwise, scale, ca
     HK, TK = k.shape[1], k.shape[2]
     g = gate if gate is not None else lse
     args = (lse, g, *gate_strides, scale * 1.4426950408889634, TQ, TK, H, H // HK)
-    exact = (bool(causal), headwise, gate is None, g.dtype, gate_strides,
-             lse.data_ptr() & 15 == 0, g.data_ptr() & 15 == 0)
+    exact = (bool(causal), headwise, gate is None, g.dtype, gate_strides)
 
     def consts():
         return dict(D=D, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
@@ -378,8 +377,9 @@ class GluonLaunch:
     """Launches of one Gluon kernel that skip Triton's JIT path (~0.25 ms of host time per call
     for these kernels), as ``launch.Launcher`` does for the Triton kernels, which it cannot
     serve here: descriptors are built per call and are no cache key. Two caches: an exact key
-    (the descriptors' dtypes, shapes and strides, plus the caller's own key: one tuple hash, and
-    no descriptor checks), then a fine key (what Triton specializes on), before compiling.
+    (the descriptors' dtypes, shapes and strides, every tensor's 16-byte alignment, plus the
+    caller's own key: one tuple hash, and no descriptor checks), then a fine key (what Triton
+    specializes on), before compiling.
 
     A compile failure (a Triton whose Gluon API moved) sets :attr:`disabled` (the reason, with
     a warning) and raises :class:`Declined`; the caller then runs the Triton kernels, for that
@@ -397,7 +397,9 @@ class GluonLaunch:
         other runtime parameters; ``exact``: what else the constexprs depend on (a tuple);
         ``consts()``: the constexprs, by name."""
         cached = launch.CACHED and not launch.hooks_installed(launch._triton_runtime_knobs())
-        key = (device, exact, *((t.dtype, t.shape, t.stride()) for t, _ in tensors))
+        key = (device, exact, *((t.dtype, t.shape, t.stride(), t.data_ptr() & 15)
+                                for t, _ in tensors),
+               tuple(a.data_ptr() & 15 == 0 for a in args if isinstance(a, torch.Tensor)))
         hit = self.exact.get(key) if cached else None
         if hit is not None:
             kernel, values = hit
