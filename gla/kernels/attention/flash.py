@@ -292,19 +292,21 @@ def _attn_fwd(Q, K, V, GATE, BIAS, KMASK, OUT, LSE, sm_scale,
 # ----------------------------------------------------------------------------------------------
 @launcher
 @triton.jit
-def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA,
+def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA, DQ_ACC,
                          stride_ob, stride_oh, stride_om, stride_od,
                          stride_dob, stride_doh, stride_dom, stride_dod,
                          stride_gb, stride_gh, stride_gm, stride_gd,
                          stride_eb, stride_eh, stride_em, stride_ed,
                          stride_dgb, stride_dgh, stride_dgm, stride_dgd,
+                         stride_ab, stride_ah, stride_am, stride_ad,
                          H, TQ, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_GATE: tl.constexpr, GATE_HEADWISE: tl.constexpr,
-                         INT64: tl.constexpr):
+                         ZERO_DQ: tl.constexpr, INT64: tl.constexpr):
     """Per query row: ``delta = rowsum(dO_att · O)``, the attention's ``dO_att = dout·σ(g)`` and
     ``dgate``. O is the forward's gated output ``out = O_att·σ(g)``; no ungated copy is needed:
     ``dO_att · O_att = dout · out`` and ``dgate = dout·O_att·σ(1−σ) = dout·out·σ(−g)`` (summed
-    over Dv for a headwise gate)."""
+    over Dv for a headwise gate). ``ZERO_DQ``: also zero the rows of the Gluon backward's fp32 dQ
+    accumulator (D == Dv there), as FlashAttention-3's preprocess does: one launch, not two."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -337,6 +339,10 @@ def _attn_bwd_preprocess(O, DOUT, GATE, DO_EFF, DGATE, DELTA,
         tl.store(DO_EFF + off_b * stride_eb + off_h * stride_eh + offs_m[:, None] * stride_em
                  + offs_dv[None, :] * stride_ed, do.to(DO_EFF.dtype.element_ty), mask=msk)
     tl.store(DELTA + pid_bh.to(tl.int64) * TQ + offs_m, delta, mask=row_ok)
+    if ZERO_DQ:
+        tl.store(DQ_ACC + off_b * stride_ab + off_h * stride_ah + offs_m[:, None] * stride_am
+                 + offs_dv[None, :] * stride_ad, tl.zeros([BLOCK_M, BLOCK_DV], tl.float32),
+                 mask=msk)
 
 
 @triton.jit
@@ -959,6 +965,7 @@ def _gluon_forward(q, k, v, out, lse, gate, bias, key_mask, scale, causal, windo
 
 # Set to False (or GLA_ATTN_GLUON_BWD=0) to keep the backward on the Triton kernels.
 GLUON_BACKWARD = GLUON and os.environ.get("GLA_ATTN_GLUON_BWD", "1") != "0"
+_ZERO_IN_PREPROCESS = True
 
 
 def gluon_backward_pays(d: int, tq: int, group: int, work: int, capturing: bool) -> bool:
@@ -978,23 +985,31 @@ def gluon_backward_pays(d: int, tq: int, group: int, work: int, capturing: bool)
     return d == 128 or tq >= 8192 or (group > 1 and tq >= 4096)
 
 
-def _gluon_backward(q, k, v, do, lse, delta, dq, dk, dv, bias, key_mask, scale, causal, window,
-                    chunk) -> bool:
-    """Run the Hopper backward (``hopper_bwd.py``) where it applies; False: it did not."""
+def _gluon_backward_plan(q, k, v, dout, gate, bias, key_mask, scale, causal, window,
+                         chunk) -> bool:
+    """Whether the Hopper backward (``hopper_bwd.py``) takes this call: asked before the
+    preprocess, which then zeroes its dQ accumulator. Its dO is the preprocess's gated copy
+    with a gate (``q.dtype``), else ``dout``."""
     if not GLUON_BACKWARD or INTERPRETED or not q.is_cuda:
         return False
+    from . import hopper_bwd
+    do = dout if gate is None else q  # (only the dtype is read)
+    return not hopper_bwd.unsupported_reason(q, k, v, do, bias, key_mask, causal, window, chunk,
+                                             scale) \
+        and gluon_backward_pays(q.shape[3], q.shape[2], q.shape[1] // k.shape[1],
+                                q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2],
+                                torch.cuda.is_current_stream_capturing())
+
+
+def _gluon_backward(q, k, v, do, lse, delta, dq_acc, dq, dk, dv, scale, causal) -> bool:
+    """Run the Hopper backward on the preprocess's outputs (``dq_acc`` zeroed); False: it
+    declined at launch (a compile failure), and the caller runs the Triton kernels."""
     from . import hopper, hopper_bwd
-    if hopper_bwd.unsupported_reason(q, k, v, do, bias, key_mask, causal, window, chunk, scale) \
-            or not gluon_backward_pays(q.shape[3], q.shape[2], q.shape[1] // k.shape[1],
-                                       q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2],
-                                       torch.cuda.is_current_stream_capturing()):
-        return False
     if not hopper._tma_ready(do):  # e.g. the broadcast gradient of a sum: one copy, not a decline
         do = do.clone(memory_format=torch.contiguous_format)  # (fresh: aligned, unlike a view)
-    # dk, dv are fresh, in k's and v's layout where those are dense (TMA-ready: checked above)
+    # dk, dv are fresh, in k's and v's layout where those are dense (TMA-ready: checked before)
     B, H, TQ, D = q.shape
     HK, TK = k.shape[1], k.shape[2]
-    dq_acc = torch.zeros(B, TQ, H, D, dtype=torch.float32, device=q.device).transpose(1, 2)
     split = dkdv_split(H // HK, _cdiv(TK, hopper_bwd.BLOCK_N) * B * HK, q.device)
     parts = [_empty(split, B, HK, TK, D, dtype=torch.float32, device=q.device)
              for _ in range(2)] if split > 1 else [None, None]
@@ -1043,9 +1058,17 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
     cfg = config or _configs(D, DV, q.dtype, causal, TQ,
                              _extra_tiles(D, DV, bias, key_mask, window, chunk))
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
+    gluon = config is None and TQ > 0 and TK > 0 and _gluon_backward_plan(
+        q, k, v, dout, gate, bias, key_mask, scale, causal, window, chunk)
+    # the Gluon kernel's fp32 dQ accumulator, zeroed by the preprocess
+    dq_acc = _empty_bthd(B, H, TQ, D, torch.float32, q.device) if gluon else None
+    if gluon and not _ZERO_IN_PREPROCESS:  # A/B knob (session 13)
+        dq_acc.zero_()
     int64 = _needs_int64(q, k, v, out, dout, dq, dk, dv, g if gate is not None else None,
-                         b if bias is not None else None)
+                         b if bias is not None else None, dq_acc)
     delta = _empty(B, H, TQ, dtype=torch.float32, device=q.device)
+    if dq_acc is None:
+        dq_acc = delta  # (an unused pointer)
     if gate is not None:
         do_eff = _empty_bthd(B, H, TQ, DV, q.dtype, q.device)
         dg = dgate.expand(B, H, TQ, gate.shape[-1])
@@ -1055,13 +1078,12 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
     if TQ > 0:
         c = cfg["pre"]
         _attn_bwd_preprocess[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
-            out, dout, g, do_eff, dg, delta, *out.stride(), *dout.stride(), *gs, *do_eff.stride(),
-            *dgs, H, TQ, DV=DV, BLOCK_DV=_pow2(DV), BLOCK_M=c["BLOCK_M"],
-            HAS_GATE=gate is not None, GATE_HEADWISE=headwise, INT64=int64,
-            num_warps=c["num_warps"],
-            num_stages=c["num_stages"])
-    if config is None and TQ > 0 and TK > 0 and _gluon_backward(
-            q, k, v, do_eff, lse, delta, dq, dk, dv, bias, key_mask, scale, causal, window, chunk):
+            out, dout, g, do_eff, dg, delta, dq_acc, *out.stride(), *dout.stride(), *gs,
+            *do_eff.stride(), *dgs, *(dq_acc.stride() if gluon else (0, 0, 0, 0)), H, TQ, DV=DV,
+            BLOCK_DV=_pow2(DV), BLOCK_M=c["BLOCK_M"], HAS_GATE=gate is not None,
+            GATE_HEADWISE=headwise, ZERO_DQ=gluon and _ZERO_IN_PREPROCESS, INT64=int64,
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
+    if gluon and _gluon_backward(q, k, v, do_eff, lse, delta, dq_acc, dq, dk, dv, scale, causal):
         return dq, dk, dv, dgate
     common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), IS_CAUSAL=bool(causal),
                   HAS_WINDOW=window > 0, HAS_CHUNK=chunk > 0, HAS_BIAS=bias is not None,
