@@ -6,8 +6,10 @@ Per shape (bf16, B=2, H=16 unless GQA): the whole backward (``flash.attention_ba
 preprocess, kernels, the Gluon path's dQ zeroing and cast) with the Triton kernels and with the
 Gluon kernel; the Gluon kernel alone; SDPA-cuDNN's backward (``autograd.grad`` of its output).
 CUDA-graph replays (``triton.testing.do_bench_cudagraph``), ms. Also the gradients of the two gla
-paths against each other (relative RMS). Backward FLOPs counted as 2.5x the forward's
-(4 matmuls of 5 in FA2's count: 2·2.5·B·H·Tq·Tk·D, halved when causal).
+paths against each other (relative RMS). Backward FLOPs counted as 2.5x the forward's, as FA2
+does: 5 matmuls of 2·Tq·Tk·D each per head, 10·B·H·Tq·Tk·D, halved when causal. (Until session
+13 this script counted half that: the TFLOP/s of session 12's table are half the true rates;
+its times and ratios stand.)
 """
 from __future__ import annotations
 
@@ -89,7 +91,7 @@ def main(out_dir: str | None, variants=()) -> str:
             o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=causal)
         res["cudnn"] = bench(lambda: torch.autograd.grad(o, (qr, kr, vr), dout,
                                                           retain_graph=True))
-        flops = 2 * 2.5 * B * H * T * T * D / (2 if causal else 1)
+        flops = 10 * B * H * T * T * D / (2 if causal else 1)
         errs = " ".join(f"{n} {rel(a, b):.1e}" for n, a, b in
                         zip(("dq", "dk", "dv"), grads["gluon"], grads["triton"]))
         cells = "  ".join(f"{n} {t:.3f} ({flops / t * 1e-9:.0f})" for n, t in res.items())
