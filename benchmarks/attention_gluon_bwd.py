@@ -112,12 +112,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--variants", action="store_true",
-                   help="also time the defaults with one change undone each (A/B)")
+                   help="also time 3 stages, and GQA without the split (A/B of the defaults)")
     a = p.parse_args()
-    main(a.out, [  # each the default with one change undone (session 13's A/B)
-        ("gluon dK from registers", [(hopper_bwd, "DK_FROM_SMEM", False)]),
-        ("gluon masked rows", [(hopper_bwd, "UNMASKED_ROWS", False)]),
-        ("gluon session-12 kernel", [(hopper_bwd, "DK_FROM_SMEM", False),
-                                     (hopper_bwd, "UNMASKED_ROWS", False)]),
-        ("gluon dQ zeroed apart", [(flash, "_ZERO_IN_PREPROCESS", False)]),
-    ] if a.variants else ())
+    main(a.out, [("gluon 3 stages", [(hopper_bwd, "STAGES", 3)]),
+                 ("gluon no split", [(flash, "DKDV_SPLIT", 1)])] if a.variants else ())

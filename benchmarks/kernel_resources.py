@@ -195,12 +195,10 @@ def _compile_gluon_attention(d, causal, gate, t_major):
                 regs=regs, spill=spill, smem=k.metadata.shared, compile_s=dt)
 
 
-# (D, causal, partials, Tq a multiple of the query block: lse/delta loaded without masks)
-_GLUON_BWD_VARIANTS = [(128, True, False, True), (128, True, False, False),
-                       (128, False, True, True), (64, True, False, True)]
+_GLUON_BWD_VARIANTS = [(128, True), (128, False, True), (64, True)]  # (D, causal, partials)
 
 
-def _compile_gluon_attention_bwd(d, causal, partials=False, even_m=True):
+def _compile_gluon_attention_bwd(d, causal, partials=False):
     """The Hopper Gluon backward (``hopper_bwd._attn_bwd_sm90``), [B, T, H, D] tensors."""
     from gla.kernels.attention import hopper, hopper_bwd
 
@@ -217,10 +215,10 @@ def _compile_gluon_attention_bwd(d, causal, partials=False, even_m=True):
            "HK": "i32", "GROUP": "i32", "SPLIT": "i32"}
     consts = dict(D=d, BLOCK_M=m, BLOCK_N=n, STAGES=hopper_bwd.STAGES, CAUSAL=causal,
                   **{f"{t}_T_MAJOR": True for t in ("K", "V", "Q", "DO", "DQ", "DK", "DV")},
-                  PARTIALS=partials, EVEN_M=even_m, DK_FROM_SMEM=hopper_bwd.DK_FROM_SMEM)
+                  PARTIALS=partials)
     k, dt, regs, spill = _compile_gluon(hopper_bwd._attn_bwd_sm90, sig, consts, num_warps=8)
     cfg = (f"D={d}, BLOCK_N={n}, BLOCK_M={m}, {'causal' if causal else 'full'}, bthd"
-           + (", fp32 partials" if partials else "") + ("" if even_m else ", ragged Tq"))
+           + (", fp32 partials" if partials else ""))
     return dict(kernel="_attn_bwd_sm90 (Gluon)", cfg=cfg, warps="8+1",
                 stages=hopper_bwd.STAGES, regs=regs, spill=spill, smem=k.metadata.shared,
                 compile_s=dt)

@@ -965,7 +965,6 @@ def _gluon_forward(q, k, v, out, lse, gate, bias, key_mask, scale, causal, windo
 
 # Set to False (or GLA_ATTN_GLUON_BWD=0) to keep the backward on the Triton kernels.
 GLUON_BACKWARD = GLUON and os.environ.get("GLA_ATTN_GLUON_BWD", "1") != "0"
-_ZERO_IN_PREPROCESS = True
 
 
 def gluon_backward_pays(d: int, tq: int, group: int, work: int, capturing: bool) -> bool:
@@ -1062,8 +1061,6 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
         q, k, v, dout, gate, bias, key_mask, scale, causal, window, chunk)
     # the Gluon kernel's fp32 dQ accumulator, zeroed by the preprocess
     dq_acc = _empty_bthd(B, H, TQ, D, torch.float32, q.device) if gluon else None
-    if gluon and not _ZERO_IN_PREPROCESS:  # A/B knob (session 13)
-        dq_acc.zero_()
     int64 = _needs_int64(q, k, v, out, dout, dq, dk, dv, g if gate is not None else None,
                          b if bias is not None else None, dq_acc)
     delta = _empty(B, H, TQ, dtype=torch.float32, device=q.device)
@@ -1081,7 +1078,7 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
             out, dout, g, do_eff, dg, delta, dq_acc, *out.stride(), *dout.stride(), *gs,
             *do_eff.stride(), *dgs, *(dq_acc.stride() if gluon else (0, 0, 0, 0)), H, TQ, DV=DV,
             BLOCK_DV=_pow2(DV), BLOCK_M=c["BLOCK_M"], HAS_GATE=gate is not None,
-            GATE_HEADWISE=headwise, ZERO_DQ=gluon and _ZERO_IN_PREPROCESS, INT64=int64,
+            GATE_HEADWISE=headwise, ZERO_DQ=gluon, INT64=int64,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
     if gluon and _gluon_backward(q, k, v, do_eff, lse, delta, dq_acc, dq, dk, dv, scale, causal):
         return dq, dk, dv, dgate

@@ -17,8 +17,8 @@ dQ tile from the dK/dV kernel, which in Triton lost 10-42% (sessions 4 and 10 of
   (``flash.dkdv_split``; the caller sums them).
 
 Inputs: the forward's lse (base 2) and the Triton preprocess's delta and gated dO
-(``flash._attn_bwd_preprocess``), so gates are handled before this kernel. The caller zeroes the
-fp32 dQ buffer ``[B, Tq, H, D]`` and casts it after. Covers what the Gluon forward covers
+(``flash._attn_bwd_preprocess``), so gates are handled before this kernel. The preprocess also
+zeroes the fp32 dQ buffer ``[B, Tq, H, D]``; the caller casts it after. Covers what the Gluon forward covers
 (``hopper._uncovered``; :func:`unsupported_reason`). No interpreter runs Gluon: its tests are
 GPU tests, and the CPU suite compiles it for sm_90 (``benchmarks/kernel_resources.py --gluon``).
 """
@@ -53,8 +53,6 @@ if gluon is not None:
 BLOCK_N = 128  # keys per program: two warpgroups of 64
 BLOCK_M = 64  # query rows per step (128 at head dim 64 spills 400 B: kernel-resources-sm90.md)
 STAGES = 2
-DK_FROM_SMEM = True
-UNMASKED_ROWS = True  # A/B knob (session 13)
 
 if gluon is not None:
     @gluon.jit
@@ -96,7 +94,7 @@ if gluon is not None:
                      D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_T_MAJOR: gl.constexpr,
                      DK_T_MAJOR: gl.constexpr, DV_T_MAJOR: gl.constexpr,
-                     PARTIALS: gl.constexpr, EVEN_M: gl.constexpr, DK_FROM_SMEM: gl.constexpr):
+                     PARTIALS: gl.constexpr):
         dtype: gl.constexpr = dk_desc.dtype
         # Sᵀ, dPᵀ [keys, queries] and dK, dV [keys, D]: warpgroup w owns keys 64w..64w+63;
         # dQ [queries, D]: warpgroup w owns columns (D/2)w.. of every query row.
@@ -135,10 +133,7 @@ if gluon is not None:
             mbarrier.wait(do_ready.index(s), phase)
             dpt = warpgroup_mma(v, do.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             # rows past TQ: zeros (Q and dO are zero-filled there, so dS is 0 and nothing adds)
-            if EVEN_M:  # every row exists: no masks (their registers cost spills at D=128)
-                lse = gl.load(LSE + lse_base + rows)
-            else:
-                lse = gl.load(LSE + lse_base + rows, mask=rows < TQ, other=0.0)
+            lse = gl.load(LSE + lse_base + rows, mask=rows < TQ, other=0.0)
             st = warpgroup_mma_wait(1, deps=(st, ))  # Sᵀ done; dPᵀ may still run
             st = st * qk_scale
             if ragged or m < m_full:
@@ -148,23 +143,12 @@ if gluon is not None:
                 st = gl.where(vis, st, float("-inf"))
             pt = gl.exp2(st - gl.expand_dims(lse, 0))
             dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do, dv, is_async=True)
-            if EVEN_M:
-                delta = gl.load(DELTA + lse_base + rows)
-            else:
-                delta = gl.load(DELTA + lse_base + rows, mask=rows < TQ, other=0.0)
-            if DK_FROM_SMEM:
-                dpt, dv = warpgroup_mma_wait(0, deps=(dpt, dv))  # nothing in flight over dS
-            else:
-                dpt = warpgroup_mma_wait(1, deps=(dpt, ))  # dPᵀ done; dV may still run
+            delta = gl.load(DELTA + lse_base + rows, mask=rows < TQ, other=0.0)
+            dpt = warpgroup_mma_wait(1, deps=(dpt, ))  # dPᵀ done; dV may still run
             dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
-            if DK_FROM_SMEM:  # dK += dSᵀ·Q reads dSᵀ from shared memory, as dQ does
-                ds_smem.store(dst)
-                fence_async_shared()
-                dk = warpgroup_mma(ds_smem, q, dk, is_async=True)
-            else:
-                dk = warpgroup_mma(gl.convert_layout(dst, a_layout), q, dk, is_async=True)
-                ds_smem.store(dst)
-                fence_async_shared()
+            dk = warpgroup_mma(gl.convert_layout(dst, a_layout), q, dk, is_async=True)
+            ds_smem.store(dst)
+            fence_async_shared()
             dq = warpgroup_mma(ds_smem.permute((1, 0)), k, zero_dq, use_acc=False,
                                is_async=True)
             dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
@@ -202,8 +186,7 @@ if gluon is not None:
                        CAUSAL: gl.constexpr, K_T_MAJOR: gl.constexpr, V_T_MAJOR: gl.constexpr,
                        Q_T_MAJOR: gl.constexpr, DO_T_MAJOR: gl.constexpr,
                        DQ_T_MAJOR: gl.constexpr, DK_T_MAJOR: gl.constexpr,
-                       DV_T_MAJOR: gl.constexpr, PARTIALS: gl.constexpr,
-                       EVEN_M: gl.constexpr, DK_FROM_SMEM: gl.constexpr):
+                       DV_T_MAJOR: gl.constexpr, PARTIALS: gl.constexpr):
         n0 = gl.program_id(0) * BLOCK_N  # causal: the first key blocks (most queries) first
         bh = gl.program_id(1) // SPLIT
         split = gl.program_id(1) % SPLIT  # which slice of the GQA group this program sums
@@ -243,8 +226,7 @@ if gluon is not None:
                             do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale,
                             sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, m_full, n_m, n_iter,
                             PART_K, PART_V, part_row0, D, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
-                            DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS, EVEN_M,
-                            DK_FROM_SMEM)),
+                            DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS)),
             (_bwd_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
                            kv_bar, q_ready, do_ready, qdo_empty, b, hk, n0, h0, m_lo, n_m,
                            n_iter, K_T_MAJOR, V_T_MAJOR, Q_T_MAJOR, DO_T_MAJOR, BLOCK_M,
@@ -279,16 +261,14 @@ def attention_backward(q, k, v, dout, lse, delta, dq_acc, dk, dv, scale, causal,
     pk = part_k if partials else lse
     pv = part_v if partials else lse
     args = (lse, delta, pk, pv, scale * 1.4426950408889634, scale, TQ, TK, H, HK, H // HK, split)
-    exact = (bool(causal), STAGES, partials, DK_FROM_SMEM, UNMASKED_ROWS)
+    exact = (bool(causal), STAGES, partials)
 
     def consts():
         return dict(D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
                     K_T_MAJOR=hopper._t_major(k), V_T_MAJOR=hopper._t_major(v),
                     Q_T_MAJOR=hopper._t_major(q), DO_T_MAJOR=hopper._t_major(dout),
                     DQ_T_MAJOR=hopper._t_major(dq_acc), DK_T_MAJOR=hopper._t_major(dk),
-                    DV_T_MAJOR=hopper._t_major(dv), PARTIALS=partials,
-                    EVEN_M=UNMASKED_ROWS and TQ % BLOCK_M == 0,
-                    DK_FROM_SMEM=DK_FROM_SMEM)
+                    DV_T_MAJOR=hopper._t_major(dv), PARTIALS=partials)
     BACKWARD((math.ceil(TK / BLOCK_N), B * HK * split), q.device.index,
              ((k, BLOCK_N), (v, BLOCK_N), (q, BLOCK_M), (dout, BLOCK_M), (dq_acc, BLOCK_M),
               (dk, BLOCK_N), (dv, BLOCK_N)), args, exact, consts)
