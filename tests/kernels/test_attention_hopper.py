@@ -181,6 +181,67 @@ def test_backward_launch_grid_and_partials(monkeypatch):
     assert kind == "compile" and grid == (3, B * HK) and not consts["PARTIALS"]
 
 
+def _triton36_launcher(launcher, tensordesc_indices, tensordesc_meta, **attrs):
+    """A stand-in for Triton 3.6's ``CudaLauncher``: its ``launch`` is a closure over the C
+    launch and the descriptors' metadata, as ``wrap_handle_tensordesc`` builds it (same names)."""
+    def inner(*args):  # (references what Triton's closure holds)
+        return launcher, tensordesc_indices, tensordesc_meta
+
+    import types
+    defaults = dict(launch=inner, global_scratch_size=0, profile_scratch_size=0,
+                    launch_cooperative_grid=False, launch_pdl=False)
+    return types.SimpleNamespace(**{**defaults, **attrs})
+
+
+def test_encoded_launch_encodes_each_descriptor_once_per_address(monkeypatch):
+    """``hopper._EncodedLaunch`` on a launcher laid out as Triton 3.6's: the C launch gets
+    Triton's 13 leading arguments, then each descriptor's encoding, then the other arguments;
+    a descriptor is encoded once per (parameter, address, shape, strides); and launchers laid
+    out otherwise (this machine's Triton, scratch buffers, descriptors not leading) get None."""
+    import types
+    monkeypatch.setattr(hopper, "_on", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 5, raising=False)
+    encoded, launched = [], []
+
+    def encode(desc, meta):
+        encoded.append((desc.base.data_ptr(), meta["p"]))
+        return [("map", desc.base.data_ptr(), tuple(desc.block_shape)), *desc.shape,
+                *desc.strides]
+
+    driver = types.SimpleNamespace(_BASE_ARGS_FORMAT_LEN=13, make_tensordesc_arg=encode)
+    meta = [{"p": 0}, {"p": 1}]
+    kernel = types.SimpleNamespace(
+        run=_triton36_launcher(lambda *a: launched.append(a), {0, 1}, meta),
+        function=77, packed_metadata="packed")
+    fast = hopper._EncodedLaunch.make(kernel, 2, driver)
+    assert fast is not None
+    q = torch.randn(1, 40, 3, 64).transpose(1, 2)  # [B, T, H, D] memory
+    k = torch.randn(1, 3, 40, 64)
+    lse = torch.empty(1, 3, 40)
+    for _ in range(3):
+        fast((4, 6), 0, ((q, 64), (k, 128)), (lse, 0.5, 40), (True, 128))
+    assert encoded == [(q.data_ptr(), 0), (k.data_ptr(), 1)]  # once each, not per call
+    a = launched[-1]
+    assert a[:13] == (4, 6, 1, 5, 77, False, False, None, None, "packed", None, None, None)
+    assert a[13] == ("map", q.data_ptr(), (1, 64, 1, 64)) and list(a[14:22]) == [
+        1, 40, 3, 64, *q.transpose(1, 2).stride()]
+    assert a[22] == ("map", k.data_ptr(), (1, 1, 128, 64)) and a[31:] == (lse, 0.5, 40, True, 128)
+    fast((4, 6), 0, ((k, 64), (q, 128)), (lse, 0.5, 40), (True, 128))  # other parameters
+    q2 = torch.randn(1, 40, 3, 64).transpose(1, 2)
+    fast((4, 6), 0, ((q2, 64), (k, 128)), (lse, 0.5, 40), (True, 128))  # another address
+    assert encoded[2:] == [(k.data_ptr(), 0), (q.data_ptr(), 1), (q2.data_ptr(), 0)]
+
+    def make(**attrs):
+        run = _triton36_launcher(lambda *a: None, attrs.pop("indices", {0, 1}),
+                                 attrs.pop("meta", meta), **attrs)
+        return hopper._EncodedLaunch.make(types.SimpleNamespace(
+            run=run, function=1, packed_metadata=None), 2, attrs.pop("driver", driver))
+    assert make(global_scratch_size=128) is None and make(profile_scratch_size=8) is None
+    assert make(indices={1, 2}) is None and make(meta=[None, None]) is None
+    assert make(driver=types.SimpleNamespace(make_tensordesc_arg=encode)) is None
+    assert hopper._EncodedLaunch.make(types.SimpleNamespace(run=print), 2) is None
+
+
 def test_gluon_pays_rule():
     """The measured rule (132 SMs): head dim 128 from 128 rows with at least ~1 program per SM,
     head dim 64 from 4096 rows; never for decode-length queries."""
@@ -322,6 +383,44 @@ def test_gpu_gluon_backward_matches_float64(case, dtype, monkeypatch):
     errs = {n: rel_rms_error(a, e) for n, a, e in zip(["dq", "dk", "dv", "dg"], grads,
                                                       ref_grads)}
     assert all(e <= 1e-2 for e in errs.values()), errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+def test_gpu_encoded_launches_follow_the_memory(monkeypatch):
+    """Calls at the same addresses reuse their encoded descriptors (on Triton 3.6, the
+    device's, the encoded path must engage), and their results follow what the memory holds:
+    q, k, v, dout rewritten in place between calls, every output checked against float64.
+    Fresh outputs each call (no poison here), so the caching allocator repeats their
+    addresses too."""
+    import triton
+    monkeypatch.setattr(flash, "POISON", False)
+    monkeypatch.setattr(flash, "gluon_pays", lambda *a: True)
+    monkeypatch.setattr(flash, "gluon_backward_pays", lambda *a: True)
+    fwd = _Count(monkeypatch, hopper, "attention_forward")
+    bwd = _Count(monkeypatch, hopper_bwd, "attention_backward")
+    for launcher in (hopper.FORWARD, hopper_bwd.BACKWARD):  # this test's entries only
+        monkeypatch.setattr(launcher, "exact", {})
+        monkeypatch.setattr(launcher, "encoded", {})
+    bthd, bhtd = _layouts(7, T=320)
+    q, k, v, dout = bthd(4), bthd(2), bhtd(2), bthd(4)
+    kw = dict(gate=None, bias=None, key_mask=None, causal=True, window=0, chunk=0)
+    for step in range(4):
+        for x in (q, k, v, dout):  # new contents, same addresses
+            x.copy_(torch.randn_like(x))
+        out, lse = flash.attention_forward(q, k, v, causal=True)
+        grads = flash.attention_backward(dout, q, k, v, out, lse, causal=True)[:3]
+        ref, ref_grads = _reference(q, k, v, kw, dout)
+        errs = [rel_rms_error(out, ref)] + [rel_rms_error(a, e) for a, e in
+                                             zip(grads, ref_grads)]
+        assert all(e <= 1e-2 for e in errs), (step, errs)
+    assert fwd.calls == 4 and bwd.calls == 4
+    if triton.__version__.startswith("3.6."):
+        for launcher, n_desc in ((hopper.FORWARD, 4), (hopper_bwd.BACKWARD, 7)):
+            encoded = [e[2] for e in launcher.exact.values() if e[2] is not None]
+            assert len(encoded) == 1, launcher.name  # one shape: one entry, encoded
+            # calls 2-4 launched encoded; q, k, v (and dout) kept their maps across them
+            assert 0 < len(encoded[0].maps) < 3 * n_desc, (launcher.name, encoded[0].maps)
 
 
 @pytest.mark.gpu
