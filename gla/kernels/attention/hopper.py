@@ -379,7 +379,8 @@ class GluonLaunch:
     serve here: descriptors are built per call and are no cache key. Two caches: an exact key
     (the descriptors' dtypes, shapes and strides, every tensor's 16-byte alignment, plus the
     caller's own key: one tuple hash, and no descriptor checks), then a fine key (what Triton
-    specializes on), before compiling.
+    specializes on), before compiling. An exact hit also reuses each descriptor's encoding
+    where the address repeats (:class:`_EncodedLaunch`, on Triton 3.6's launcher).
 
     A compile failure (a Triton whose Gluon API moved) sets :attr:`disabled` (the reason, with
     a warning) and raises :class:`Declined`; the caller then runs the Triton kernels, for that

@@ -18,9 +18,10 @@ dQ tile from the dK/dV kernel, which in Triton lost 10-42% (sessions 4 and 10 of
 
 Inputs: the forward's lse (base 2) and the Triton preprocess's delta and gated dO
 (``flash._attn_bwd_preprocess``), so gates are handled before this kernel. The preprocess also
-zeroes the fp32 dQ buffer ``[B, Tq, H, D]``; the caller casts it after. Covers what the Gluon forward covers
-(``hopper._uncovered``; :func:`unsupported_reason`). No interpreter runs Gluon: its tests are
-GPU tests, and the CPU suite compiles it for sm_90 (``benchmarks/kernel_resources.py --gluon``).
+zeroes the fp32 dQ buffer ``[B, Tq, H, D]``; the caller casts it after. Covers what the Gluon
+forward covers (``hopper._uncovered``; :func:`unsupported_reason`). No interpreter runs Gluon:
+its tests are GPU tests, and the CPU suite compiles it for sm_90
+(``benchmarks/kernel_resources.py --gluon``).
 """
 from __future__ import annotations
 
