@@ -242,6 +242,26 @@ def test_encoded_launch_encodes_each_descriptor_once_per_address(monkeypatch):
     assert hopper._EncodedLaunch.make(types.SimpleNamespace(run=print), 2) is None
 
 
+def test_preprocess_zeroes_the_gluon_dq_accumulator():
+    """The backward preprocess with ``ZERO_DQ`` (under the interpreter): every row of the Gluon
+    backward's fp32 dQ buffer ([B, Tq, H, D] memory) is zeroed, ragged last block included, and
+    delta is what it is without it."""
+    B, H, T, D = 2, 3, 70, 64
+    o, do = (torch.randn(B, T, H, D).transpose(1, 2) for _ in range(2))
+    deltas = []
+    for zero in (True, False):
+        delta = torch.full((B, H, T), float("nan"))
+        acc = torch.full((B, T, H, D), float("nan")).transpose(1, 2)
+        flash._attn_bwd_preprocess[(math.ceil(T / 32), B * H)](
+            o, do, o, o, delta, delta, acc, *o.stride(), *do.stride(), *(0,) * 12,
+            *(acc.stride() if zero else (0,) * 4), H, T, DV=D, BLOCK_DV=D, BLOCK_M=32,
+            HAS_GATE=False, GATE_HEADWISE=False, ZERO_DQ=zero, INT64=False)
+        assert bool((acc == 0).all()) == zero
+        deltas.append(delta)
+    torch.testing.assert_close(deltas[0], (o * do).sum(-1))
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=0, atol=0)
+
+
 def test_gluon_pays_rule():
     """The measured rule (132 SMs): head dim 128 from 128 rows with at least ~1 program per SM,
     head dim 64 from 4096 rows; never for decode-length queries."""
