@@ -2,7 +2,7 @@
 encoded once per address (``hopper._EncodedLaunch``) or at every call (Triton's launcher), and the
 Triton backward beside them.
 
-    python benchmarks/attention_bwd_host.py     # prints; results/attention-bwd-host-*.md by hand
+    python benchmarks/attention_bwd_host.py     # prints the table of results/attention-host-encoded-*.md
 
 µs per call (``host_overhead._time``: host = N calls without a sync, wall = with the final sync),
 B=2 H=16 D=128 bf16 causal, T = 1024 and 2048, every path in one process, alternated:

@@ -171,15 +171,22 @@ def _compile_gluon(fn, sig, consts, num_warps):
     return (k, dt, *_ptxas(k.asm["ptx"]))
 
 
+def _tensordesc(rows, d, t_major=True, dtype=torch.bfloat16) -> str:
+    """The signature type of a TMA descriptor parameter as a launch would specialize it: boxes
+    of ``rows`` rows of one head, in ``hopper``'s box order and shared-memory layout."""
+    from gla.kernels.attention import hopper
+    box = (1, rows, 1, d) if t_major else (1, 1, rows, d)
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    return f"tensordesc<{name}[{','.join(map(str, box))}],{hopper._smem_layout(box, dtype)!r}>"
+
+
 def _compile_gluon_attention(d, causal, gate, t_major):
     """The Hopper Gluon forward (``hopper._attn_fwd_sm90``) at one variant, as a launch would
-    specialize it (descriptor boxes and layouts from ``hopper``)."""
+    specialize it."""
     from gla.kernels.attention import hopper
 
     def desc(rows):
-        box = (1, rows, 1, d) if t_major else (1, 1, rows, d)
-        return (f"tensordesc<bf16[{','.join(map(str, box))}],"
-                f"{hopper._smem_layout(box, torch.bfloat16)!r}>")
+        return _tensordesc(rows, d, t_major)
 
     sig = {"q_desc": desc(hopper.HALF), "k_desc": desc(hopper.BLOCK_N),
            "v_desc": desc(hopper.BLOCK_N), "o_desc": desc(hopper.HALF), "LSE": "*fp32",
@@ -200,12 +207,10 @@ _GLUON_BWD_VARIANTS = [(128, True), (128, False, True), (64, True)]  # (D, causa
 
 def _compile_gluon_attention_bwd(d, causal, partials=False):
     """The Hopper Gluon backward (``hopper_bwd._attn_bwd_sm90``), [B, T, H, D] tensors."""
-    from gla.kernels.attention import hopper, hopper_bwd
+    from gla.kernels.attention import hopper_bwd
 
     def desc(rows, dtype=torch.bfloat16):
-        box = (1, rows, 1, d)
-        name = "fp32" if dtype == torch.float32 else "bf16"
-        return f"tensordesc<{name}[{','.join(map(str, box))}],{hopper._smem_layout(box, dtype)!r}>"
+        return _tensordesc(rows, d, True, dtype)
 
     n, m = hopper_bwd.BLOCK_N, hopper_bwd.BLOCK_M
     sig = {"k_desc": desc(n), "v_desc": desc(n), "q_desc": desc(m), "do_desc": desc(m),

@@ -421,7 +421,6 @@ def test_gpu_encoded_launches_follow_the_memory(monkeypatch):
     bwd = _Count(monkeypatch, hopper_bwd, "attention_backward")
     for launcher in (hopper.FORWARD, hopper_bwd.BACKWARD):  # this test's entries only
         monkeypatch.setattr(launcher, "exact", {})
-        monkeypatch.setattr(launcher, "encoded", {})
     bthd, bhtd = _layouts(7, T=320)
     q, k, v, dout = bthd(4), bthd(2), bhtd(2), bthd(4)
     kw = dict(gate=None, bias=None, key_mask=None, causal=True, window=0, chunk=0)

@@ -974,25 +974,25 @@ def gluon_backward_pays(d: int, tq: int, group: int, work: int, capturing: bool)
       ``benchmarks/results/attention-gluon-bwd-nvidia-h200.txt``): head dim 128 1.08-1.22x at
       T = 1k-16k (causal), 1.10x non-causal, 1.17x with GQA 16/4; head dim 64 0.92x at T = 2k,
       0.99x at 4k, 1.04x at 8k, 1.07x with GQA 16/4 at 4k;
-    * host time: ~60 µs more per call (two more torch ops, seven TMA descriptors encoded per
-      launch; ``attention-bwd-host-nvidia-h200.md``). Back-to-back eager calls at D=128, B·H=32
-      were faster with it at T = 2048 (291 vs 320 µs per call) and slower at 1024 (210 vs 150):
-      outside a CUDA-graph capture it takes calls from ``work`` (B·H·Tq·Tk) = 32·2048² on.
+    * host time: more per call than the Triton path's three launches (the cast, the split's
+      sum, seven TMA descriptors). Back-to-back eager calls at D=128, B·H=32 were faster with
+      it at T = 2048 and slower at 1024: 291 vs 320 and 210 vs 150 µs per call in session 12
+      (``attention-bwd-host-nvidia-h200.md``); 285 vs 318 and 187 vs 121 in session 13, with
+      the zeroing in the preprocess and descriptors encoded once
+      (``attention-host-encoded-nvidia-h200.md``). So outside a CUDA-graph capture it takes
+      calls from ``work`` (B·H·Tq·Tk) = 32·2048² on.
     """
     if not capturing and work < 32 * 2048 * 2048:
         return False
     return d == 128 or tq >= 8192 or (group > 1 and tq >= 4096)
 
 
-def _gluon_backward_plan(q, k, v, dout, gate, bias, key_mask, scale, causal, window,
-                         chunk) -> bool:
-    """Whether the Hopper backward (``hopper_bwd.py``) takes this call: asked before the
-    preprocess, which then zeroes its dQ accumulator. Its dO is the preprocess's gated copy
-    with a gate (``q.dtype``), else ``dout``."""
+def _gluon_backward_plan(q, k, v, do, bias, key_mask, scale, causal, window, chunk) -> bool:
+    """Whether the Hopper backward (``hopper_bwd.py``) takes this call, whose attention output
+    gradient is ``do``: asked before the preprocess, which then zeroes its dQ accumulator."""
     if not GLUON_BACKWARD or INTERPRETED or not q.is_cuda:
         return False
     from . import hopper_bwd
-    do = dout if gate is None else q  # (only the dtype is read)
     return not hopper_bwd.unsupported_reason(q, k, v, do, bias, key_mask, causal, window, chunk,
                                              scale) \
         and gluon_backward_pays(q.shape[3], q.shape[2], q.shape[1] // k.shape[1],
@@ -1057,26 +1057,25 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
     cfg = config or _configs(D, DV, q.dtype, causal, TQ,
                              _extra_tiles(D, DV, bias, key_mask, window, chunk))
     g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
-    gluon = config is None and TQ > 0 and TK > 0 and _gluon_backward_plan(
-        q, k, v, dout, gate, bias, key_mask, scale, causal, window, chunk)
-    # the Gluon kernel's fp32 dQ accumulator, zeroed by the preprocess
-    dq_acc = _empty_bthd(B, H, TQ, D, torch.float32, q.device) if gluon else None
-    int64 = _needs_int64(q, k, v, out, dout, dq, dk, dv, g if gate is not None else None,
-                         b if bias is not None else None, dq_acc)
     delta = _empty(B, H, TQ, dtype=torch.float32, device=q.device)
-    if dq_acc is None:
-        dq_acc = delta  # (an unused pointer)
-    if gate is not None:
+    if gate is not None:  # the attention's own output gradient, written by the preprocess
         do_eff = _empty_bthd(B, H, TQ, DV, q.dtype, q.device)
         dg = dgate.expand(B, H, TQ, gate.shape[-1])
         dgs = dg.stride()
     else:
         do_eff, dg, dgs = dout, delta, (0, 0, 0, 0)
+    gluon = config is None and TQ > 0 and TK > 0 and _gluon_backward_plan(
+        q, k, v, do_eff, bias, key_mask, scale, causal, window, chunk)
+    # the Gluon kernel's fp32 dQ accumulator, zeroed by the preprocess
+    dq_acc = _empty_bthd(B, H, TQ, D, torch.float32, q.device) if gluon else None
+    int64 = _needs_int64(q, k, v, out, dout, dq, dk, dv, g if gate is not None else None,
+                         b if bias is not None else None, dq_acc)
     if TQ > 0:
         c = cfg["pre"]
         _attn_bwd_preprocess[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
-            out, dout, g, do_eff, dg, delta, dq_acc, *out.stride(), *dout.stride(), *gs,
-            *do_eff.stride(), *dgs, *(dq_acc.stride() if gluon else (0, 0, 0, 0)), H, TQ, DV=DV,
+            out, dout, g, do_eff, dg, delta, dq_acc if gluon else delta, *out.stride(),
+            *dout.stride(), *gs, *do_eff.stride(), *dgs,
+            *(dq_acc.stride() if gluon else (0, 0, 0, 0)), H, TQ, DV=DV,
             BLOCK_DV=_pow2(DV), BLOCK_M=c["BLOCK_M"], HAS_GATE=gate is not None,
             GATE_HEADWISE=headwise, ZERO_DQ=gluon, INT64=int64,
             num_warps=c["num_warps"], num_stages=c["num_stages"])

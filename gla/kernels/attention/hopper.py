@@ -14,8 +14,8 @@ pays nor two warpgroups that take turns at the tensor cores (sessions 3-10 of
 
 Same contract as ``flash.attention_forward`` (out in a ``[B, Tq, H, D]`` buffer, lse base 2), so
 either backward runs after it: the Triton one or the Gluon one (``hopper_bwd.py``, which shares
-this file's launcher, :class:`GluonLaunch`, and declines what :func:`_uncovered` names). What it covers: bf16/fp16, head dim 64 or 128
-(= value dim), causal (bottom-right aligned, Tq ≤ Tk: every row sees a key) or not, GQA, ragged
+this file's launcher, :class:`GluonLaunch`, and declines what :func:`_uncovered` names). What it
+covers: bf16/fp16, head dim 64 or 128 (= value dim), causal (bottom-right aligned, Tq ≤ Tk: every row sees a key) or not, GQA, ragged
 lengths (TMA reads zeros past the end and clips its stores), the sigmoid output gate. Everything
 else (bias, key mask, window, chunk, other head dims) stays on the Triton kernel:
 :func:`unsupported_reason` says why. No interpreter runs Gluon: its tests are GPU tests.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import warnings
 
 import torch
@@ -369,7 +368,7 @@ def attention_forward(q, k, v, out, lse, gate, gate_strides, headwise, scale, ca
         return dict(D=D, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
                     Q_T_MAJOR=_t_major(q), K_T_MAJOR=_t_major(k), V_T_MAJOR=_t_major(v),
                     O_T_MAJOR=_t_major(out), HAS_GATE=gate is not None, GATE_HEADWISE=headwise)
-    FORWARD((math.ceil(TQ / BLOCK_M), B * H), q.device.index,
+    FORWARD((launch.cdiv(TQ, BLOCK_M), B * H), q.device.index,
             ((q, HALF), (k, BLOCK_N), (v, BLOCK_N), (out, HALF)), args, exact, consts)
 
 
@@ -391,14 +390,14 @@ class GluonLaunch:
         self.kernel, self.name, self.num_warps = kernel, name, num_warps
         self.disabled: str | None = None
         self.exact: dict = {}
-        self.kernels: dict = {}
-        self.encoded: dict = {}  # id(compiled kernel) -> (it, its _EncodedLaunch or None)
+        self.kernels: dict = {}  # fine key -> (compiled kernel, its _EncodedLaunch or None)
+        self._knobs = launch._triton_runtime_knobs()
 
     def __call__(self, grid, device, tensors, args, exact, consts) -> None:
         """``tensors``: (tensor, box rows) per descriptor parameter, in order; ``args``: the
         other runtime parameters; ``exact``: what else the constexprs depend on (a tuple);
         ``consts()``: the constexprs, by name."""
-        cached = launch.CACHED and not launch.hooks_installed(launch._triton_runtime_knobs())
+        cached = launch.CACHED and not launch.hooks_installed(self._knobs)
         key = (device, exact, *((t.dtype, t.shape, t.stride(), t.data_ptr() & 15)
                                 for t, _ in tensors),
                tuple(a.data_ptr() & 15 == 0 for a in args if isinstance(a, torch.Tensor)))
@@ -414,21 +413,17 @@ class GluonLaunch:
         values = tuple(cs.values())
         fine = (device, values, tuple(_desc_key(d) for d in descs),
                 tuple(launch._arg_key(a) for a in args))
-        kernel = self.kernels.get(fine) if cached else None
-        if kernel is None:
+        found = self.kernels.get(fine) if cached else None
+        if found is None:
             kernel = self._compile_and_run(grid, device, descs, args, cs)
-            if cached:
-                self.kernels[fine] = kernel
+            if not cached:
+                return
+            found = self.kernels[fine] = (kernel, _EncodedLaunch.make(kernel, len(tensors)))
         else:
-            _run(kernel, grid, device, descs, args, values)
-        if cached:
-            if len(self.exact) >= 4096:  # a model calls at a few shapes; a sweep starts over
-                self.exact.clear()
-            known = self.encoded.get(id(kernel))  # (Triton may return one kernel for two keys)
-            if known is None or known[0] is not kernel:
-                known = self.encoded[id(kernel)] = (kernel,
-                                                    _EncodedLaunch.make(kernel, len(tensors)))
-            self.exact[key] = (kernel, values, known[1])
+            _run(found[0], grid, device, descs, args, values)
+        if len(self.exact) >= 4096:  # a model calls at a few shapes; a sweep starts over
+            self.exact.clear()
+        self.exact[key] = (found[0], values, found[1])
 
     def _compile_and_run(self, grid, device, descs, args, consts):
         """Triton's JIT launch, which compiles this specialization."""

@@ -25,10 +25,7 @@ its tests are GPU tests, and the CPU suite compiles it for sm_90
 """
 from __future__ import annotations
 
-import math
-
-import torch
-
+from .. import launch
 from . import hopper
 from .hopper import gluon
 
@@ -270,7 +267,7 @@ def attention_backward(q, k, v, dout, lse, delta, dq_acc, dk, dv, scale, causal,
                     Q_T_MAJOR=hopper._t_major(q), DO_T_MAJOR=hopper._t_major(dout),
                     DQ_T_MAJOR=hopper._t_major(dq_acc), DK_T_MAJOR=hopper._t_major(dk),
                     DV_T_MAJOR=hopper._t_major(dv), PARTIALS=partials)
-    BACKWARD((math.ceil(TK / BLOCK_N), B * HK * split), q.device.index,
+    BACKWARD((launch.cdiv(TK, BLOCK_N), B * HK * split), q.device.index,
              ((k, BLOCK_N), (v, BLOCK_N), (q, BLOCK_M), (dout, BLOCK_M), (dq_acc, BLOCK_M),
               (dk, BLOCK_N), (dv, BLOCK_N)), args, exact, consts)
 
