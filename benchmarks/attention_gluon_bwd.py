@@ -30,7 +30,8 @@ SHAPES = [  # (D, T, H, HK, causal)
     (128, 1024, 16, 16, True), (128, 2048, 16, 16, True), (128, 4096, 16, 16, True),
     (128, 8192, 16, 16, True), (128, 16384, 16, 16, True), (128, 4096, 16, 16, False),
     (128, 4096, 16, 4, True), (64, 2048, 16, 16, True), (64, 4096, 16, 16, True),
-    (64, 8192, 16, 16, True), (64, 4096, 16, 4, True),
+    (64, 8192, 16, 16, True), (64, 16384, 16, 16, True), (64, 4096, 16, 16, False),
+    (64, 4096, 16, 4, True), (64, 8192, 16, 4, True),
 ]
 
 
@@ -45,15 +46,20 @@ def bench(fn):
         return triton.testing.do_bench(fn, rep=200)
 
 
-def main(out_dir: str | None, variants=()) -> str:
-    """``variants``: (name, [(module, attribute, value), ...]) timed besides the defaults."""
+def main(out_dir: str | None, variants=(), head_dims=None) -> str:
+    """``variants``: (name, [(module, attribute, value), ...]) timed besides the defaults.
+    The gluon column is the Gluon kernel wherever it runs at all (``gluon_backward_pays``, the
+    rule this table informs, is bypassed)."""
     lines = [f"# attention backward, Triton vs Gluon\n",
              f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"triton {triton.__version__}; bf16, B=2; CUDA-graph replays, ms "
              "(TFLOP/s at 2.5x the forward's FLOPs)\n"]
     print("\n".join(lines), flush=True)
     B = 2
+    flash.gluon_backward_pays = lambda *a: True
     for D, T, H, HK, causal in SHAPES:
+        if head_dims and D not in head_dims:
+            continue
         g = torch.Generator(device="cuda").manual_seed(T + D)
         mk = lambda h: torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16,  # noqa
                                    generator=g).transpose(1, 2)
@@ -112,7 +118,11 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--variants", action="store_true",
-                   help="also time 3 stages, and GQA without the split (A/B of the defaults)")
+                   help="also time 3 stages, GQA without the split, and head dim 64 in one "
+                        "8-warp partition (A/B of the defaults)")
+    p.add_argument("--head-dims", type=int, nargs="*", default=None)
     a = p.parse_args()
     main(a.out, [("gluon 3 stages", [(hopper_bwd, "STAGES", 3)]),
-                 ("gluon no split", [(flash, "DKDV_SPLIT", 1)])] if a.variants else ())
+                 ("gluon no split", [(flash, "DKDV_SPLIT", 1)]),
+                 ("gluon one partition", [(hopper_bwd, "PER_WARPGROUP_HEAD_DIMS", frozenset())])]
+         if a.variants else (), a.head_dims)

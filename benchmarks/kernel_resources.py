@@ -202,29 +202,36 @@ def _compile_gluon_attention(d, causal, gate, t_major):
                 regs=regs, spill=spill, smem=k.metadata.shared, compile_s=dt)
 
 
-_GLUON_BWD_VARIANTS = [(128, True), (128, False, True), (64, True)]  # (D, causal, partials)
+# (D, causal, partials, a partition per warpgroup (None: as a launch picks it))
+_GLUON_BWD_VARIANTS = [(128, True), (128, False, True), (64, True), (64, True, True),
+                       (64, True, False, False)]
 
 
-def _compile_gluon_attention_bwd(d, causal, partials=False):
+def _compile_gluon_attention_bwd(d, causal, partials=False, per_warpgroup=None):
     """The Hopper Gluon backward (``hopper_bwd._attn_bwd_sm90``), [B, T, H, D] tensors."""
     from gla.kernels.attention import hopper_bwd
 
     def desc(rows, dtype=torch.bfloat16):
         return _tensordesc(rows, d, True, dtype)
 
+    if per_warpgroup is None:
+        per_warpgroup = d in hopper_bwd.PER_WARPGROUP_HEAD_DIMS
     n, m = hopper_bwd.BLOCK_N, hopper_bwd.BLOCK_M
-    sig = {"k_desc": desc(n), "v_desc": desc(n), "q_desc": desc(m), "do_desc": desc(m),
-           "dq_desc": desc(m, torch.float32), "dk_desc": desc(n), "dv_desc": desc(n),
+    kv = n // 2 if per_warpgroup else n
+    sig = {"k_desc": desc(kv), "v_desc": desc(kv), "q_desc": desc(m), "do_desc": desc(m),
+           "dq_desc": desc(m, torch.float32), "dk_desc": desc(kv), "dv_desc": desc(kv),
            "LSE": "*fp32", "DELTA": "*fp32", "PART_K": "*fp32", "PART_V": "*fp32",
            "qk_scale": "fp32", "sm_scale": "fp32", "TQ": "i32", "TK": "i32", "H": "i32",
            "HK": "i32", "GROUP": "i32", "SPLIT": "i32"}
     consts = dict(D=d, BLOCK_M=m, BLOCK_N=n, STAGES=hopper_bwd.STAGES, CAUSAL=causal,
                   **{f"{t}_T_MAJOR": True for t in ("K", "V", "Q", "DO", "DQ", "DK", "DV")},
-                  PARTIALS=partials)
-    k, dt, regs, spill = _compile_gluon(hopper_bwd._attn_bwd_sm90, sig, consts, num_warps=8)
+                  PARTIALS=partials, PER_WARPGROUP=per_warpgroup)
+    k, dt, regs, spill = _compile_gluon(hopper_bwd._attn_bwd_sm90, sig, consts,
+                                        num_warps=4 if per_warpgroup else 8)
     cfg = (f"D={d}, BLOCK_N={n}, BLOCK_M={m}, {'causal' if causal else 'full'}, bthd"
-           + (", fp32 partials" if partials else ""))
-    return dict(kernel="_attn_bwd_sm90 (Gluon)", cfg=cfg, warps="8+1",
+           + (", fp32 partials" if partials else "")
+           + (", a partition per warpgroup" if per_warpgroup else ""))
+    return dict(kernel="_attn_bwd_sm90 (Gluon)", cfg=cfg, warps="4+4+1" if per_warpgroup else "8+1",
                 stages=hopper_bwd.STAGES, regs=regs, spill=spill, smem=k.metadata.shared,
                 compile_s=dt)
 

@@ -179,6 +179,18 @@ def test_backward_launch_grid_and_partials(monkeypatch):
     hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, 0.1, True)
     kind, grid, consts, args = launches[-1]
     assert kind == "compile" and grid == (3, B * HK) and not consts["PARTIALS"]
+    assert not consts["PER_WARPGROUP"]
+    # head dim 64: a partition per warpgroup, each loading (and storing) 64 of the 128 keys,
+    # compiled by its own launcher (4 warps a partition)
+    monkeypatch.setattr(hopper_bwd, "BACKWARD_PER_WARPGROUP", hopper.GluonLaunch(
+        lambda: hopper_bwd._attn_bwd_sm90, "the Gluon backward (per warpgroup)", 4))
+    q, do, k, v, dq_acc = (t[..., :64] for t in (q, do, k, v, dq_acc))
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, 0.1, True)
+    kind, grid, consts, args = launches[-1]
+    assert kind == "compile" and grid == (3, B * HK) and consts["PER_WARPGROUP"]
+    assert consts["D"] == 64 and consts["BLOCK_N"] == 128
+    assert [a.block_shape[1] for a in args[:7]] == [64, 64, 64, 64, 64, 64, 64]
 
 
 def _triton36_launcher(launcher, tensordesc_indices, tensordesc_meta, **attrs):
@@ -274,7 +286,7 @@ def test_gluon_pays_rule():
 
 
 def test_gluon_backward_pays_rule():
-    """The measured rule: head dim 128 always, head dim 64 from 8192 rows (4096 with GQA); in
+    """The measured rule: head dim 128 always, head dim 64 causal from 4096 rows; in
     eager calls (not captured in a CUDA graph) only from B·H·Tq·Tk = 32·2048² on, below which
     its extra host time outweighed its faster kernel."""
     big, small = 32 * 2048 * 2048, 32 * 1024 * 1024
@@ -283,9 +295,11 @@ def test_gluon_backward_pays_rule():
     assert not flash.gluon_backward_pays(128, 1024, 1, small, False)
     assert flash.gluon_backward_pays(128, 1024, 1, small, True)  # graph replays: GPU time
     assert not flash.gluon_backward_pays(64, 2048, 1, big, True)
-    assert not flash.gluon_backward_pays(64, 4096, 1, 4 * big, False)
+    assert flash.gluon_backward_pays(64, 4096, 1, 4 * big, False)
     assert flash.gluon_backward_pays(64, 4096, 4, 4 * big, False)
     assert flash.gluon_backward_pays(64, 8192, 1, 16 * big, False)
+    assert not flash.gluon_backward_pays(64, 8192, 1, 16 * big, False, causal=False)
+    assert flash.gluon_backward_pays(128, 4096, 1, 4 * big, False, causal=False)
 
 
 def test_compiles_for_sm90_within_limits():
@@ -297,7 +311,7 @@ def test_compiles_for_sm90_within_limits():
     out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"),
                           "--gluon"], capture_output=True, text=True, timeout=600, cwd=root)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert out.returncode == 0 and len(rows) == 6, out.stderr[-3000:]
+    assert out.returncode == 0 and len(rows) == 8, out.stderr[-3000:]
     for r in rows:
         limit = 128 if r["kernel"].startswith("_attn_bwd") and "D=128" in r["cfg"] else 0
         assert int(r["spill"]) <= limit and r["smem"] <= 232448, r
@@ -343,6 +357,12 @@ HOPPER_CASES = {
                                  gate="headwise"),
     "causal-q64-k64-d64": dict(Hq=2, Hkv=2, Tq=64, Tk=64, D=64, causal=True),
     "causal-q129-k300-d128": dict(Hq=2, Hkv=2, Tq=129, Tk=300, D=128, causal=True),
+    # head dim 64 runs a partition per warpgroup: rows that see none of the second warpgroup's
+    # keys (skipped), a warpgroup without keys (Tk=63), a ragged second program, GQA partials
+    "causal-q129-k300-d64": dict(Hq=2, Hkv=2, Tq=129, Tk=300, D=64, causal=True),
+    "causal-gqa4-d64-t63-headwise": dict(B=2, Hq=8, Hkv=2, Tq=63, Tk=63, D=64, causal=True,
+                                         gate="headwise"),
+    "cross-q200-k130-d64-bthd": dict(Hq=2, Hkv=1, Tq=200, Tk=130, D=64, bthd=True),
 }
 
 

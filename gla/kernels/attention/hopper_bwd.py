@@ -70,10 +70,14 @@ if gluon is not None:
     def _bwd_loader(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar,
                     q_ready, do_ready, qdo_empty, b, hk, n0, h0, m_lo, n_m, n_iter,
                     K_T_MAJOR: gl.constexpr, V_T_MAJOR: gl.constexpr, Q_T_MAJOR: gl.constexpr,
-                    DO_T_MAJOR: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, _at(b, hk, n0, K_T_MAJOR), kv_bar, k_smem)
-        _tma_load(v_desc, _at(b, hk, n0, V_T_MAJOR), kv_bar, v_smem)
+                    DO_T_MAJOR: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    KV_TILES: gl.constexpr, STAGES: gl.constexpr):
+        # K and V once, as KV_TILES tiles of BLOCK_N / KV_TILES keys (one per compute partition)
+        mbarrier.expect(kv_bar, KV_TILES * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+        for w in gl.static_range(KV_TILES):
+            key = n0 + w * (BLOCK_N // KV_TILES)
+            _tma_load(k_desc, _at(b, hk, key, K_T_MAJOR), kv_bar, k_smem.index(w))
+            _tma_load(v_desc, _at(b, hk, key, V_T_MAJOR), kv_bar, v_smem.index(w))
         for it in range(n_iter):
             s = it % STAGES
             mbarrier.wait(qdo_empty.index(s), ((it // STAGES) & 1) ^ 1)  # fresh: parity 1 passes
@@ -85,37 +89,83 @@ if gluon is not None:
             _tma_load(do_desc, _at(b, h, row, DO_T_MAJOR), do_ready.index(s), do_smem.index(s))
 
     @gluon.jit
+    def _bwd_step(k, v, q, do, ds, dq_box, q_ready, do_ready, qdo_empty, s, phase, dq_desc, dk, dv,
+                  zero_s, zero_dq, keys, rows, LSE, DELTA, lse_base, qk_scale, sm_scale, TQ, TK,
+                  ragged, m_full, b, h, m, a_layout: gl.constexpr, BLOCK_M: gl.constexpr,
+                  D: gl.constexpr, CAUSAL: gl.constexpr, DQ_T_MAJOR: gl.constexpr):
+        """One query block against this partition's keys: dK and dV accumulated (returned), dQ
+        added by a TMA reduce-add, the Q/dO stage released."""
+        dtype: gl.constexpr = ds.dtype
+        mbarrier.wait(q_ready.index(s), phase)
+        st = warpgroup_mma(k, q.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(do_ready.index(s), phase)
+        dpt = warpgroup_mma(v, do.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        # rows past TQ: zeros (Q and dO are zero-filled there, so dS is 0 and nothing adds)
+        lse = gl.load(LSE + lse_base + rows, mask=rows < TQ, other=0.0)
+        st = warpgroup_mma_wait(1, deps=(st, ))  # Sᵀ done; dPᵀ may still run
+        st = st * qk_scale
+        if ragged or m < m_full:  # keys past TK, or (causal) past some row's diagonal
+            vis = keys < TK
+            if CAUSAL:
+                vis = vis & (keys <= gl.expand_dims(rows, 0) + (TK - TQ))
+            st = gl.where(vis, st, float("-inf"))
+        pt = gl.exp2(st - gl.expand_dims(lse, 0))
+        dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do, dv, is_async=True)
+        delta = gl.load(DELTA + lse_base + rows, mask=rows < TQ, other=0.0)
+        dpt = warpgroup_mma_wait(1, deps=(dpt, ))  # dPᵀ done; dV may still run
+        dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
+        dk = warpgroup_mma(gl.convert_layout(dst, a_layout), q, dk, is_async=True)
+        ds.store(dst)
+        fence_async_shared()
+        dq = warpgroup_mma(ds.permute((1, 0)), k, zero_dq, use_acc=False, is_async=True)
+        dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+        tma.store_wait(0)  # (its issuing thread) the previous dQ add has read the staging tile
+        _barrier()  # and this partition's warps are done with the Q/dO stage
+        mbarrier.arrive(qdo_empty.index(s), count=1)
+        dq_box.reshape([BLOCK_M, D]).store(dq * sm_scale)
+        fence_async_shared()
+        _tma_add(dq_desc, _at(b, h, m * BLOCK_M, DQ_T_MAJOR), dq_box)
+        return dk, dv
+
+    @gluon.jit
     def _bwd_compute(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready,
                      do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale,
-                     sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, m_full, n_m, n_iter,
+                     sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, n_m, n_iter,
                      PART_K, PART_V, part_row0,
-                     D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     WG: gl.constexpr, KEYS: gl.constexpr, WARPS: gl.constexpr,
+                     D: gl.constexpr, BLOCK_M: gl.constexpr,
                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_T_MAJOR: gl.constexpr,
                      DK_T_MAJOR: gl.constexpr, DV_T_MAJOR: gl.constexpr,
                      PARTIALS: gl.constexpr):
+        """A compute partition of ``WARPS`` warps owning ``KEYS`` keys from ``n0 + KEYS·WG``,
+        with its own K/V tiles, dS tile and dQ staging tile (index ``WG``). Sᵀ, dPᵀ [keys,
+        queries] and dK, dV [keys, D]: each warpgroup owns 64 keys; dQ [queries, D]: with two
+        warpgroups (8 warps) each owns half the columns of every row, with one, all."""
         dtype: gl.constexpr = dk_desc.dtype
-        # Sᵀ, dPᵀ [keys, queries] and dK, dV [keys, D]: warpgroup w owns keys 64w..64w+63;
-        # dQ [queries, D]: warpgroup w owns columns (D/2)w.. of every query row.
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                           instr_shape=[16, BLOCK_M, 16])
-        kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                            instr_shape=[16, D, 16])
-        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                            instr_shape=[16, D // 2, 16])
+        GROUPS: gl.constexpr = WARPS // 4
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_M, 16])
+        kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, D, 16])
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, GROUPS], instr_shape=[16, D // GROUPS, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
         key_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_s: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-        keys = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=key_s), 1)
+        key0 = n0 + WG * KEYS
+        m_mine, m_full = _query_blocks(key0, TQ, TK, BLOCK_M, KEYS, CAUSAL)
+        keys = gl.expand_dims(key0 + gl.arange(0, KEYS, layout=key_s), 1)
         rows0 = gl.arange(0, BLOCK_M, layout=row_s)
-        zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+        zero_s = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
         zero_dq = gl.zeros([BLOCK_M, D], gl.float32, dq_layout)
-        dk = gl.zeros([BLOCK_N, D], gl.float32, kv_layout)
-        dv = gl.zeros([BLOCK_N, D], gl.float32, kv_layout)
-        k = k_smem.reshape([BLOCK_N, D])  # drop the unit dims of the 4-d TMA box
-        v = v_smem.reshape([BLOCK_N, D])
-        dq_tile = dq_smem.reshape([BLOCK_M, D])
-        ragged = n0 + BLOCK_N > TK  # keys past TK: their scores must not reach exp2
+        dk = gl.zeros([KEYS, D], gl.float32, kv_layout)
+        dv = gl.zeros([KEYS, D], gl.float32, kv_layout)
+        k = k_smem.index(WG).reshape([KEYS, D])  # drop the unit dims of the 4-d TMA box
+        v = v_smem.index(WG).reshape([KEYS, D])
+        ds = ds_smem.index(WG)
+        dq_box = dq_smem.index(WG)
+        ragged = key0 + KEYS > TK  # keys past TK: their scores must not reach exp2
         mbarrier.wait(kv_bar, 0)
         for it in range(n_iter):
             s = it % STAGES
@@ -126,54 +176,40 @@ if gluon is not None:
             lse_base = (b * H + h).to(gl.int64) * TQ
             q = q_smem.index(s).reshape([BLOCK_M, D])
             do = do_smem.index(s).reshape([BLOCK_M, D])
-            mbarrier.wait(q_ready.index(s), phase)
-            st = warpgroup_mma(k, q.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            mbarrier.wait(do_ready.index(s), phase)
-            dpt = warpgroup_mma(v, do.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            # rows past TQ: zeros (Q and dO are zero-filled there, so dS is 0 and nothing adds)
-            lse = gl.load(LSE + lse_base + rows, mask=rows < TQ, other=0.0)
-            st = warpgroup_mma_wait(1, deps=(st, ))  # Sᵀ done; dPᵀ may still run
-            st = st * qk_scale
-            if ragged or m < m_full:
-                vis = keys < TK
-                if CAUSAL:
-                    vis = vis & (keys <= gl.expand_dims(rows, 0) + (TK - TQ))
-                st = gl.where(vis, st, float("-inf"))
-            pt = gl.exp2(st - gl.expand_dims(lse, 0))
-            dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do, dv, is_async=True)
-            delta = gl.load(DELTA + lse_base + rows, mask=rows < TQ, other=0.0)
-            dpt = warpgroup_mma_wait(1, deps=(dpt, ))  # dPᵀ done; dV may still run
-            dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
-            dk = warpgroup_mma(gl.convert_layout(dst, a_layout), q, dk, is_async=True)
-            ds_smem.store(dst)
-            fence_async_shared()
-            dq = warpgroup_mma(ds_smem.permute((1, 0)), k, zero_dq, use_acc=False,
-                               is_async=True)
-            dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
-            tma.store_wait(0)  # (its issuing thread) the previous dQ add has read the staging tile
-            _barrier()  # and both warpgroups are done with this Q/dO stage
-            mbarrier.arrive(qdo_empty.index(s), count=1)
-            dq_tile.store(dq * sm_scale)
-            fence_async_shared()
-            _tma_add(dq_desc, _at(b, h, m * BLOCK_M, DQ_T_MAJOR), dq_smem)
+            if WG == 0:  # the program's first keys: every query block it loads sees them
+                dk, dv = _bwd_step(k, v, q, do, ds, dq_box, q_ready, do_ready, qdo_empty, s,
+                                   phase, dq_desc, dk, dv, zero_s, zero_dq,
+                                   keys, rows, LSE, DELTA, lse_base, qk_scale, sm_scale, TQ, TK,
+                                   ragged, m_full, b, h, m, a_layout, BLOCK_M, D, CAUSAL,
+                                   DQ_T_MAJOR)
+            else:
+                if m < m_mine:  # causal: these rows see none of my keys (nothing to add)
+                    mbarrier.arrive(qdo_empty.index(s), count=1)
+                else:
+                    dk, dv = _bwd_step(k, v, q, do, ds, dq_box, q_ready, do_ready, qdo_empty,
+                                       s, phase, dq_desc,
+                                       dk, dv, zero_s, zero_dq, keys, rows, LSE, DELTA,
+                                       lse_base, qk_scale, sm_scale, TQ, TK,
+                                       ragged, m_full, b, h, m, a_layout, BLOCK_M, D,
+                                       CAUSAL, DQ_T_MAJOR)
         tma.store_wait(0)
 
         dk = dk * sm_scale
         if PARTIALS:  # one slice of a GQA group: fp32 partial sums, added by the caller
             key_o: gl.constexpr = gl.SliceLayout(1, kv_layout)
             col_o: gl.constexpr = gl.SliceLayout(0, kv_layout)
-            keys_o = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=key_o), 1)
+            keys_o = gl.expand_dims(key0 + gl.arange(0, KEYS, layout=key_o), 1)
             off = (part_row0 + keys_o.to(gl.int64)) * D \
                 + gl.expand_dims(gl.arange(0, D, layout=col_o), 0)
             gl.store(PART_K + off, dk, mask=keys_o < TK)
             gl.store(PART_V + off, dv, mask=keys_o < TK)
-        else:  # dK and dV through the K and V tiles (read no more); TMA clips keys past TK
+        else:  # dK and dV through my K and V tiles (read no more); TMA clips keys past TK
             _barrier()
             k.store(dk.to(dtype))
             v.store(dv.to(dtype))
             fence_async_shared()
-            _tma_store(dk_desc, _at(b, hk, n0, DK_T_MAJOR), k.reshape(dk_desc.block_type.shape))
-            _tma_store(dv_desc, _at(b, hk, n0, DV_T_MAJOR), v.reshape(dv_desc.block_type.shape))
+            _tma_store(dk_desc, _at(b, hk, key0, DK_T_MAJOR), k.reshape(dk_desc.block_type.shape))
+            _tma_store(dv_desc, _at(b, hk, key0, DV_T_MAJOR), v.reshape(dv_desc.block_type.shape))
             tma.store_wait(0)
 
     @gluon.jit
@@ -184,7 +220,11 @@ if gluon is not None:
                        CAUSAL: gl.constexpr, K_T_MAJOR: gl.constexpr, V_T_MAJOR: gl.constexpr,
                        Q_T_MAJOR: gl.constexpr, DO_T_MAJOR: gl.constexpr,
                        DQ_T_MAJOR: gl.constexpr, DK_T_MAJOR: gl.constexpr,
-                       DV_T_MAJOR: gl.constexpr, PARTIALS: gl.constexpr):
+                       DV_T_MAJOR: gl.constexpr, PARTIALS: gl.constexpr,
+                       PER_WARPGROUP: gl.constexpr):
+        """``PER_WARPGROUP``: the two warpgroups as partitions of their own
+        (:func:`_bwd_compute` twice, 4 + 4 + 1 warps; K/V/dK/dV boxes of 64 keys); otherwise one
+        8-warp compute partition (8 + 1 warps; boxes of 128 keys)."""
         n0 = gl.program_id(0) * BLOCK_N  # causal: the first key blocks (most queries) first
         bh = gl.program_id(1) // SPLIT
         split = gl.program_id(1) % SPLIT  # which slice of the GQA group this program sums
@@ -193,21 +233,24 @@ if gluon is not None:
         heads = GROUP // SPLIT
         h0 = hk * GROUP + split * heads
         part_row0 = (split * (gl.num_programs(1) // SPLIT) + bh).to(gl.int64) * TK
-        m_lo, m_full = _query_blocks(n0, TQ, TK, BLOCK_M, BLOCK_N, CAUSAL)
+        m_lo, _ = _query_blocks(n0, TQ, TK, BLOCK_M, BLOCK_N, CAUSAL)
         n_m = gl.cdiv(TQ, BLOCK_M) - m_lo
         n_iter = heads * n_m
         dtype: gl.constexpr = q_desc.dtype
+        TILES: gl.constexpr = 2 if PER_WARPGROUP else 1  # K/V tiles, dS tiles, dQ staging tiles
 
-        k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [TILES] + k_desc.block_type.shape,
+                                           k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [TILES] + v_desc.block_type.shape,
+                                           v_desc.layout)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape,
                                            q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape,
                                             do_desc.layout)
         ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                        rank=2)
-        ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_layout)
-        dq_smem = gl.allocate_shared_memory(gl.float32, dq_desc.block_type.shape, dq_desc.layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [TILES] + dq_desc.block_type.shape,
+                                            dq_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -216,20 +259,51 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(do_ready.index(i), count=1)
-            mbarrier.init(qdo_empty.index(i), count=1)
+            mbarrier.init(qdo_empty.index(i), count=TILES)  # each compute partition releases
         fence_async_shared()
 
-        gl.warp_specialize([
-            (_bwd_compute, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready,
-                            do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale,
-                            sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, m_full, n_m, n_iter,
-                            PART_K, PART_V, part_row0, D, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
-                            DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS)),
-            (_bwd_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
-                           kv_bar, q_ready, do_ready, qdo_empty, b, hk, n0, h0, m_lo, n_m,
-                           n_iter, K_T_MAJOR, V_T_MAJOR, Q_T_MAJOR, DO_T_MAJOR, BLOCK_M,
-                           STAGES)),
-        ], [1], [24])
+        ds_smem = gl.allocate_shared_memory(dtype, [TILES, BLOCK_N // TILES, BLOCK_M],
+                                            ds_layout)
+        KEYS: gl.constexpr = BLOCK_N // TILES
+        WG0: gl.constexpr = 0
+        WG1: gl.constexpr = 1
+        HALF: gl.constexpr = 4  # warps of a partition per warpgroup
+        ALL: gl.constexpr = 8  # warps of the one compute partition
+        # (argument tuples spelled out: a tuple built by concatenation inside a Gluon kernel
+        # turns its constexprs into tensors)
+        if PER_WARPGROUP:
+            gl.warp_specialize([
+                (_bwd_compute, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar,
+                                q_ready, do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE,
+                                DELTA, qk_scale, sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, n_m,
+                                n_iter, PART_K, PART_V, part_row0, WG0, KEYS, HALF, D, BLOCK_M,
+                                STAGES, CAUSAL, DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS)),
+                (_bwd_compute, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar,
+                                q_ready, do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE,
+                                DELTA, qk_scale, sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, n_m,
+                                n_iter, PART_K, PART_V, part_row0, WG1, KEYS, HALF, D, BLOCK_M,
+                                STAGES, CAUSAL, DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS)),
+                (_bwd_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
+                               kv_bar, q_ready, do_ready, qdo_empty, b, hk, n0, h0, m_lo, n_m,
+                               n_iter, K_T_MAJOR, V_T_MAJOR, Q_T_MAJOR, DO_T_MAJOR, BLOCK_M,
+                               BLOCK_N, TILES, STAGES)),
+            ], [4, 1], [232, 24])
+        else:
+            gl.warp_specialize([
+                (_bwd_compute, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar,
+                                q_ready, do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE,
+                                DELTA, qk_scale, sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, n_m,
+                                n_iter, PART_K, PART_V, part_row0, WG0, KEYS, ALL, D, BLOCK_M,
+                                STAGES, CAUSAL, DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS)),
+                (_bwd_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
+                               kv_bar, q_ready, do_ready, qdo_empty, b, hk, n0, h0, m_lo, n_m,
+                               n_iter, K_T_MAJOR, V_T_MAJOR, Q_T_MAJOR, DO_T_MAJOR, BLOCK_M,
+                               BLOCK_N, TILES, STAGES)),
+            ], [1], [24])
+
+
+def _launcher(d: int) -> "hopper.GluonLaunch":
+    return BACKWARD_PER_WARPGROUP if d in PER_WARPGROUP_HEAD_DIMS else BACKWARD
 
 
 def unsupported_reason(q, k, v, dout, bias, key_mask, causal, window, chunk,
@@ -238,8 +312,8 @@ def unsupported_reason(q, k, v, dout, bias, key_mask, causal, window, chunk,
     attention's (gated) output gradient; strides TMA cannot read are copied, not declined."""
     if hopper._IMPORT_ERROR is not None:
         return hopper._IMPORT_ERROR
-    if BACKWARD.disabled:
-        return BACKWARD.disabled
+    if _launcher(q.shape[3]).disabled:
+        return _launcher(q.shape[3]).disabled
     if dout.dtype != q.dtype:
         return f"output gradient dtype {dout.dtype}"
     return hopper._uncovered(q, k, v, bias, key_mask, causal, window, chunk, scale)
@@ -260,16 +334,25 @@ def attention_backward(q, k, v, dout, lse, delta, dq_acc, dk, dv, scale, causal,
     pv = part_v if partials else lse
     args = (lse, delta, pk, pv, scale * 1.4426950408889634, scale, TQ, TK, H, HK, H // HK, split)
     exact = (bool(causal), STAGES, partials)
+    launcher = _launcher(D)
+    per_warpgroup = launcher is BACKWARD_PER_WARPGROUP
+    kv_rows = BLOCK_N // 2 if per_warpgroup else BLOCK_N  # each partition's keys, or all
 
     def consts():
         return dict(D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
                     K_T_MAJOR=hopper._t_major(k), V_T_MAJOR=hopper._t_major(v),
                     Q_T_MAJOR=hopper._t_major(q), DO_T_MAJOR=hopper._t_major(dout),
                     DQ_T_MAJOR=hopper._t_major(dq_acc), DK_T_MAJOR=hopper._t_major(dk),
-                    DV_T_MAJOR=hopper._t_major(dv), PARTIALS=partials)
-    BACKWARD((launch.cdiv(TK, BLOCK_N), B * HK * split), q.device.index,
-             ((k, BLOCK_N), (v, BLOCK_N), (q, BLOCK_M), (dout, BLOCK_M), (dq_acc, BLOCK_M),
-              (dk, BLOCK_N), (dv, BLOCK_N)), args, exact, consts)
+                    DV_T_MAJOR=hopper._t_major(dv), PARTIALS=partials,
+                    PER_WARPGROUP=per_warpgroup)
+    launcher((launch.cdiv(TK, BLOCK_N), B * HK * split), q.device.index,
+             ((k, kv_rows), (v, kv_rows), (q, BLOCK_M), (dout, BLOCK_M), (dq_acc, BLOCK_M),
+              (dk, kv_rows), (dv, kv_rows)), args, exact, consts)
 
 
 BACKWARD = hopper.GluonLaunch(lambda: _attn_bwd_sm90, "the Gluon backward", num_warps=8)
+BACKWARD_PER_WARPGROUP = hopper.GluonLaunch(
+    lambda: _attn_bwd_sm90, "the Gluon backward (a partition per warpgroup)", num_warps=4)
+# head dims whose backward runs each warpgroup as its own partition: its dQ partial, 64 x D fp32,
+# takes D/2 registers a thread (too many at 128, where the warpgroups split dQ by columns)
+PER_WARPGROUP_HEAD_DIMS = frozenset({64})
