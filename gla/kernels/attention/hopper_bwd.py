@@ -12,6 +12,10 @@ dQ tile from the dK/dV kernel, which in Triton lost 10-42% (sessions 4 and 10 of
   are used, Pᵀ = exp2(Sᵀ·scale − lse), dSᵀ = Pᵀ ⊙ (dPᵀ − delta), dV += Pᵀ·dO and dK += dSᵀ·Q
   from registers, dSᵀ to shared memory, dQ = dS·K split over the two warpgroups by columns,
   and dQ added into an fp32 buffer by one TMA reduce-add (``cp.reduce.async.bulk.tensor``);
+* at head dim 64 (``PER_WARPGROUP_HEAD_DIMS``) each warpgroup is a partition of its own (4 + 4
+  + 1 warps): its own dS tile and its own dQ partial over its 64 keys, a Q/dO stage released by
+  both, nothing else joining them, so one's softmax runs under the other's matmuls (1.04-1.10x
+  the one-partition kernel, session 14 of ``benchmarks/attention_notes.md``);
 * dK and dV leave through the K/V tiles' shared memory and TMA stores, which clip keys past Tk;
   with few programs a GQA group is split over programs that write fp32 partials instead
   (``flash.dkdv_split``; the caller sums them).
