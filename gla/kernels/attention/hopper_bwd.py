@@ -316,8 +316,9 @@ def unsupported_reason(q, k, v, dout, bias, key_mask, causal, window, chunk,
     attention's (gated) output gradient; strides TMA cannot read are copied, not declined."""
     if hopper._IMPORT_ERROR is not None:
         return hopper._IMPORT_ERROR
-    if _launcher(q.shape[3]).disabled:
-        return _launcher(q.shape[3]).disabled
+    disabled = _launcher(q.shape[3]).disabled
+    if disabled:
+        return disabled
     if dout.dtype != q.dtype:
         return f"output gradient dtype {dout.dtype}"
     return hopper._uncovered(q, k, v, bias, key_mask, causal, window, chunk, scale)
