@@ -191,7 +191,7 @@ def _compile_gluon_attention(d, causal, gate, t_major):
     sig = {"q_desc": desc(hopper.HALF), "k_desc": desc(hopper.BLOCK_N),
            "v_desc": desc(hopper.BLOCK_N), "o_desc": desc(hopper.HALF), "LSE": "*fp32",
            "GATE": "*bf16", **{f"stride_g{c}": "i64" for c in "bhmd"}, "qk_scale": "fp32",
-           "TQ": "i32", "TK": "i32", "H": "i32", "GROUP": "i32"}
+           "TQ": "i32", "TK": "i32", "H": "i32", "GROUP": "i32", "GROUP_HEADS": "i32"}
     consts = dict(D=d, BLOCK_N=hopper.BLOCK_N, STAGES=hopper.STAGES, CAUSAL=causal,
                   Q_T_MAJOR=t_major, K_T_MAJOR=t_major, V_T_MAJOR=t_major, O_T_MAJOR=t_major,
                   HAS_GATE=gate is not None, GATE_HEADWISE=gate == "headwise")
@@ -222,10 +222,11 @@ def _compile_gluon_attention_bwd(d, causal, partials=False, per_warpgroup=None):
            "dq_desc": desc(m, torch.float32), "dk_desc": desc(kv), "dv_desc": desc(kv),
            "LSE": "*fp32", "DELTA": "*fp32", "PART_K": "*fp32", "PART_V": "*fp32",
            "qk_scale": "fp32", "sm_scale": "fp32", "TQ": "i32", "TK": "i32", "H": "i32",
-           "HK": "i32", "GROUP": "i32", "SPLIT": "i32"}
+           "HK": "i32", "GROUP": "i32", "SPLIT": "i32", "GROUP_HEADS": "i32"}
     consts = dict(D=d, BLOCK_M=m, BLOCK_N=n, STAGES=hopper_bwd.STAGES, CAUSAL=causal,
                   **{f"{t}_T_MAJOR": True for t in ("K", "V", "Q", "DO", "DQ", "DK", "DV")},
-                  PARTIALS=partials, PER_WARPGROUP=per_warpgroup)
+                  PARTIALS=partials, PER_WARPGROUP=per_warpgroup,
+                  LSE_SMEM=hopper_bwd.LSE_IN_SMEM)
     k, dt, regs, spill = _compile_gluon(hopper_bwd._attn_bwd_sm90, sig, consts,
                                         num_warps=4 if per_warpgroup else 8)
     cfg = (f"D={d}, BLOCK_N={n}, BLOCK_M={m}, {'causal' if causal else 'full'}, bthd"

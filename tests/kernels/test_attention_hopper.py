@@ -171,14 +171,15 @@ def test_backward_launch_grid_and_partials(monkeypatch):
     parts = [torch.empty(4, B, HK, T, D) for _ in range(2)]
     hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, 0.1, True, 4, *parts)
     kind, grid, consts, args = launches[-1]
-    assert kind == "compile" and grid == (3, B * HK * 4) and consts["PARTIALS"]
-    assert args[9] is parts[0] and args[10] is parts[1] and args[-1] == 4  # PART_K/V, SPLIT
+    assert kind == "compile" and grid == (3 * B * HK * 4, 1) and consts["PARTIALS"]
+    assert args[9] is parts[0] and args[10] is parts[1] and args[-2] == 4  # PART_K/V, SPLIT
+    assert args[-1] % 4 == 0  # the heads scheduled together: whole GQA groups
     assert [a.block_shape[1] for a in args[:7]] == [128, 128, 64, 64, 64, 128, 128]
     hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, 0.1, True, 4, *parts)
-    assert launches[-1] == ("run", (3, B * HK * 4))  # exact hit
+    assert launches[-1] == ("run", (3 * B * HK * 4, 1))  # exact hit
     hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, 0.1, True)
     kind, grid, consts, args = launches[-1]
-    assert kind == "compile" and grid == (3, B * HK) and not consts["PARTIALS"]
+    assert kind == "compile" and grid == (3 * B * HK, 1) and not consts["PARTIALS"]
     assert not consts["PER_WARPGROUP"]
     # head dim 64: a partition per warpgroup, each loading (and storing) 64 of the 128 keys,
     # compiled by its own launcher (4 warps a partition)
@@ -188,7 +189,7 @@ def test_backward_launch_grid_and_partials(monkeypatch):
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, 0.1, True)
     kind, grid, consts, args = launches[-1]
-    assert kind == "compile" and grid == (3, B * HK) and consts["PER_WARPGROUP"]
+    assert kind == "compile" and grid == (3 * B * HK, 1) and consts["PER_WARPGROUP"]
     assert consts["D"] == 64 and consts["BLOCK_N"] == 128
     assert [a.block_shape[1] for a in args[:7]] == [64, 64, 64, 64, 64, 64, 64]
 
@@ -286,20 +287,18 @@ def test_gluon_pays_rule():
 
 
 def test_gluon_backward_pays_rule():
-    """The measured rule: head dim 128 always, head dim 64 causal from 4096 rows; in
-    eager calls (not captured in a CUDA graph) only from B·H·Tq·Tk = 32·2048² on, below which
-    its extra host time outweighed its faster kernel."""
+    """The measured rule: head dim 128 always, head dim 64 from 2048 rows; in eager calls (not
+    captured in a CUDA graph) only from B·H·Tq·Tk = 32·2048² on, below which its extra host
+    time outweighed its faster kernel."""
     big, small = 32 * 2048 * 2048, 32 * 1024 * 1024
     assert flash.gluon_backward_pays(128, 2048, 1, big, False)
     assert flash.gluon_backward_pays(128, 4096, 4, 4 * big, False)
     assert not flash.gluon_backward_pays(128, 1024, 1, small, False)
     assert flash.gluon_backward_pays(128, 1024, 1, small, True)  # graph replays: GPU time
-    assert not flash.gluon_backward_pays(64, 2048, 1, big, True)
-    assert flash.gluon_backward_pays(64, 4096, 1, 4 * big, False)
+    assert flash.gluon_backward_pays(64, 2048, 1, big, True)
+    assert not flash.gluon_backward_pays(64, 1024, 1, small, True)  # not timed there
     assert flash.gluon_backward_pays(64, 4096, 4, 4 * big, False)
     assert flash.gluon_backward_pays(64, 8192, 1, 16 * big, False)
-    assert not flash.gluon_backward_pays(64, 8192, 1, 16 * big, False, causal=False)
-    assert flash.gluon_backward_pays(128, 4096, 1, 4 * big, False, causal=False)
 
 
 def test_compiles_for_sm90_within_limits():
@@ -422,6 +421,44 @@ def test_gpu_gluon_backward_matches_float64(case, dtype, monkeypatch):
     assert count.calls == 1
     errs = {n: rel_rms_error(a, e) for n, a, e in zip(["dq", "dk", "dv", "dg"], grads,
                                                       ref_grads)}
+    assert all(e <= 1e-2 for e in errs.values()), errs
+
+
+def test_group_heads_takes_whole_gqa_groups_within_the_l2_budget(monkeypatch):
+    monkeypatch.setattr(hopper, "L2_BUDGET", 10 << 20)
+    assert hopper.group_heads(32, 1, 4 << 20) == 2  # two heads' 4 MB fit 10 MB
+    assert hopper.group_heads(32, 4, 4 << 20) == 8  # two kv heads, four query heads each
+    assert hopper.group_heads(32, 4, 64 << 20) == 4  # never less than one GQA group
+    assert hopper.group_heads(3, 1, 1) == 3  # never more than all heads
+    assert hopper.group_heads(32, 4, 4 << 20, causal=False) == 4  # a kv head at a time
+    monkeypatch.setattr(hopper, "L2_BUDGET", None)
+    assert hopper.group_heads(32, 4, 4 << 20) == 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_schedule_with_a_short_last_head_group(D, monkeypatch):
+    """Both kernels take causal heads a group at a time (``hopper._schedule``); an L2 budget of
+    a few heads leaves a last group with fewer heads (10 query heads in groups of 8 in the forward,
+    5 kv heads in groups of 2 in the backward). Every block of every head must still run once:
+    forward and backward against float64."""
+    monkeypatch.setattr(flash, "gluon_pays", lambda *a: True)
+    monkeypatch.setattr(flash, "gluon_backward_pays", lambda *a: True)
+    T = 300
+    monkeypatch.setattr(hopper, "L2_BUDGET", int(4.2 * 2 * T * D * 2))
+    assert hopper.group_heads(10, 2, 2 * T * D * 2) == 8
+    fwd = _Count(monkeypatch, hopper, "attention_forward")
+    bwd = _Count(monkeypatch, hopper_bwd, "attention_backward")
+    q, k, v, kw, dout = make_case(B=1, Hq=10, Hkv=5, Tq=T, Tk=T, D=D, causal=True,
+                                  dtype=torch.bfloat16)
+    q, k, v, dout = map(_to_gpu, (q, k, v, dout))
+    kw = {n: _to_gpu(t) for n, t in kw.items()}
+    ref, ref_grads = _reference(q, k, v, kw, dout)
+    out, grads = _run("triton", q, k, v, kw, dout)
+    assert fwd.calls == 1 and bwd.calls == 1
+    errs = {"out": rel_rms_error(out, ref)}
+    errs.update({n: rel_rms_error(a, e) for n, a, e in zip(["dq", "dk", "dv"], grads, ref_grads)})
     assert all(e <= 1e-2 for e in errs.values()), errs
 
 

@@ -967,15 +967,16 @@ def _gluon_forward(q, k, v, out, lse, gate, bias, key_mask, scale, causal, windo
 GLUON_BACKWARD = GLUON and os.environ.get("GLA_ATTN_GLUON_BWD", "1") != "0"
 
 
-def gluon_backward_pays(d: int, tq: int, group: int, work: int, capturing: bool,
-                        causal: bool = True) -> bool:
+def gluon_backward_pays(d: int, tq: int, group: int, work: int, capturing: bool) -> bool:
     """Where the Hopper Gluon backward beat this file's on an H200 (bf16, same process):
 
     * GPU time (whole backward, CUDA-graph replays,
       ``benchmarks/results/attention-gluon-bwd-nvidia-h200.txt``): head dim 128 1.08-1.22x at
-      T = 1k-16k (causal), 1.10x non-causal, 1.17x with GQA 16/4; head dim 64 (a partition per
-      warpgroup, session 14) 1.02x at T = 2k, 1.08x at 4k, 1.10x at 8k, 1.12x at 16k (causal),
-      1.11x with GQA 16/4 at 4k and 8k, but 0.90x non-causal at 4k;
+      T = 1k-16k (causal), 1.10x non-causal, 1.17x with GQA 16/4 (session 12; the kernel has
+      been 4-14% faster since session 15); head dim 64 (session 15: lse/delta staged in
+      shared memory, heads scheduled by L2) 1.28x at T = 2k, 1.21x at 4k, 1.17x at 8k, 1.16x
+      at 16k (causal), 1.24x / 1.20x with GQA 16/4 at 4k / 8k, 1.05x non-causal at 4k; not
+      timed below 2k;
     * host time: more per call than the Triton path's three launches (the cast, the split's
       sum, seven TMA descriptors). Back-to-back eager calls at D=128, B·H=32 were faster with
       it at T = 2048 and slower at 1024: 291 vs 320 and 210 vs 150 µs per call in session 12
@@ -986,7 +987,7 @@ def gluon_backward_pays(d: int, tq: int, group: int, work: int, capturing: bool,
     """
     if not capturing and work < 32 * 2048 * 2048:
         return False
-    return d == 128 or (causal and tq >= 4096)
+    return d == 128 or tq >= 2048
 
 
 def _gluon_backward_plan(q, k, v, do, bias, key_mask, scale, causal, window, chunk) -> bool:
@@ -999,7 +1000,7 @@ def _gluon_backward_plan(q, k, v, do, bias, key_mask, scale, causal, window, chu
                                              scale) \
         and gluon_backward_pays(q.shape[3], q.shape[2], q.shape[1] // k.shape[1],
                                 q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2],
-                                torch.cuda.is_current_stream_capturing(), bool(causal))
+                                torch.cuda.is_current_stream_capturing())
 
 
 def _gluon_backward(q, k, v, do, lse, delta, dq_acc, dq, dk, dv, scale, causal) -> bool:

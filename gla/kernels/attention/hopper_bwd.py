@@ -37,7 +37,7 @@ if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-    from .hopper import _at, _tma_load, _tma_store
+    from .hopper import _at, _schedule, _tma_load, _tma_store
 
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed after Triton 3.6
 
@@ -55,6 +55,10 @@ if gluon is not None:
 BLOCK_N = 128  # keys per program: two warpgroups of 64
 BLOCK_M = 64  # query rows per step (128 at head dim 64 spills 400 B: kernel-resources-sm90.md)
 STAGES = 2
+# the loader stages each query block's lse and delta rows in shared memory with its Q. Loaded by
+# the compute warps instead, they arrived late: at head dim 128 the stalls on them were 11% of
+# the kernel's warp samples (ncu, session 15), the compiler having sunk the loads to their uses.
+LSE_IN_SMEM = True
 
 if gluon is not None:
     @gluon.jit
@@ -72,10 +76,11 @@ if gluon is not None:
 
     @gluon.jit
     def _bwd_loader(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar,
-                    q_ready, do_ready, qdo_empty, b, hk, n0, h0, m_lo, n_m, n_iter,
+                    q_ready, do_ready, qdo_empty, lse_smem, delta_smem, LSE, DELTA, TQ, H,
+                    b, hk, n0, h0, m_lo, n_m, n_iter,
                     K_T_MAJOR: gl.constexpr, V_T_MAJOR: gl.constexpr, Q_T_MAJOR: gl.constexpr,
                     DO_T_MAJOR: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    KV_TILES: gl.constexpr, STAGES: gl.constexpr):
+                    KV_TILES: gl.constexpr, STAGES: gl.constexpr, LSE_SMEM: gl.constexpr):
         # K and V once, as KV_TILES tiles of BLOCK_N / KV_TILES keys (one per compute partition)
         mbarrier.expect(kv_bar, KV_TILES * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
         for w in gl.static_range(KV_TILES):
@@ -91,12 +96,21 @@ if gluon is not None:
             _tma_load(q_desc, _at(b, h, row, Q_T_MAJOR), q_ready.index(s), q_smem.index(s))
             mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
             _tma_load(do_desc, _at(b, h, row, DO_T_MAJOR), do_ready.index(s), do_smem.index(s))
+            if LSE_SMEM:  # the block's lse and delta rows beside its Q (q_ready's 2nd arrival)
+                vec: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+                rows = row + gl.arange(0, BLOCK_M, layout=vec)
+                at = (b * H + h).to(gl.int64) * TQ + rows
+                lse_smem.index(s).store(gl.load(LSE + at, mask=rows < TQ, other=0.0))
+                delta_smem.index(s).store(gl.load(DELTA + at, mask=rows < TQ, other=0.0))
+                _barrier()  # every lane's stores before the one arrive (release) below
+                mbarrier.arrive(q_ready.index(s), count=1)
 
     @gluon.jit
     def _bwd_step(k, v, q, do, ds, dq_box, q_ready, do_ready, qdo_empty, s, phase, dq_desc, dk, dv,
-                  zero_s, zero_dq, keys, rows, LSE, DELTA, lse_base, qk_scale, sm_scale, TQ, TK,
-                  ragged, m_full, b, h, m, a_layout: gl.constexpr, BLOCK_M: gl.constexpr,
-                  D: gl.constexpr, CAUSAL: gl.constexpr, DQ_T_MAJOR: gl.constexpr):
+                  zero_s, zero_dq, keys, rows, LSE, DELTA, lse_base, lse_smem, delta_smem,
+                  qk_scale, sm_scale, TQ, TK, ragged, m_full, b, h, m, a_layout: gl.constexpr,
+                  BLOCK_M: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr,
+                  DQ_T_MAJOR: gl.constexpr, LSE_SMEM: gl.constexpr):
         """One query block against this partition's keys: dK and dV accumulated (returned), dQ
         added by a TMA reduce-add, the Q/dO stage released."""
         dtype: gl.constexpr = ds.dtype
@@ -105,7 +119,10 @@ if gluon is not None:
         mbarrier.wait(do_ready.index(s), phase)
         dpt = warpgroup_mma(v, do.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         # rows past TQ: zeros (Q and dO are zero-filled there, so dS is 0 and nothing adds)
-        lse = gl.load(LSE + lse_base + rows, mask=rows < TQ, other=0.0)
+        if LSE_SMEM:
+            lse = lse_smem.index(s).load(rows.type.layout)
+        else:
+            lse = gl.load(LSE + lse_base + rows, mask=rows < TQ, other=0.0)
         st = warpgroup_mma_wait(1, deps=(st, ))  # Sᵀ done; dPᵀ may still run
         st = st * qk_scale
         if ragged or m < m_full:  # keys past TK, or (causal) past some row's diagonal
@@ -115,7 +132,10 @@ if gluon is not None:
             st = gl.where(vis, st, float("-inf"))
         pt = gl.exp2(st - gl.expand_dims(lse, 0))
         dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do, dv, is_async=True)
-        delta = gl.load(DELTA + lse_base + rows, mask=rows < TQ, other=0.0)
+        if LSE_SMEM:
+            delta = delta_smem.index(s).load(rows.type.layout)
+        else:
+            delta = gl.load(DELTA + lse_base + rows, mask=rows < TQ, other=0.0)
         dpt = warpgroup_mma_wait(1, deps=(dpt, ))  # dPᵀ done; dV may still run
         dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
         dk = warpgroup_mma(gl.convert_layout(dst, a_layout), q, dk, is_async=True)
@@ -133,14 +153,14 @@ if gluon is not None:
 
     @gluon.jit
     def _bwd_compute(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready,
-                     do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE, DELTA, qk_scale,
-                     sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, n_m, n_iter,
+                     do_ready, qdo_empty, lse_smem, delta_smem, dq_desc, dk_desc, dv_desc, LSE,
+                     DELTA, qk_scale, sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, n_m, n_iter,
                      PART_K, PART_V, part_row0,
                      WG: gl.constexpr, KEYS: gl.constexpr, WARPS: gl.constexpr,
                      D: gl.constexpr, BLOCK_M: gl.constexpr,
                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_T_MAJOR: gl.constexpr,
                      DK_T_MAJOR: gl.constexpr, DV_T_MAJOR: gl.constexpr,
-                     PARTIALS: gl.constexpr):
+                     PARTIALS: gl.constexpr, LSE_SMEM: gl.constexpr):
         """A compute partition of ``WARPS`` warps owning ``KEYS`` keys from ``n0 + KEYS·WG``,
         with its own K/V tiles, dS tile and dQ staging tile (index ``WG``). Sᵀ, dPᵀ [keys,
         queries] and dK, dV [keys, D]: each warpgroup owns 64 keys; dQ [queries, D]: with two
@@ -183,9 +203,9 @@ if gluon is not None:
             if WG == 0:  # the program's first keys: every query block it loads sees them
                 dk, dv = _bwd_step(k, v, q, do, ds, dq_box, q_ready, do_ready, qdo_empty, s,
                                    phase, dq_desc, dk, dv, zero_s, zero_dq,
-                                   keys, rows, LSE, DELTA, lse_base, qk_scale, sm_scale, TQ, TK,
-                                   ragged, m_full, b, h, m, a_layout, BLOCK_M, D, CAUSAL,
-                                   DQ_T_MAJOR)
+                                   keys, rows, LSE, DELTA, lse_base, lse_smem, delta_smem,
+                                   qk_scale, sm_scale, TQ, TK, ragged, m_full, b, h, m, a_layout,
+                                   BLOCK_M, D, CAUSAL, DQ_T_MAJOR, LSE_SMEM)
             else:
                 if m < m_mine:  # causal: these rows see none of my keys (nothing to add)
                     mbarrier.arrive(qdo_empty.index(s), count=1)
@@ -193,9 +213,9 @@ if gluon is not None:
                     dk, dv = _bwd_step(k, v, q, do, ds, dq_box, q_ready, do_ready, qdo_empty,
                                        s, phase, dq_desc,
                                        dk, dv, zero_s, zero_dq, keys, rows, LSE, DELTA,
-                                       lse_base, qk_scale, sm_scale, TQ, TK,
-                                       ragged, m_full, b, h, m, a_layout, BLOCK_M, D,
-                                       CAUSAL, DQ_T_MAJOR)
+                                       lse_base, lse_smem, delta_smem, qk_scale, sm_scale, TQ,
+                                       TK, ragged, m_full, b, h, m, a_layout, BLOCK_M, D,
+                                       CAUSAL, DQ_T_MAJOR, LSE_SMEM)
         tma.store_wait(0)
 
         dk = dk * sm_scale
@@ -219,24 +239,27 @@ if gluon is not None:
     @gluon.jit
     def _attn_bwd_sm90(k_desc, v_desc, q_desc, do_desc, dq_desc, dk_desc, dv_desc, LSE, DELTA,
                        PART_K, PART_V, qk_scale, sm_scale, TQ, TK, H, HK, GROUP, SPLIT,
+                       GROUP_HEADS,
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        STAGES: gl.constexpr,
                        CAUSAL: gl.constexpr, K_T_MAJOR: gl.constexpr, V_T_MAJOR: gl.constexpr,
                        Q_T_MAJOR: gl.constexpr, DO_T_MAJOR: gl.constexpr,
                        DQ_T_MAJOR: gl.constexpr, DK_T_MAJOR: gl.constexpr,
                        DV_T_MAJOR: gl.constexpr, PARTIALS: gl.constexpr,
-                       PER_WARPGROUP: gl.constexpr):
+                       PER_WARPGROUP: gl.constexpr, LSE_SMEM: gl.constexpr):
         """``PER_WARPGROUP``: the two warpgroups as partitions of their own
         (:func:`_bwd_compute` twice, 4 + 4 + 1 warps; K/V/dK/dV boxes of 64 keys); otherwise one
         8-warp compute partition (8 + 1 warps; boxes of 128 keys)."""
-        n0 = gl.program_id(0) * BLOCK_N  # causal: the first key blocks (most queries) first
-        bh = gl.program_id(1) // SPLIT
-        split = gl.program_id(1) % SPLIT  # which slice of the GQA group this program sums
+        n_blocks = gl.cdiv(TK, BLOCK_N)
+        nb, bhs = _schedule(n_blocks, GROUP_HEADS, False)  # causal: most queries first
+        n0 = nb * BLOCK_N
+        bh = bhs // SPLIT
+        split = bhs % SPLIT  # which slice of the GQA group this program sums
         b = bh // HK
         hk = bh % HK
         heads = GROUP // SPLIT
         h0 = hk * GROUP + split * heads
-        part_row0 = (split * (gl.num_programs(1) // SPLIT) + bh).to(gl.int64) * TK
+        part_row0 = (split * (gl.num_programs(0) // (n_blocks * SPLIT)) + bh).to(gl.int64) * TK
         m_lo, _ = _query_blocks(n0, TQ, TK, BLOCK_M, BLOCK_N, CAUSAL)
         n_m = gl.cdiv(TQ, BLOCK_M) - m_lo
         n_iter = heads * n_m
@@ -260,8 +283,12 @@ if gluon is not None:
         do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
+        vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], vec_smem)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], vec_smem)
         for i in gl.static_range(STAGES):
-            mbarrier.init(q_ready.index(i), count=1)
+            # LSE_SMEM: Q's bytes and the loader's arrival once lse and delta are stored
+            mbarrier.init(q_ready.index(i), count=2 if LSE_SMEM else 1)
             mbarrier.init(do_ready.index(i), count=1)
             mbarrier.init(qdo_empty.index(i), count=TILES)  # each compute partition releases
         fence_async_shared()
@@ -278,31 +305,36 @@ if gluon is not None:
         if PER_WARPGROUP:
             gl.warp_specialize([
                 (_bwd_compute, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar,
-                                q_ready, do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE,
-                                DELTA, qk_scale, sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, n_m,
+                                q_ready, do_ready, qdo_empty, lse_smem, delta_smem, dq_desc,
+                                dk_desc, dv_desc, LSE, DELTA, qk_scale, sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, n_m,
                                 n_iter, PART_K, PART_V, part_row0, WG0, KEYS, HALF, D, BLOCK_M,
-                                STAGES, CAUSAL, DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS)),
+                                STAGES, CAUSAL, DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS,
+                                LSE_SMEM)),
                 (_bwd_compute, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar,
-                                q_ready, do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE,
-                                DELTA, qk_scale, sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, n_m,
+                                q_ready, do_ready, qdo_empty, lse_smem, delta_smem, dq_desc,
+                                dk_desc, dv_desc, LSE, DELTA, qk_scale, sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, n_m,
                                 n_iter, PART_K, PART_V, part_row0, WG1, KEYS, HALF, D, BLOCK_M,
-                                STAGES, CAUSAL, DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS)),
+                                STAGES, CAUSAL, DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS,
+                                LSE_SMEM)),
                 (_bwd_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
-                               kv_bar, q_ready, do_ready, qdo_empty, b, hk, n0, h0, m_lo, n_m,
-                               n_iter, K_T_MAJOR, V_T_MAJOR, Q_T_MAJOR, DO_T_MAJOR, BLOCK_M,
-                               BLOCK_N, TILES, STAGES)),
+                               kv_bar, q_ready, do_ready, qdo_empty, lse_smem, delta_smem, LSE,
+                               DELTA, TQ, H, b, hk, n0, h0, m_lo, n_m, n_iter, K_T_MAJOR,
+                               V_T_MAJOR, Q_T_MAJOR, DO_T_MAJOR, BLOCK_M, BLOCK_N, TILES, STAGES,
+                               LSE_SMEM)),
             ], [4, 1], [232, 24])
         else:
             gl.warp_specialize([
                 (_bwd_compute, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar,
-                                q_ready, do_ready, qdo_empty, dq_desc, dk_desc, dv_desc, LSE,
-                                DELTA, qk_scale, sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, n_m,
+                                q_ready, do_ready, qdo_empty, lse_smem, delta_smem, dq_desc,
+                                dk_desc, dv_desc, LSE, DELTA, qk_scale, sm_scale, b, hk, n0, h0, TQ, TK, H, m_lo, n_m,
                                 n_iter, PART_K, PART_V, part_row0, WG0, KEYS, ALL, D, BLOCK_M,
-                                STAGES, CAUSAL, DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS)),
+                                STAGES, CAUSAL, DQ_T_MAJOR, DK_T_MAJOR, DV_T_MAJOR, PARTIALS,
+                                LSE_SMEM)),
                 (_bwd_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
-                               kv_bar, q_ready, do_ready, qdo_empty, b, hk, n0, h0, m_lo, n_m,
-                               n_iter, K_T_MAJOR, V_T_MAJOR, Q_T_MAJOR, DO_T_MAJOR, BLOCK_M,
-                               BLOCK_N, TILES, STAGES)),
+                               kv_bar, q_ready, do_ready, qdo_empty, lse_smem, delta_smem, LSE,
+                               DELTA, TQ, H, b, hk, n0, h0, m_lo, n_m, n_iter, K_T_MAJOR,
+                               V_T_MAJOR, Q_T_MAJOR, DO_T_MAJOR, BLOCK_M, BLOCK_N, TILES, STAGES,
+                               LSE_SMEM)),
             ], [1], [24])
 
 
@@ -337,8 +369,11 @@ def attention_backward(q, k, v, dout, lse, delta, dq_acc, dk, dv, scale, causal,
     partials = split > 1
     pk = part_k if partials else lse
     pv = part_v if partials else lse
-    args = (lse, delta, pk, pv, scale * 1.4426950408889634, scale, TQ, TK, H, HK, H // HK, split)
-    exact = (bool(causal), STAGES, partials)
+    group = H // HK
+    args = (lse, delta, pk, pv, scale * 1.4426950408889634, scale, TQ, TK, H, HK, group, split,
+            hopper.group_heads(B * HK * split, split, 2 * TQ * D * q.element_size() * group,
+                               causal))
+    exact = (bool(causal), STAGES, partials, LSE_IN_SMEM)
     launcher = _launcher(D)
     per_warpgroup = launcher is BACKWARD_PER_WARPGROUP
     kv_rows = BLOCK_N // 2 if per_warpgroup else BLOCK_N  # each partition's keys, or all
@@ -349,8 +384,8 @@ def attention_backward(q, k, v, dout, lse, delta, dq_acc, dk, dv, scale, causal,
                     Q_T_MAJOR=hopper._t_major(q), DO_T_MAJOR=hopper._t_major(dout),
                     DQ_T_MAJOR=hopper._t_major(dq_acc), DK_T_MAJOR=hopper._t_major(dk),
                     DV_T_MAJOR=hopper._t_major(dv), PARTIALS=partials,
-                    PER_WARPGROUP=per_warpgroup)
-    launcher((launch.cdiv(TK, BLOCK_N), B * HK * split), q.device.index,
+                    PER_WARPGROUP=per_warpgroup, LSE_SMEM=LSE_IN_SMEM)
+    launcher((launch.cdiv(TK, BLOCK_N) * B * HK * split, 1), q.device.index,
              ((k, kv_rows), (v, kv_rows), (q, BLOCK_M), (dout, BLOCK_M), (dq_acc, BLOCK_M),
               (dk, kv_rows), (dv, kv_rows)), args, exact, consts)
 
