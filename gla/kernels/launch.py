@@ -120,8 +120,21 @@ class Launcher:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args, kwargs):
+        hit = self._launch(grid, args, kwargs)
+        return hit[0] if hit is not None else None
+
+    def bind(self, grid, kwargs) -> "BoundLaunch":
+        """The launches at ``grid`` with these keywords of a caller whose every call passes
+        arguments equal to its first's in all the exact key reads (pointer dtypes and
+        alignment, scalar values): a call plan, keyed on them. See :class:`BoundLaunch`."""
+        return BoundLaunch(self, tuple(grid) + (1,) * (3 - len(grid)), kwargs)
+
+    def _launch(self, grid, args, kwargs):
+        """Launch; returns the exact cache's entry for these arguments, ``(kernel, constexprs,
+        device)``, or None where there is none (Triton's path, an uncacheable call)."""
         if not CACHED or self.interpreted or callable(grid) or self._hooked():
-            return self.fn[grid](*args, **kwargs)
+            self.fn[grid](*args, **kwargs)
+            return None
         n = self._n_ptrs
         if n is None:
             n = self._n_ptrs = next((i for i, a in enumerate(args)
@@ -131,13 +144,15 @@ class Launcher:
             ptrs = tuple([None if a is None else (a.dtype, not a.data_ptr() & 15)
                           for a in args[:n]])
         except AttributeError:  # a scalar where a pointer was: Triton's path
-            return self.fn[grid](*args, **kwargs)
+            self.fn[grid](*args, **kwargs)
+            return None
         device = _cuda_index(args[0])
         if device is None:  # not a CUDA tensor: Triton's path (and its error)
-            return self.fn[grid](*args, **kwargs)
+            self.fn[grid](*args, **kwargs)
+            return None
         if device != _current_device():
             with torch.cuda.device(device):
-                return self.launch(grid, args, kwargs)
+                return self._launch(grid, args, kwargs)
         scalars = args[n:]
         # types too: 1, 1.0 and True are equal as keys but not to Triton
         options = (tuple(kwargs.items()), tuple(map(type, kwargs.values())))
@@ -145,19 +160,21 @@ class Launcher:
         try:
             hit = self._exact.get(key)
         except TypeError:  # an unhashable keyword value (a list...): nothing to cache on
-            return self.fn[grid](*args, **kwargs)
+            self.fn[grid](*args, **kwargs)
+            return None
         except RuntimeError:  # a tensor among the scalars met an equal hash: the fine key
             hit, key = None, None
         if hit is None:
             hit = self._lookup(grid, args, kwargs, device, options, key, scalars)
-            if hit is None:  # launched through Triton
-                return None
+            if hit is None:  # launched through Triton (and cached where it could be)
+                entry = self._exact.get(key) if key is not None else None
+                return (*entry, device) if entry is not None else None
         kernel, consts = hit
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
         kernel.run(grid[0], g1, g2, _current_stream(device), kernel.function,
                    kernel.packed_metadata, None, None, None, *args, *consts)
-        return kernel
+        return kernel, consts, device
 
     def _lookup(self, grid, args, kwargs, device, options, key, scalars):
         """The fine-cache entry for these arguments (filling the exact cache), or None after
@@ -181,6 +198,31 @@ class Launcher:
                 self._exact.clear()
             self._exact[key] = hit
         return None if launched else hit
+
+
+class BoundLaunch:
+    """One kernel's launches for a call plan (``Launcher.bind``): the plan's key holds whatever
+    the exact cache would key on, so after the first launch, which goes through
+    ``Launcher.launch``, each call runs the compiled kernel straight away (its arguments in
+    order: ~40 per attention kernel, whose key alone cost ~30 µs of a slow host's time per
+    launch). Triton's path still runs where ``Launcher.launch`` would take it (hooks, the
+    interpreter, ``CACHED`` off, another current device)."""
+
+    __slots__ = ("launcher", "grid", "kwargs", "hit")
+
+    def __init__(self, launcher: Launcher, grid: tuple, kwargs: dict):
+        self.launcher, self.grid, self.kwargs = launcher, grid, kwargs
+        self.hit = None
+
+    def __call__(self, *args) -> None:
+        hit = self.hit
+        if hit is None or not CACHED or hit[2] != _current_device() or self.launcher._hooked():
+            self.hit = self.launcher._launch(self.grid, args, self.kwargs)
+            return
+        kernel, consts, device = hit
+        g = self.grid
+        kernel.run(g[0], g[1], g[2], _current_stream(device), kernel.function,
+                   kernel.packed_metadata, None, None, None, *args, *consts)
 
 
 def _cuda_index(t):

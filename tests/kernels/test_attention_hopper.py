@@ -30,16 +30,23 @@ def _poison(monkeypatch):
 
 
 class _Count:
-    """Wraps ``module.attention_forward`` (or ``_backward``) to count the calls that reached it."""
+    """Counts the launches of the Gluon forward (or backward) by its call plans: wraps
+    ``module.forward_plan`` (``backward_plan``) and the runs the plans built from now on make
+    (the plans kept so far are dropped)."""
 
-    def __init__(self, monkeypatch, module=hopper, name="attention_forward"):
+    def __init__(self, monkeypatch, module=hopper, name="forward_plan"):
         self.calls = 0
         real = getattr(module, name)
 
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-        monkeypatch.setattr(module, name, counted)
+        def counted_plan(*args, **kwargs):
+            run = real(*args, **kwargs)
+
+            def counted(*a, **kw):
+                self.calls += 1
+                return run(*a, **kw)
+            return counted
+        monkeypatch.setattr(module, name, counted_plan)
+        flash.clear_plans()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,7 +422,7 @@ def test_gpu_gluon_backward_matches_float64(case, dtype, monkeypatch):
     monkeypatch.setattr(flash, "GLUON", False)
     monkeypatch.setattr(flash, "GLUON_BACKWARD", True)
     monkeypatch.setattr(flash, "gluon_backward_pays", lambda *a: True)
-    count = _Count(monkeypatch, hopper_bwd, "attention_backward")
+    count = _Count(monkeypatch, hopper_bwd, "backward_plan")
     ref, ref_grads = _reference(q, k, v, kw, dout)
     out, grads = _run("triton", q, k, v, kw, dout)
     assert count.calls == 1
@@ -448,8 +455,8 @@ def test_gpu_schedule_with_a_short_last_head_group(D, monkeypatch):
     T = 300
     monkeypatch.setattr(hopper, "L2_BUDGET", int(4.2 * 2 * T * D * 2))
     assert hopper.group_heads(10, 2, 2 * T * D * 2) == 8
-    fwd = _Count(monkeypatch, hopper, "attention_forward")
-    bwd = _Count(monkeypatch, hopper_bwd, "attention_backward")
+    fwd = _Count(monkeypatch, hopper, "forward_plan")
+    bwd = _Count(monkeypatch, hopper_bwd, "backward_plan")
     q, k, v, kw, dout = make_case(B=1, Hq=10, Hkv=5, Tq=T, Tk=T, D=D, causal=True,
                                   dtype=torch.bfloat16)
     q, k, v, dout = map(_to_gpu, (q, k, v, dout))
@@ -474,8 +481,8 @@ def test_gpu_encoded_launches_follow_the_memory(monkeypatch):
     monkeypatch.setattr(flash, "POISON", False)
     monkeypatch.setattr(flash, "gluon_pays", lambda *a: True)
     monkeypatch.setattr(flash, "gluon_backward_pays", lambda *a: True)
-    fwd = _Count(monkeypatch, hopper, "attention_forward")
-    bwd = _Count(monkeypatch, hopper_bwd, "attention_backward")
+    fwd = _Count(monkeypatch, hopper, "forward_plan")
+    bwd = _Count(monkeypatch, hopper_bwd, "backward_plan")
     for launcher in (hopper.FORWARD, hopper_bwd.BACKWARD):  # this test's entries only
         monkeypatch.setattr(launcher, "exact", {})
     bthd, bhtd = _layouts(7, T=320)
@@ -509,7 +516,7 @@ def test_gpu_gluon_backward_of_a_sum_and_mixed_layouts(monkeypatch):
     bthd, bhtd = _layouts(5, T=333)
     monkeypatch.setattr(flash, "gluon_pays", lambda *a: True)
     monkeypatch.setattr(flash, "gluon_backward_pays", lambda *a: True)
-    count = _Count(monkeypatch, hopper_bwd, "attention_backward")
+    count = _Count(monkeypatch, hopper_bwd, "backward_plan")
     for q, k, v in [(bthd(H), bhtd(HK), bhtd(HK)), (bhtd(H), bthd(HK), bthd(HK))]:
         kw = dict(gate=None, bias=None, key_mask=None, causal=True, window=0, chunk=0)
         grads = {}
@@ -572,7 +579,7 @@ def test_gpu_what_the_gluon_forward_declines(monkeypatch):
 def test_gpu_what_the_gluon_backward_declines(monkeypatch):
     """Masks, fp32 and other head dims keep the Triton backward (and its answer)."""
     monkeypatch.setattr(flash, "gluon_backward_pays", lambda *a: True)
-    count = _Count(monkeypatch, hopper_bwd, "attention_backward")
+    count = _Count(monkeypatch, hopper_bwd, "backward_plan")
     dev = dict(device="cuda", dtype=torch.bfloat16)
     q, k, v = (torch.randn(1, 2, 256, 128, **dev) for _ in range(3))
     for kwargs in (dict(window=64), dict(chunk=64)):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 
 import torch
 import triton
@@ -876,55 +877,6 @@ def _interp_upcast(*ts):
     return [None if t is None else (t.float() if t.dtype == torch.bfloat16 else t) for t in ts]
 
 
-def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, causal=False,
-                      window=0, chunk=0, config=None):
-    """Launch the forward kernel. Returns ``(out, lse)``.
-
-    ``out`` is a ``[B, Hq, Tq, Dv]`` view of a ``[B, Tq, Hq, Dv]`` buffer in ``q.dtype`` (gated
-    if there is a gate: the backward needs nothing else); ``lse`` is fp32 ``[B, Hq, Tq]`` (base
-    2, +inf for rows with no visible key).
-    """
-    B, H, TQ, D = q.shape
-    HK, TK, DV = k.shape[1], k.shape[2], v.shape[3]
-    _check_chunk(chunk, causal)
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    out = _empty_bthd(B, H, TQ, DV, q.dtype, q.device)
-    lse = _empty(B, H, TQ, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        lse.fill_(float("inf"))
-        return out, lse
-    if config is None and _gluon_forward(q, k, v, out, lse, gate, bias, key_mask, scale, causal,
-                                         window, chunk):
-        return out, lse
-    if INTERPRETED and q.dtype == torch.bfloat16:
-        q, k, v, gate, bias = _interp_upcast(q, k, v, gate, bias)
-    cfg = config or _configs(D, DV, q.dtype, causal, TQ,
-                             _extra_tiles(D, DV, bias, key_mask, window, chunk),
-                             batch_heads=B * H, device=q.device)
-    c = cfg["fwd"]
-    g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
-    int64 = _needs_int64(q, k, v, out, g if gate is not None else None,
-                         b if bias is not None else None)
-    # kernels write through strides; in the interpreter-bf16 case write fp32 then cast.
-    out_k = out if out.dtype == q.dtype else torch.empty_like(out, dtype=q.dtype)
-    grid = (_cdiv(TQ, c["BLOCK_M"]), B * H)
-    _attn_fwd[grid](
-        q, k, v, g, b, km, out_k, lse, scale,
-        *q.stride(), *k.stride(), *v.stride(), *gs, *bs, *kms, *out_k.stride(),
-        H, H // HK, TQ, TK, int(window), int(chunk),
-        D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-        IS_CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_CHUNK=chunk > 0,
-        HAS_GATE=gate is not None,
-        GATE_HEADWISE=headwise, HAS_BIAS=bias is not None, HAS_KMASK=key_mask is not None,
-        PRECISION=_precision(q.dtype), INT64=int64,
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
-    if out_k is not out:
-        out.copy_(out_k)
-    return out, lse
-
-
 # Set to "0" to keep every forward on the Triton kernel (A/B runs; an escape hatch).
 GLUON = os.environ.get("GLA_ATTN_GLUON", "1") != "0"
 
@@ -943,24 +895,6 @@ def gluon_pays(d: int, tq: int, batch_heads: int, n_sm: int) -> bool:
     if tq < 128 or 4 * _cdiv(tq, hopper.BLOCK_M) * batch_heads < 3 * n_sm:
         return False
     return d == 128 or tq >= 4096
-
-
-def _gluon_forward(q, k, v, out, lse, gate, bias, key_mask, scale, causal, window, chunk) -> bool:
-    """Run the Hopper forward (``hopper.py``) where it applies and pays; False: it did not."""
-    if not GLUON or INTERPRETED or not q.is_cuda:
-        return False
-    from . import hopper  # here, not at import: Gluon's modules take ~60 ms to import
-    if hopper.unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk, scale) \
-            or not gluon_pays(q.shape[3], q.shape[2], q.shape[0] * q.shape[1],
-                              _sm_count(q.device)):
-        return False
-    g, gs, headwise = _extras(q, gate, None, None, q.shape[2], k.shape[2])[:3]
-    try:
-        hopper.attention_forward(q, k, v, out, lse, g if gate is not None else None, gs,
-                                 headwise, scale, causal)
-    except hopper.Declined:
-        return False
-    return True
 
 
 # Set to False (or GLA_ATTN_GLUON_BWD=0) to keep the backward on the Triton kernels.
@@ -990,7 +924,330 @@ def gluon_backward_pays(d: int, tq: int, group: int, work: int, capturing: bool)
     return d == 128 or tq >= 2048
 
 
-def _gluon_backward_plan(q, k, v, do, bias, key_mask, scale, causal, window, chunk) -> bool:
+
+# ----------------------------------------------------------------------------------------------
+# Call plans
+# ----------------------------------------------------------------------------------------------
+# A training loop calls the attention with the same shapes step after step, and at short
+# sequences the host bounds the step. The launchers' decisions (Gluon or Triton, tiles, grids,
+# strides, int64 indexing, the launch keys) took ~150-300 µs of the H200 host's time per
+# training step at T <= 2048, more than the GPU's (``results/attention-step-host-*.md``). A plan
+# makes them once per call signature, keyed on everything they read: the tensors' shapes,
+# strides, dtypes, devices and 16-byte alignment, the scalars, and the switches below (tests
+# and benchmarks flip them between calls). It holds no tensor.
+
+# GLA_ATTN_PLANS=0: every call decides afresh (to compare, or to rule plans out).
+PLANS = os.environ.get("GLA_ATTN_PLANS", "1") != "0"
+_PLANS_MAX = 1024  # plans kept per direction; past that the cache starts over
+_FORWARD_PLANS: dict = {}
+_BACKWARD_PLANS: dict = {}
+_GLUON_MODULES = tuple(__name__.rsplit(".", 1)[0] + m for m in (".hopper", ".hopper_bwd"))
+
+
+def _meta(t) -> tuple | None:
+    """What the launchers read of a tensor."""
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() & 15)
+
+
+def _switches() -> tuple:
+    """The module-level switches a plan's decisions read (the Gluon modules' once imported)."""
+    mods = sys.modules
+    gluon = tuple(m.plan_switches() if m is not None else None
+                  for m in (mods.get(_GLUON_MODULES[0]), mods.get(_GLUON_MODULES[1])))
+    return (GLUON, GLUON_BACKWARD, POISON, DKDV_SPLIT, id(CONFIG_OVERRIDE), gluon_pays,
+            gluon_backward_pays, gluon)
+
+
+def clear_plans() -> None:
+    """Drop every call plan (each next call decides afresh)."""
+    _FORWARD_PLANS.clear()
+    _BACKWARD_PLANS.clear()
+
+
+def _planned(plans: dict, key: tuple, build):
+    plan = plans.get(key)
+    if plan is None:
+        plan = build()
+        if len(plans) >= _PLANS_MAX:
+            plans.clear()
+        plans[key] = plan
+    return plan
+
+
+def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, causal=False,
+                      window=0, chunk=0, config=None):
+    """Launch the forward kernel. Returns ``(out, lse)``.
+
+    ``out`` is a ``[B, Hq, Tq, Dv]`` view of a ``[B, Tq, Hq, Dv]`` buffer in ``q.dtype`` (gated
+    if there is a gate: the backward needs nothing else); ``lse`` is fp32 ``[B, Hq, Tq]`` (base
+    2, +inf for rows with no visible key).
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[3])
+    args = (q, k, v, gate, bias, key_mask, float(scale), bool(causal), int(window), int(chunk))
+    if config is not None or not PLANS:
+        return _ForwardPlan(*args, config=config)(q, k, v, gate, bias, key_mask)
+    key = (_switches(), _precision(q.dtype), *map(_meta, args[:6]), *args[6:])
+    plan = _planned(_FORWARD_PLANS, key, lambda: _ForwardPlan(*args))
+    return plan(q, k, v, gate, bias, key_mask)
+
+
+class _ForwardPlan:
+    """:func:`attention_forward` for one call signature: calling it allocates ``(out, lse)`` and
+    launches the Gluon forward where it applies and pays, else this file's."""
+
+    def __init__(self, q, k, v, gate, bias, key_mask, scale, causal, window, chunk, config=None):
+        B, H, TQ, D = q.shape
+        HK, TK, DV = k.shape[1], k.shape[2], v.shape[3]
+        _check_chunk(chunk, causal)
+        self.outputs = (B, H, TQ, DV, q.dtype, q.device)
+        self.empty = B * H * TQ * DV == 0
+        self.gluon = None
+        if self.empty:
+            return
+        if config is None:
+            self.gluon, self.declined = _gluon_forward_plan(q, k, v, gate, bias, key_mask, scale, causal, window,
+                                             chunk)
+        self.upcast = INTERPRETED and q.dtype == torch.bfloat16
+        if self.upcast:
+            q, k, v, gate, bias = _interp_upcast(q, k, v, gate, bias)
+        c = (config or _configs(D, DV, q.dtype, causal, TQ,
+                                _extra_tiles(D, DV, bias, key_mask, window, chunk),
+                                batch_heads=B * H, device=q.device))["fwd"]
+        g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
+        out = _empty_bthd(B, H, TQ, DV, q.dtype, q.device)  # (this call's layout, for strides)
+        int64 = _needs_int64(q, k, v, out, g if gate is not None else None,
+                             b if bias is not None else None)
+        self.tail = (scale, *q.stride(), *k.stride(), *v.stride(), *gs, *bs, *kms,
+                     *out.stride(), H, H // HK, TQ, TK, window, chunk)
+        self.launch = _attn_fwd.bind((_cdiv(TQ, c["BLOCK_M"]), B * H), dict(
+            D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+            IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_CHUNK=chunk > 0,
+            HAS_GATE=gate is not None,
+            GATE_HEADWISE=headwise, HAS_BIAS=bias is not None, HAS_KMASK=key_mask is not None,
+            PRECISION=_precision(q.dtype), INT64=int64,
+            num_warps=c["num_warps"], num_stages=c["num_stages"]))
+
+    def __call__(self, q, k, v, gate, bias, key_mask):
+        B, H, TQ, DV, dtype, device = self.outputs
+        out = _empty_bthd(B, H, TQ, DV, dtype, device)
+        lse = _empty(B, H, TQ, dtype=torch.float32, device=device)
+        if self.empty:
+            lse.fill_(float("inf"))
+            return out, lse
+        if self.gluon is not None:
+            try:
+                self.gluon(q, k, v, out, lse, gate)
+                return out, lse
+            except self.declined:  # failed to compile: this file's kernel from now on
+                self.gluon = None
+        if self.upcast:
+            q, k, v, gate, bias = _interp_upcast(q, k, v, gate, bias)
+        # kernels write through strides; in the interpreter-bf16 case write fp32 then cast.
+        out_k = out if not self.upcast else torch.empty_like(out, dtype=q.dtype)
+        self.launch(q, k, v, _or(gate, q), _or(bias, q), _or(_mask_bytes(key_mask), q), out_k,
+                    lse, *self.tail)
+        if out_k is not out:
+            out.copy_(out_k)
+        return out, lse
+
+
+def _or(t, dummy):
+    """A pointer argument: the tensor, or a dummy where the kernel reads none."""
+    return dummy if t is None else t
+
+
+def _mask_bytes(key_mask):
+    """A bool key mask as the bytes the kernels read (Triton has no bool pointers)."""
+    if key_mask is not None and key_mask.dtype == torch.bool:
+        return key_mask.view(torch.uint8)
+    return key_mask
+
+
+def _gluon_forward_plan(q, k, v, gate, bias, key_mask, scale, causal, window, chunk):
+    """The Hopper forward's plan (``hopper.forward_plan``) and the exception it declines with,
+    where it applies and pays; else (None, None)."""
+    if not GLUON or INTERPRETED or not q.is_cuda:
+        return None, None
+    from . import hopper  # here, not at import: Gluon's modules take ~60 ms to import
+    if hopper.unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk, scale) \
+            or not gluon_pays(q.shape[3], q.shape[2], q.shape[0] * q.shape[1],
+                              _sm_count(q.device)):
+        return None, None
+    B, H, TQ, _ = q.shape
+    _, gs, headwise = _extras(q, gate, None, None, TQ, k.shape[2])[:3]
+    out = _empty_bthd(B, H, TQ, v.shape[3], q.dtype, q.device)  # (the outputs' layout)
+    return hopper.forward_plan(q, k, v, out, gate, gs, headwise, scale, causal), hopper.Declined
+
+
+def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=None,
+                       scale=None, causal=False, window=0, chunk=0, config=None):
+    """Launch preprocess, dK/dV and dQ kernels. Returns ``(dq, dk, dv, dgate)`` (dgate None
+    without a gate). ``out`` and ``lse`` are what :func:`attention_forward` returned."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[3])
+    tensors = (dout, q, k, v, out, lse, gate, bias, key_mask)
+    scalars = (float(scale), bool(causal), int(window), int(chunk))
+    if config is not None or not PLANS:
+        return _BackwardPlan(*tensors, *scalars, config=config)(*tensors)
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (_switches(), _precision(q.dtype), capturing, *map(_meta, tensors), *scalars)
+    plan = _planned(_BACKWARD_PLANS, key, lambda: _BackwardPlan(*tensors, *scalars))
+    return plan(*tensors)
+
+
+class _BackwardPlan:
+    """:func:`attention_backward` for one call signature: calling it allocates the gradients
+    and launches the preprocess, then the Gluon backward where it applies and pays, else this
+    file's dK/dV and dQ kernels."""
+
+    def __init__(self, dout, q, k, v, out, lse, gate, bias, key_mask, scale, causal, window,
+                 chunk, config=None):
+        B, H, TQ, D = q.shape
+        HK, TK, DV = k.shape[1], k.shape[2], v.shape[3]
+        _check_chunk(chunk, causal)
+        self.shape = (B, H, TQ, DV, q.dtype, q.device)
+        self.empty = q.numel() == 0 and k.numel() == 0 and v.numel() == 0
+        self.gluon = self.pre = self.dkdv = self.dq = self.sum = None
+        self.gated = gate is not None
+        if self.empty:
+            return
+        self.upcast = INTERPRETED and q.dtype == torch.bfloat16
+        if self.upcast:
+            dout, q, k, v, out, gate, bias = _interp_upcast(dout, q, k, v, out, gate, bias)
+        cfg = config or _configs(D, DV, q.dtype, causal, TQ,
+                                 _extra_tiles(D, DV, bias, key_mask, window, chunk))
+        g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
+        # this call's buffers, for their strides (each call allocates its own)
+        dq, dk, dv, dgate, delta, do_eff = self._buffers(dout, q, k, v, gate)
+        dgs = dgate.expand(B, H, TQ, gate.shape[-1]).stride() if gate is not None else (0,) * 4
+        gluon = config is None and TQ > 0 and TK > 0 and _gluon_backward_applies(
+            q, k, v, do_eff, bias, key_mask, scale, causal, window, chunk)
+        # the Gluon kernel's fp32 dQ accumulator, zeroed by the preprocess
+        dq_acc = _empty_bthd(B, H, TQ, D, torch.float32, q.device) if gluon else None
+        int64 = _needs_int64(q, k, v, out, dout, dq, dk, dv, g if gate is not None else None,
+                             b if bias is not None else None, dq_acc)
+        if TQ > 0:
+            c = cfg["pre"]
+            self.pre_tail = (*out.stride(), *dout.stride(), *gs, *do_eff.stride(), *dgs,
+                             *(dq_acc.stride() if gluon else (0, 0, 0, 0)), H, TQ)
+            self.pre = _attn_bwd_preprocess.bind((_cdiv(TQ, c["BLOCK_M"]), B * H), dict(
+                DV=DV, BLOCK_DV=_pow2(DV), BLOCK_M=c["BLOCK_M"], HAS_GATE=gate is not None,
+                GATE_HEADWISE=headwise, ZERO_DQ=gluon, INT64=int64,
+                num_warps=c["num_warps"], num_stages=c["num_stages"]))
+        if gluon:
+            self.gluon = _GluonBackward(q, k, v, do_eff, dq_acc, dk, dv, scale, causal)
+        common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), IS_CAUSAL=causal,
+                      HAS_WINDOW=window > 0, HAS_CHUNK=chunk > 0, HAS_BIAS=bias is not None,
+                      HAS_KMASK=key_mask is not None, PRECISION=_precision(q.dtype),
+                      INT64=int64)
+        self.split = 1
+        if TK > 0:
+            c = cfg["dkdv"]
+            n_blocks = _cdiv(TK, c["BLOCK_N"])
+            split = self.split = dkdv_split(H // HK, n_blocks * B * HK, q.device)
+            if split > 1:  # fp32 partials, one per slice of each GQA group, summed below
+                part_k, part_v = _partials(split, k, v)
+                out_k, out_v = part_k[0], part_v[0]
+                split_strides = (part_k.stride(0), part_v.stride(0))
+                self.sum = _DkdvSum(part_k, part_v, dk, dv, split, int64)
+            else:
+                out_k, out_v, split_strides = dk, dv, (0, 0)
+            self.dkdv_tail = (scale, *q.stride(), *k.stride(), *v.stride(), *bs, *kms,
+                              *do_eff.stride(), *out_k.stride(), *out_v.stride(),
+                              *split_strides, H, HK, H // HK, split, TQ, TK, window, chunk)
+            self.dkdv = _attn_bwd_dkdv.bind((n_blocks, B * HK * split), dict(
+                BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], EVEN_M=TQ % c["BLOCK_M"] == 0,
+                num_warps=c["num_warps"], num_stages=c["num_stages"], **common))
+        if TQ > 0:
+            c = cfg["dq"]
+            self.dq_tail = (scale, *q.stride(), *k.stride(), *v.stride(), *bs, *kms,
+                            *do_eff.stride(), *dq.stride(), H, H // HK, TQ, TK, window, chunk)
+            self.dq = _attn_bwd_dq.bind((_cdiv(TQ, c["BLOCK_M"]), B * H), dict(
+                BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"],
+                num_stages=c["num_stages"], **common))
+
+    @staticmethod
+    def _buffers(dout, q, k, v, gate):
+        """dq, dk, dv (in q's, k's, v's layouts), dgate, delta, and the attention's own output
+        gradient (written by the preprocess when gated)."""
+        B, H, TQ, _ = q.shape
+        dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+        delta = _empty(B, H, TQ, dtype=torch.float32, device=q.device)
+        if gate is None:
+            return dq, dk, dv, None, delta, dout
+        return (dq, dk, dv, _empty_like(gate), delta,
+                _empty_bthd(B, H, TQ, v.shape[3], q.dtype, q.device))
+
+    def __call__(self, dout, q, k, v, out, lse, gate, bias, key_mask):
+        if self.empty:
+            dgate = _empty_like(gate) if gate is not None else None
+            if dgate is not None:
+                dgate.zero_()
+            return _empty_like(q), _empty_like(k), _empty_like(v), dgate
+        final = None
+        if self.upcast:  # interpreter bf16: computed in fp32, cast at the end
+            final = (_empty_like(q), _empty_like(k), _empty_like(v),
+                     _empty_like(gate) if gate is not None else None)
+            dout, q, k, v, out, gate, bias = _interp_upcast(dout, q, k, v, out, gate, bias)
+        dq, dk, dv, dgate, delta, do_eff = self._buffers(dout, q, k, v, gate)
+        gluon = self.gluon
+        dq_acc = gluon.accumulator(q) if gluon is not None else None
+        if self.pre is not None:
+            self.pre(out, dout, _or(gate, q), do_eff, _or(dgate, delta), delta,
+                     _or(dq_acc, delta), *self.pre_tail)
+        if gluon is not None:
+            if gluon(q, k, v, do_eff, lse, delta, dq_acc, dq, dk, dv):
+                return self._cast(final, (dq, dk, dv, dgate))
+            self.gluon = None  # failed to compile: this file's kernels from now on
+        b, km = _or(bias, q), _or(_mask_bytes(key_mask), q)
+        if self.dkdv is not None:
+            if self.split > 1:
+                part_k, part_v = _partials(self.split, k, v)
+                self.dkdv(q, k, v, b, km, do_eff, lse, delta, part_k[0], part_v[0],
+                          *self.dkdv_tail)
+                self.sum(part_k, part_v, dk, dv)
+            else:
+                self.dkdv(q, k, v, b, km, do_eff, lse, delta, dk, dv, *self.dkdv_tail)
+        if self.dq is not None:
+            self.dq(q, k, v, b, km, do_eff, lse, delta, dq, *self.dq_tail)
+        return self._cast(final, (dq, dk, dv, dgate))
+
+    @staticmethod
+    def _cast(final, grads):
+        if final is None:
+            return grads
+        for dst, src in zip(final, grads):
+            if dst is not None:
+                dst.copy_(src)
+        return final
+
+
+def _partials(split, k, v):
+    """The fp32 dK/dV partials of a split GQA group, [split, B, Hk, Tk, D] each."""
+    B, HK, TK = k.shape[:3]
+    return (_empty(split, B, HK, TK, k.shape[3], dtype=torch.float32, device=k.device),
+            _empty(split, B, HK, TK, v.shape[3], dtype=torch.float32, device=k.device))
+
+
+class _DkdvSum:
+    """dK and dV from the fp32 partials of a split GQA group (``_attn_bwd_dkdv_sum``)."""
+
+    def __init__(self, part_k, part_v, dk, dv, split, int64):
+        HK, TK, D, DV = dk.shape[1], dk.shape[2], dk.shape[3], dv.shape[3]
+        self.tail = (part_k.stride(0), part_v.stride(0), HK, TK, *dk.stride(), *dv.stride())
+        self.launch = _attn_bwd_dkdv_sum.bind((_cdiv(TK, 64), dk.shape[0] * HK, 2), dict(
+            SPLIT=split, D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), BLOCK_N=64,
+            INT64=int64, num_warps=4))
+
+    def __call__(self, part_k, part_v, dk, dv):
+        self.launch(part_k, part_v, dk, dv, *self.tail)
+
+
+def _gluon_backward_applies(q, k, v, do, bias, key_mask, scale, causal, window, chunk) -> bool:
     """Whether the Hopper backward (``hopper_bwd.py``) takes this call, whose attention output
     gradient is ``do``: asked before the preprocess, which then zeroes its dQ accumulator."""
     if not GLUON_BACKWARD or INTERPRETED or not q.is_cuda:
@@ -1003,123 +1260,43 @@ def _gluon_backward_plan(q, k, v, do, bias, key_mask, scale, causal, window, chu
                                 torch.cuda.is_current_stream_capturing())
 
 
-def _gluon_backward(q, k, v, do, lse, delta, dq_acc, dq, dk, dv, scale, causal) -> bool:
-    """Run the Hopper backward on the preprocess's outputs (``dq_acc`` zeroed); False: it
-    declined at launch (a compile failure), and the caller runs the Triton kernels."""
-    from . import hopper, hopper_bwd
-    if not hopper._tma_ready(do):  # e.g. the broadcast gradient of a sum: one copy, not a decline
-        do = do.clone(memory_format=torch.contiguous_format)  # (fresh: aligned, unlike a view)
-    # dk, dv are fresh, in k's and v's layout where those are dense (TMA-ready: checked before)
-    B, H, TQ, D = q.shape
-    HK, TK = k.shape[1], k.shape[2]
-    split = dkdv_split(H // HK, _cdiv(TK, hopper_bwd.BLOCK_N) * B * HK, q.device)
-    parts = [_empty(split, B, HK, TK, D, dtype=torch.float32, device=q.device)
-             for _ in range(2)] if split > 1 else [None, None]
-    try:
-        hopper_bwd.attention_backward(q, k, v, do, lse, delta, dq_acc, dk, dv, scale, causal,
-                                      split, *parts)
-    except hopper.Declined:
-        return False
-    if split > 1:
-        _sum_dkdv(*parts, dk, dv, split, _needs_int64(dk, dv))
-    dq.copy_(dq_acc)
-    return True
+class _GluonBackward:
+    """The Hopper backward's part of a :class:`_BackwardPlan`, run on the preprocess's outputs
+    (``dq_acc`` zeroed): the kernel, the split GQA groups' sum, and dQ's cast."""
 
+    def __init__(self, q, k, v, do, dq_acc, dk, dv, scale, causal):
+        from . import hopper, hopper_bwd
+        self.copy_do = not hopper._tma_ready(do)  # e.g. the broadcast gradient of a sum
+        if self.copy_do:
+            do = do.clone(memory_format=torch.contiguous_format)
+        # dk, dv are fresh, in k's and v's layout where those are dense (TMA-ready: checked before)
+        B, H, TQ, D = q.shape
+        HK, TK = k.shape[1], k.shape[2]
+        self.split = dkdv_split(H // HK, _cdiv(TK, hopper_bwd.BLOCK_N) * B * HK, q.device)
+        self.sum = None
+        if self.split > 1:
+            part_k, part_v = _partials(self.split, k, v)
+            self.sum = _DkdvSum(part_k, part_v, dk, dv, self.split, _needs_int64(dk, dv))
+        self.accumulator_shape = (B, H, TQ, D)
+        self.run = hopper_bwd.backward_plan(q, k, v, do, dq_acc, dk, dv, scale, causal,
+                                            self.split)
+        self.declined = hopper.Declined
 
-def _sum_dkdv(part_k, part_v, dk, dv, split, int64) -> None:
-    """dK and dV from the fp32 partials of a split GQA group (``_attn_bwd_dkdv_sum``)."""
-    HK, TK, D, DV = dk.shape[1], dk.shape[2], dk.shape[3], dv.shape[3]
-    _attn_bwd_dkdv_sum[(_cdiv(TK, 64), dk.shape[0] * HK, 2)](
-        part_k, part_v, dk, dv, part_k.stride(0), part_v.stride(0), HK, TK, *dk.stride(),
-        *dv.stride(), SPLIT=split, D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), BLOCK_N=64,
-        INT64=int64, num_warps=4)
+    def accumulator(self, q):
+        B, H, TQ, D = self.accumulator_shape
+        return _empty_bthd(B, H, TQ, D, torch.float32, q.device)
 
-
-def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=None,
-                       scale=None, causal=False, window=0, chunk=0, config=None):
-    """Launch preprocess, dK/dV and dQ kernels. Returns ``(dq, dk, dv, dgate)`` (dgate None
-    without a gate). ``out`` and ``lse`` are what :func:`attention_forward` returned."""
-    B, H, TQ, D = q.shape
-    HK, TK, DV = k.shape[1], k.shape[2], v.shape[3]
-    _check_chunk(chunk, causal)
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    dq = _empty_like(q)
-    dk = _empty_like(k)
-    dv = _empty_like(v)
-    dgate = _empty_like(gate) if gate is not None else None
-    if dq.numel() == 0 and dk.numel() == 0 and dv.numel() == 0:
-        if dgate is not None:
-            dgate.zero_()
-        return dq, dk, dv, dgate
-    final = (dq, dk, dv, dgate)
-    if INTERPRETED and q.dtype == torch.bfloat16:
-        dout, q, k, v, out, gate, bias = _interp_upcast(dout, q, k, v, out, gate, bias)
-        dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
-        dgate = _empty_like(gate) if gate is not None else None
-    cfg = config or _configs(D, DV, q.dtype, causal, TQ,
-                             _extra_tiles(D, DV, bias, key_mask, window, chunk))
-    g, gs, headwise, b, bs, km, kms = _extras(q, gate, bias, key_mask, TQ, TK)
-    delta = _empty(B, H, TQ, dtype=torch.float32, device=q.device)
-    if gate is not None:  # the attention's own output gradient, written by the preprocess
-        do_eff = _empty_bthd(B, H, TQ, DV, q.dtype, q.device)
-        dg = dgate.expand(B, H, TQ, gate.shape[-1])
-        dgs = dg.stride()
-    else:
-        do_eff, dg, dgs = dout, delta, (0, 0, 0, 0)
-    gluon = config is None and TQ > 0 and TK > 0 and _gluon_backward_plan(
-        q, k, v, do_eff, bias, key_mask, scale, causal, window, chunk)
-    # the Gluon kernel's fp32 dQ accumulator, zeroed by the preprocess
-    dq_acc = _empty_bthd(B, H, TQ, D, torch.float32, q.device) if gluon else None
-    int64 = _needs_int64(q, k, v, out, dout, dq, dk, dv, g if gate is not None else None,
-                         b if bias is not None else None, dq_acc)
-    if TQ > 0:
-        c = cfg["pre"]
-        _attn_bwd_preprocess[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
-            out, dout, g, do_eff, dg, delta, dq_acc if gluon else delta, *out.stride(),
-            *dout.stride(), *gs, *do_eff.stride(), *dgs,
-            *(dq_acc.stride() if gluon else (0, 0, 0, 0)), H, TQ, DV=DV,
-            BLOCK_DV=_pow2(DV), BLOCK_M=c["BLOCK_M"], HAS_GATE=gate is not None,
-            GATE_HEADWISE=headwise, ZERO_DQ=gluon, INT64=int64,
-            num_warps=c["num_warps"], num_stages=c["num_stages"])
-    if gluon and _gluon_backward(q, k, v, do_eff, lse, delta, dq_acc, dq, dk, dv, scale, causal):
-        return dq, dk, dv, dgate
-    common = dict(D=D, DV=DV, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), IS_CAUSAL=bool(causal),
-                  HAS_WINDOW=window > 0, HAS_CHUNK=chunk > 0, HAS_BIAS=bias is not None,
-                  HAS_KMASK=key_mask is not None, PRECISION=_precision(q.dtype),
-                  INT64=int64)
-    if TK > 0:
-        c = cfg["dkdv"]
-        n_blocks = _cdiv(TK, c["BLOCK_N"])
-        split = dkdv_split(H // HK, n_blocks * B * HK, q.device)
-        if split > 1:  # fp32 partials, one per slice of each GQA group, summed below
-            part_k = _empty(split, B, HK, TK, D, dtype=torch.float32, device=q.device)
-            part_v = _empty(split, B, HK, TK, DV, dtype=torch.float32, device=q.device)
-            out_k, out_v = part_k[0], part_v[0]
-            split_strides = (part_k.stride(0), part_v.stride(0))
-        else:
-            out_k, out_v, split_strides = dk, dv, (0, 0)
-        _attn_bwd_dkdv[(n_blocks, B * HK * split)](
-            q, k, v, b, km, do_eff, lse, delta, out_k, out_v, scale,
-            *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *out_k.stride(),
-            *out_v.stride(), *split_strides, H, HK, H // HK, split, TQ, TK, int(window),
-            int(chunk),
-            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], EVEN_M=TQ % c["BLOCK_M"] == 0,
-            num_warps=c["num_warps"],
-            num_stages=c["num_stages"], **common)
-        if split > 1:
-            _sum_dkdv(part_k, part_v, dk, dv, split, int64)
-    if TQ > 0:
-        c = cfg["dq"]
-        _attn_bwd_dq[(_cdiv(TQ, c["BLOCK_M"]), B * H)](
-            q, k, v, b, km, do_eff, lse, delta, dq, scale,
-            *q.stride(), *k.stride(), *v.stride(), *bs, *kms, *do_eff.stride(), *dq.stride(),
-            H, H // HK, TQ, TK, int(window), int(chunk),
-            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"],
-            num_stages=c["num_stages"], **common)
-    if final[0] is not dq:  # interpreter bf16: computed in fp32
-        for dst, src in zip(final, (dq, dk, dv, dgate)):
-            if dst is not None:
-                dst.copy_(src)
-        return final
-    return dq, dk, dv, dgate
+    def __call__(self, q, k, v, do, lse, delta, dq_acc, dq, dk, dv) -> bool:
+        """False: the kernel declined at launch (a compile failure); the caller runs the Triton
+        kernels."""
+        if self.copy_do:  # (fresh: aligned, unlike a view)
+            do = do.clone(memory_format=torch.contiguous_format)
+        parts = _partials(self.split, k, v) if self.split > 1 else (None, None)
+        try:
+            self.run(q, k, v, do, lse, delta, dq_acc, dk, dv, *parts)
+        except self.declined:
+            return False
+        if self.sum is not None:
+            self.sum(*parts, dk, dv)
+        dq.copy_(dq_acc)
+        return True

@@ -379,19 +379,35 @@ def _uncovered(q, k, v, bias, key_mask, causal, window, chunk, scale) -> str | N
 def attention_forward(q, k, v, out, lse, gate, gate_strides, headwise, scale, causal) -> None:
     """Write ``out`` ([B, H, Tq, D] view of a [B, Tq, H, D] buffer) and ``lse`` ([B, H, Tq],
     base 2) for a call :func:`unsupported_reason` accepted."""
+    forward_plan(q, k, v, out, gate, gate_strides, headwise, scale, causal)(q, k, v, out, lse,
+                                                                            gate)
+
+
+def forward_plan(q, k, v, out, gate, gate_strides, headwise, scale, causal):
+    """:func:`attention_forward` for every call like this one (tensors of the same shapes,
+    strides, dtypes, device and 16-byte alignment; ``lse`` fresh fp32 [B, H, Tq]): returns
+    ``run(q, k, v, out, lse, gate)``, which holds no tensor."""
     B, H, TQ, D = q.shape
     HK, TK = k.shape[1], k.shape[2]
-    g = gate if gate is not None else lse
-    args = (lse, g, *gate_strides, scale * 1.4426950408889634, TQ, TK, H, H // HK,
+    tail = (*gate_strides, scale * 1.4426950408889634, TQ, TK, H, H // HK,
             group_heads(B * H, H // HK, 2 * TK * D * k.element_size(), causal))
-    exact = (bool(causal), headwise, gate is None, g.dtype, gate_strides)
+    g_dtype = gate.dtype if gate is not None else torch.float32  # (lse stands in: fp32)
+    exact = (bool(causal), headwise, gate is None, g_dtype, gate_strides)
+    consts = dict(D=D, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
+                  Q_T_MAJOR=_t_major(q), K_T_MAJOR=_t_major(k), V_T_MAJOR=_t_major(v),
+                  O_T_MAJOR=_t_major(out), HAS_GATE=gate is not None, GATE_HEADWISE=headwise)
+    bound = FORWARD.bind((launch.cdiv(TQ, BLOCK_M) * B * H, 1), q.device.index, exact,
+                         lambda: consts)
 
-    def consts():
-        return dict(D=D, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
-                    Q_T_MAJOR=_t_major(q), K_T_MAJOR=_t_major(k), V_T_MAJOR=_t_major(v),
-                    O_T_MAJOR=_t_major(out), HAS_GATE=gate is not None, GATE_HEADWISE=headwise)
-    FORWARD((launch.cdiv(TQ, BLOCK_M) * B * H, 1), q.device.index,
-            ((q, HALF), (k, BLOCK_N), (v, BLOCK_N), (out, HALF)), args, exact, consts)
+    def run(q, k, v, out, lse, gate):
+        bound(((q, HALF), (k, BLOCK_N), (v, BLOCK_N), (out, HALF)),
+              (lse, gate if gate is not None else lse, *tail))
+    return run
+
+
+def plan_switches() -> tuple:
+    """This module's settings a call plan's decisions read (``flash._switches``)."""
+    return FORWARD, L2_BUDGET, BLOCK_M, BLOCK_N, STAGES
 
 
 # L2 bytes the heads in flight may fill with what each program streams (K/V in the forward,
@@ -434,21 +450,19 @@ class GluonLaunch:
         self.kernels: dict = {}  # fine key -> (compiled kernel, its _EncodedLaunch or None)
         self._knobs = launch._triton_runtime_knobs()
 
-    def __call__(self, grid, device, tensors, args, exact, consts) -> None:
+    def __call__(self, grid, device, tensors, args, exact, consts):
         """``tensors``: (tensor, box rows) per descriptor parameter, in order; ``args``: the
         other runtime parameters; ``exact``: what else the constexprs depend on (a tuple);
-        ``consts()``: the constexprs, by name."""
+        ``consts()``: the constexprs, by name. Returns the exact cache's entry for the call
+        (None where caching is off)."""
         cached = launch.CACHED and not launch.hooks_installed(self._knobs)
         key = (device, exact, *((t.dtype, t.shape, t.stride(), t.data_ptr() & 15)
                                 for t, _ in tensors),
                tuple(a.data_ptr() & 15 == 0 for a in args if isinstance(a, torch.Tensor)))
         hit = self.exact.get(key) if cached else None
         if hit is not None:
-            kernel, values, encoded = hit
-            if encoded is not None and ENCODE_ONCE:
-                return encoded(grid, device, tensors, args, values)
-            descs = [_descriptor(t, rows, checked=False) for t, rows in tensors]
-            return _run(kernel, grid, device, descs, args, values)
+            _run_entry(hit, grid, device, tensors, args)
+            return hit
         descs = [_descriptor(t, rows) for t, rows in tensors]
         cs = consts()
         values = tuple(cs.values())
@@ -458,13 +472,19 @@ class GluonLaunch:
         if found is None:
             kernel = self._compile_and_run(grid, device, descs, args, cs)
             if not cached:
-                return
+                return None
             found = self.kernels[fine] = (kernel, _EncodedLaunch.make(kernel, len(tensors)))
         else:
             _run(found[0], grid, device, descs, args, values)
         if len(self.exact) >= 4096:  # a model calls at a few shapes; a sweep starts over
             self.exact.clear()
-        self.exact[key] = (found[0], values, found[1])
+        entry = self.exact[key] = (found[0], values, found[1])
+        return entry
+
+    def bind(self, grid, device, exact, consts) -> "BoundGluonLaunch":
+        """This kernel's launches for a call plan, whose key holds all the exact key reads
+        (see :class:`BoundGluonLaunch`)."""
+        return BoundGluonLaunch(self, grid, device, exact, consts)
 
     def _compile_and_run(self, grid, device, descs, args, consts):
         """Triton's JIT launch, which compiles this specialization."""
@@ -541,6 +561,35 @@ class _EncodedLaunch:
         with _on(device):
             self.c_launch(grid[0], grid[1], 1, launch._current_stream(device), f, coop, pdl, gs,
                           ps, packed, lm, enter, exit_, *flat, *args, *consts)
+
+
+class BoundGluonLaunch:
+    """One Gluon kernel's launches for a call plan (as ``launch.BoundLaunch`` for the Triton
+    kernels): after the first call, which goes through :class:`GluonLaunch` (and may raise
+    :class:`Declined`), each call runs the exact entry it returned without building the key."""
+
+    __slots__ = ("launcher", "grid", "device", "exact", "consts", "hit")
+
+    def __init__(self, launcher: GluonLaunch, grid, device, exact, consts):
+        self.launcher, self.grid, self.device = launcher, grid, device
+        self.exact, self.consts, self.hit = exact, consts, None
+
+    def __call__(self, tensors, args) -> None:
+        hit = self.hit
+        if hit is None or not launch.CACHED or launch.hooks_installed(self.launcher._knobs):
+            self.hit = self.launcher(self.grid, self.device, tensors, args, self.exact,
+                                     self.consts)
+            return
+        _run_entry(hit, self.grid, self.device, tensors, args)
+
+
+def _run_entry(entry, grid, device, tensors, args) -> None:
+    """Launch from an exact cache entry: encoded descriptors where the launch keeps them."""
+    kernel, values, encoded = entry
+    if encoded is not None and ENCODE_ONCE:
+        return encoded(grid, device, tensors, args, values)
+    descs = [_descriptor(t, rows, checked=False) for t, rows in tensors]
+    return _run(kernel, grid, device, descs, args, values)
 
 
 def _run(kernel, grid, device, descs, args, consts) -> None:

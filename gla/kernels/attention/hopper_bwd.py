@@ -338,6 +338,13 @@ if gluon is not None:
             ], [1], [24])
 
 
+def plan_switches() -> tuple:
+    """This module's settings a call plan's decisions read (``flash._switches``), with the
+    forward module's."""
+    return (BACKWARD, BACKWARD_PER_WARPGROUP, PER_WARPGROUP_HEAD_DIMS, LSE_IN_SMEM, STAGES,
+            BLOCK_M, BLOCK_N, hopper.L2_BUDGET)
+
+
 def _launcher(d: int) -> "hopper.GluonLaunch":
     return BACKWARD_PER_WARPGROUP if d in PER_WARPGROUP_HEAD_DIMS else BACKWARD
 
@@ -364,30 +371,40 @@ def attention_backward(q, k, v, dout, lse, delta, dq_acc, dk, dv, scale, causal,
     ``split`` > 1 (a divisor of the GQA group): that many programs share each kv head's group,
     and write fp32 partials ``part_k``/``part_v`` (contiguous [split, B, Hk, Tk, D]) instead of
     ``dk``/``dv``, for the caller to sum."""
+    backward_plan(q, k, v, dout, dq_acc, dk, dv, scale, causal, split)(
+        q, k, v, dout, lse, delta, dq_acc, dk, dv, part_k, part_v)
+
+
+def backward_plan(q, k, v, dout, dq_acc, dk, dv, scale, causal, split=1):
+    """:func:`attention_backward` for every call like this one (tensors of the same shapes,
+    strides, dtypes, device and 16-byte alignment): returns ``run(q, k, v, dout, lse, delta,
+    dq_acc, dk, dv, part_k, part_v)``, which holds no tensor."""
     B, H, TQ, D = q.shape
     HK, TK = k.shape[1], k.shape[2]
     partials = split > 1
-    pk = part_k if partials else lse
-    pv = part_v if partials else lse
     group = H // HK
-    args = (lse, delta, pk, pv, scale * 1.4426950408889634, scale, TQ, TK, H, HK, group, split,
+    tail = (scale * 1.4426950408889634, scale, TQ, TK, H, HK, group, split,
             hopper.group_heads(B * HK * split, split, 2 * TQ * D * q.element_size() * group,
                                causal))
     exact = (bool(causal), STAGES, partials, LSE_IN_SMEM)
     launcher = _launcher(D)
     per_warpgroup = launcher is BACKWARD_PER_WARPGROUP
     kv_rows = BLOCK_N // 2 if per_warpgroup else BLOCK_N  # each partition's keys, or all
+    consts = dict(D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
+                  K_T_MAJOR=hopper._t_major(k), V_T_MAJOR=hopper._t_major(v),
+                  Q_T_MAJOR=hopper._t_major(q), DO_T_MAJOR=hopper._t_major(dout),
+                  DQ_T_MAJOR=hopper._t_major(dq_acc), DK_T_MAJOR=hopper._t_major(dk),
+                  DV_T_MAJOR=hopper._t_major(dv), PARTIALS=partials,
+                  PER_WARPGROUP=per_warpgroup, LSE_SMEM=LSE_IN_SMEM)
+    bound = launcher.bind((launch.cdiv(TK, BLOCK_N) * B * HK * split, 1), q.device.index,
+                          exact, lambda: consts)
 
-    def consts():
-        return dict(D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
-                    K_T_MAJOR=hopper._t_major(k), V_T_MAJOR=hopper._t_major(v),
-                    Q_T_MAJOR=hopper._t_major(q), DO_T_MAJOR=hopper._t_major(dout),
-                    DQ_T_MAJOR=hopper._t_major(dq_acc), DK_T_MAJOR=hopper._t_major(dk),
-                    DV_T_MAJOR=hopper._t_major(dv), PARTIALS=partials,
-                    PER_WARPGROUP=per_warpgroup, LSE_SMEM=LSE_IN_SMEM)
-    launcher((launch.cdiv(TK, BLOCK_N) * B * HK * split, 1), q.device.index,
-             ((k, kv_rows), (v, kv_rows), (q, BLOCK_M), (dout, BLOCK_M), (dq_acc, BLOCK_M),
-              (dk, kv_rows), (dv, kv_rows)), args, exact, consts)
+    def run(q, k, v, dout, lse, delta, dq_acc, dk, dv, part_k, part_v):
+        pk = part_k if partials else lse
+        pv = part_v if partials else lse
+        bound(((k, kv_rows), (v, kv_rows), (q, BLOCK_M), (dout, BLOCK_M), (dq_acc, BLOCK_M),
+               (dk, kv_rows), (dv, kv_rows)), (lse, delta, pk, pv, *tail))
+    return run
 
 
 BACKWARD = hopper.GluonLaunch(lambda: _attn_bwd_sm90, "the Gluon backward", num_warps=8)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..device import triton_device_reason
+from ..device import interpreting, triton_device_reason
 from ..launch import eager_ok
 from ..recompute import autograd_reenabled, owned_grads
 from . import flash
@@ -386,6 +386,31 @@ def resolve_impl(q, k, v, gate=None, bias=None, key_mask=None, causal=False, win
     return impl
 
 
+_VALIDATED: dict = {}  # eager calls' argument signatures that passed the checks -> their impl
+_VALIDATED_MAX = 1024
+
+
+def _validated(q, k, v, gate, bias, key_mask, causal, window, chunk, impl, eager) -> str:
+    """``_check_args`` then ``resolve_impl``; in plain eager (``eager``), a signature that
+    passed them before (every shape, dtype and device they read, ``bias.requires_grad``, the
+    grad mode, whether Triton interprets) returns its impl without them: tens of µs of a training step's host time."""
+    if not eager:
+        _check_args(q, k, v, gate, bias, key_mask, window, causal, chunk)
+        return resolve_impl(q, k, v, gate, bias, key_mask, causal, window, impl)
+    key = (*((None if t is None else (t.shape, t.dtype, t.device))
+             for t in (q, k, v, gate, bias, key_mask)),
+           bias is not None and bias.requires_grad, torch.is_grad_enabled(), bool(causal),
+           window, chunk, impl, interpreting())
+    resolved = _VALIDATED.get(key)
+    if resolved is None:
+        _check_args(q, k, v, gate, bias, key_mask, window, causal, chunk)
+        resolved = resolve_impl(q, k, v, gate, bias, key_mask, causal, window, impl)
+        if len(_VALIDATED) >= _VALIDATED_MAX:
+            _VALIDATED.clear()
+        _VALIDATED[key] = resolved
+    return resolved
+
+
 def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     gate: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                     key_mask: torch.Tensor | None = None, scale: float | None = None,
@@ -416,16 +441,16 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     A query row with no visible key (all masked by causal/window/key_mask/-inf bias) outputs 0
     and gets zero gradients (flash-attention convention).
     """
-    _check_args(q, k, v, gate, bias, key_mask, window, causal, chunk)
+    eager = eager_ok(q, k, v, gate, bias, key_mask)
+    impl = _validated(q, k, v, gate, bias, key_mask, causal, window, chunk, impl, eager)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    impl = resolve_impl(q, k, v, gate, bias, key_mask, causal, window, impl)
     if impl == "sdpa":
         # Plain PyTorch: autograd uses SDPA's own backward (no recompute of the forward, as the
         # op's backward would do), and a compiled graph holds aten's SDPA, which Inductor knows.
         return attention_sdpa(q, k, v, gate=gate, bias=bias, key_mask=key_mask, scale=scale,
                               causal=causal, window=window, chunk=chunk)
-    if impl == "triton" and eager_ok(q, k, v, gate, bias, key_mask):
+    if impl == "triton" and eager:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or (gate is not None and gate.requires_grad)):
             return _TritonAttention.apply(q, k, v, gate, bias, key_mask, float(scale),
