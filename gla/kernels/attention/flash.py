@@ -966,13 +966,15 @@ def clear_plans() -> None:
     _BACKWARD_PLANS.clear()
 
 
-def _planned(plans: dict, key: tuple, build):
-    plan = plans.get(key)
+def _planned(plans: dict, key, build):
+    """The plan under ``key()``, built on a miss and kept under the key as it reads after the
+    build (which may import the Gluon modules, whose switches then join the key)."""
+    plan = plans.get(key())
     if plan is None:
         plan = build()
         if len(plans) >= _PLANS_MAX:
             plans.clear()
-        plans[key] = plan
+        plans[key()] = plan
     return plan
 
 
@@ -989,8 +991,9 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     args = (q, k, v, gate, bias, key_mask, float(scale), bool(causal), int(window), int(chunk))
     if config is not None or not PLANS:
         return _ForwardPlan(*args, config=config)(q, k, v, gate, bias, key_mask)
-    key = (_switches(), _precision(q.dtype), *map(_meta, args[:6]), *args[6:])
-    plan = _planned(_FORWARD_PLANS, key, lambda: _ForwardPlan(*args))
+    plan = _planned(_FORWARD_PLANS, lambda: (_switches(), _precision(q.dtype),
+                                             *map(_meta, args[:6]), *args[6:]),
+                    lambda: _ForwardPlan(*args))
     return plan(q, k, v, gate, bias, key_mask)
 
 
@@ -1094,8 +1097,9 @@ def attention_backward(dout, q, k, v, out, lse, gate=None, bias=None, key_mask=N
     if config is not None or not PLANS:
         return _BackwardPlan(*tensors, *scalars, config=config)(*tensors)
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (_switches(), _precision(q.dtype), capturing, *map(_meta, tensors), *scalars)
-    plan = _planned(_BACKWARD_PLANS, key, lambda: _BackwardPlan(*tensors, *scalars))
+    plan = _planned(_BACKWARD_PLANS, lambda: (_switches(), _precision(q.dtype), capturing,
+                                              *map(_meta, tensors), *scalars),
+                    lambda: _BackwardPlan(*tensors, *scalars))
     return plan(*tensors)
 
 

@@ -16,6 +16,14 @@ dQ tile from the dK/dV kernel, which in Triton lost 10-42% (sessions 4 and 10 of
   + 1 warps): its own dS tile and its own dQ partial over its 64 keys, a Q/dO stage released by
   both, nothing else joining them, so one's softmax runs under the other's matmuls (1.04-1.10x
   the one-partition kernel, session 14 of ``benchmarks/attention_notes.md``);
+* the loader warp also stages each query block's lse and delta rows in shared memory (the
+  ``q_ready`` barrier counts its arrive too): loaded by the compute warps, those global loads
+  were sunk to their uses by the compiler and stalled the softmax (~11% of ncu's samples at
+  D=128, T=4k); staged, the kernel spills 56 B instead of 108 (session 15);
+* programs run heaviest first (``hopper._schedule``: a 1-D grid, causal key blocks in
+  decreasing work) with the heads taken in whole GQA groups whose Q/dO streams fit
+  ``hopper.L2_BUDGET``, so the tail of the grid is short and the streams stay in L2
+  (0.794 -> 0.659 ms at D=128, T=4k, with the staging; session 15);
 * dK and dV leave through the K/V tiles' shared memory and TMA stores, which clip keys past Tk;
   with few programs a GQA group is split over programs that write fp32 partials instead
   (``flash.dkdv_split``; the caller sums them).
