@@ -1070,12 +1070,20 @@ def _mask_bytes(key_mask):
     return key_mask
 
 
+def _gluon_modules():
+    """``hopper`` and ``hopper_bwd``, imported here, not with this module (Gluon's modules take
+    ~60 ms to import), and together: both join a plan's key at once (``_switches``), so the
+    first backward does not change the key the first forward's plan was stored under."""
+    from . import hopper, hopper_bwd
+    return hopper, hopper_bwd
+
+
 def _gluon_forward_plan(q, k, v, gate, bias, key_mask, scale, causal, window, chunk):
     """The Hopper forward's plan (``hopper.forward_plan``) and the exception it declines with,
     where it applies and pays; else (None, None)."""
     if not GLUON or INTERPRETED or not q.is_cuda:
         return None, None
-    from . import hopper  # here, not at import: Gluon's modules take ~60 ms to import
+    hopper, _ = _gluon_modules()
     if hopper.unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk, scale) \
             or not gluon_pays(q.shape[3], q.shape[2], q.shape[0] * q.shape[1],
                               _sm_count(q.device)):
@@ -1256,7 +1264,7 @@ def _gluon_backward_applies(q, k, v, do, bias, key_mask, scale, causal, window, 
     gradient is ``do``: asked before the preprocess, which then zeroes its dQ accumulator."""
     if not GLUON_BACKWARD or INTERPRETED or not q.is_cuda:
         return False
-    from . import hopper_bwd
+    _, hopper_bwd = _gluon_modules()
     return not hopper_bwd.unsupported_reason(q, k, v, do, bias, key_mask, causal, window, chunk,
                                              scale) \
         and gluon_backward_pays(q.shape[3], q.shape[2], q.shape[1] // k.shape[1],
