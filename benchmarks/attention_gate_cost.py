@@ -16,6 +16,7 @@ import os
 import sys
 
 import torch
+from results_io import write_text
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench_cudagraph
@@ -72,12 +73,7 @@ def main(out_dir: str | None) -> str:
                       f"{floor['fwd+bwd'] * 1e3:.0f} us")
             print(line, flush=True)
             lines.append(line)
-    text = "\n".join(lines) + "\n"
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "attention-gate-cost.txt"), "w") as f:
-            f.write(text)
-    return text
+    return write_text(out_dir, "attention-gate-cost.txt", lines)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import os
 import sys
 
 import torch
+from results_io import write_text
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -60,12 +61,7 @@ def main(out_dir: str | None, variants=(), head_dims=None) -> str:
         _sweep(lines, variants, head_dims)
     finally:
         flash.gluon_backward_pays = rule
-    text = "\n".join(lines) + "\n"
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "attention-gluon-bwd.txt"), "w") as f:
-            f.write(text)
-    return text
+    return write_text(out_dir, "attention-gluon-bwd.txt", lines)
 
 
 def _sweep(lines, variants, head_dims) -> None:

@@ -15,6 +15,7 @@ import os
 import sys
 
 import torch
+from results_io import write_text
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -100,17 +101,8 @@ def main(out_dir: str | None, variants=VARIANTS, causal_only=None) -> str:
                     f"{cudnn:.3f}  {cells}")
             print(line, flush=True)
             lines.append(line)
-            if out_dir:  # as it goes: a run cut short keeps its rows
-                _write(out_dir, lines)
-    return _write(out_dir, lines) if out_dir else "\n".join(lines) + "\n"
-
-
-def _write(out_dir: str, lines) -> str:
-    text = "\n".join(lines) + "\n"
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "attention-schedule.txt"), "w") as f:
-        f.write(text)
-    return text
+            write_text(out_dir, "attention-schedule.txt", lines)  # as it goes: a cut run keeps its rows
+    return write_text(out_dir, "attention-schedule.txt", lines)
 
 
 if __name__ == "__main__":

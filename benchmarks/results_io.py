@@ -29,3 +29,13 @@ def write_table(out_dir: str, stem: str, device_name: str, text: str) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def write_text(out_dir: str | None, name: str, lines) -> str:
+    """``lines`` joined as one text; written to ``{out_dir}/{name}`` when ``out_dir`` is given."""
+    text = "\n".join(lines) + "\n"
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write(text)
+    return text
