@@ -9,7 +9,7 @@ by host time (µs per call without a sync, ``host_overhead._time``); the same fo
 sigmoid gate as a separate multiply) and for a do-nothing ``autograd.Function`` of our
 signature; the step with ``torch.autograd.set_multithreading_enabled(False)`` (the backward in
 the calling thread: what the hand-off to the autograd engine's device thread costs); the host
-timeline of one step (median µs after the step's start at which each part is entered and left);
+timeline of one step (median µs after the step's start at which each part is entered and left, the backward on the device thread and in the calling thread);
 and a cProfile of the gla step.
 """
 from __future__ import annotations
@@ -36,12 +36,12 @@ CASES = [(128, 1024, False), (128, 1024, True), (128, 2048, False), (128, 2048, 
 
 
 class _Nop(torch.autograd.Function):
-    """gla's eager autograd.Function signature (10 inputs, 8 saved tensors), doing nothing."""
+    """gla's eager autograd.Function signature (7 inputs, 8 saved tensors), doing nothing."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gate, bias, km, scale, causal, window, chunk):
+    def forward(ctx, q, k, v, gate, bias, km, plan):
         ctx.save_for_backward(q, k, v, q, q, gate, bias, km)
-        ctx.args = (scale, causal, window, chunk)
+        ctx.plan = plan
         ctx.set_materialize_grads(False)
         return torch.empty_like(q)
 
@@ -50,8 +50,7 @@ class _Nop(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, _, _, gate, _, _ = ctx.saved_tensors
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-                None if gate is None else torch.empty_like(gate),
-                None, None, None, None, None, None)
+                None if gate is None else torch.empty_like(gate), None, None, None)
 
 
 def _marked(marks: list, name: str, fn):
@@ -74,7 +73,7 @@ def _timeline(step, n=200, skip=50) -> list[tuple[str, float]]:
     marks: list = []
     targets = [(op, "_check_args"), (op, "resolve_impl"), (op, "eager_ok"),
                (flash, "attention_forward"), (flash._ForwardPlan, "__call__"),
-               (flash, "attention_backward"), (flash._BackwardPlan, "__call__"),
+               (flash._ForwardPlan, "backward"), (flash._BackwardPlan, "__call__"),
                (flash._GluonBackward, "__call__"), (hopper.BoundGluonLaunch, "__call__"),
                (hopper.GluonLaunch, "__call__"), (hopper._EncodedLaunch, "__call__"),
                (launch.BoundLaunch, "__call__"), (launch.Launcher, "launch")]
@@ -158,9 +157,9 @@ def _handoff_rows(gla_step, sdpa_step, nop_step, single_thread) -> list[str]:
     the flush, and with gla's backward launching nothing (its outputs allocated only)."""
     from gla.kernels.attention import flash
 
-    real = flash.attention_backward
+    real = flash._ForwardPlan.backward
 
-    def no_kernels(dout, q, k, v, out, lse, gate=None, *args):
+    def no_kernels(self, dout, q, k, v, out, lse, gate=None, *args):
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
                 None if gate is None else torch.empty_like(gate))
 
@@ -171,11 +170,11 @@ def _handoff_rows(gla_step, sdpa_step, nop_step, single_thread) -> list[str]:
         for threads, wrap in (("device thread", lambda f: f), ("calling thread", single_thread)):
             for flush in (True, False):
                 if step == "stub":
-                    flash.attention_backward = no_kernels
+                    flash._ForwardPlan.backward = no_kernels
                     try:
                         ms, us = _event_loop(wrap(gla_step), flush=flush)
                     finally:
-                        flash.attention_backward = real
+                        flash._ForwardPlan.backward = real
                 else:
                     ms, us = _event_loop(wrap(step), flush=flush)
                 rows.append(f"| {name} | {threads} | {'yes' if flush else 'no'} | {ms:.3f} | "
@@ -215,7 +214,7 @@ def run(out_dir: str) -> str:
 
         def nop_step():
             clear()
-            _Nop.apply(q, k, v, g, None, None, d ** -0.5, True, 0, 0).backward(do)
+            _Nop.apply(q, k, v, g, None, None, None).backward(do)
 
         def unplanned(step):
             from gla.kernels.attention import flash
@@ -250,8 +249,12 @@ def run(out_dir: str) -> str:
             host, wall = _time(step)
             lines.append(f"| {name} | {ms:.3f} | {host:.1f} | {wall:.1f} |")
         lines += ["", "gla step timeline (median µs after the step's start; `{` entered, "
-                  "`}` left):", ""]
-        lines += [f"- {name}: {us:.1f}" for name, us in _timeline(gla_step)]
+                  "`}` left), the backward on the engine's device thread and in the calling "
+                  "thread:", "", "| point | device thread | calling thread |", "|---|---|---|"]
+        calling = dict(_timeline(single_thread(gla_step)))
+        lines += [f"| {name} | {us:.1f} | "
+                  f"{calling[name]:.1f} |" if name in calling else f"| {name} | {us:.1f} | |"
+                  for name, us in _timeline(gla_step)]
         lines.append("")
         if (d, t, gated) in ((128, 1024, False), (64, 2048, True)):
             lines += ["do_bench's loop by hand (events around each call):", ""]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 
 import torch
 
@@ -205,24 +206,65 @@ class BoundLaunch:
     the exact cache would key on, so after the first launch, which goes through
     ``Launcher.launch``, each call runs the compiled kernel straight away (its arguments in
     order: ~40 per attention kernel, whose key alone cost ~30 µs of a slow host's time per
-    launch). Triton's path still runs where ``Launcher.launch`` would take it (hooks, the
-    interpreter, ``CACHED`` off, another current device)."""
+    launch), through its C launch where Triton's launcher is laid out as this file knows
+    (:func:`c_launch`). Triton's path still runs where ``Launcher.launch`` would take it (hooks,
+    the interpreter, ``CACHED`` off, another current device)."""
 
-    __slots__ = ("launcher", "grid", "kwargs", "hit")
+    __slots__ = ("launcher", "grid", "kwargs", "hit", "direct")
 
     def __init__(self, launcher: Launcher, grid: tuple, kwargs: dict):
         self.launcher, self.grid, self.kwargs = launcher, grid, kwargs
-        self.hit = None
+        self.hit = self.direct = None
 
     def __call__(self, *args) -> None:
         hit = self.hit
         if hit is None or not CACHED or hit[2] != _current_device() or self.launcher._hooked():
-            self.hit = self.launcher._launch(self.grid, args, self.kwargs)
+            self.hit = hit = self.launcher._launch(self.grid, args, self.kwargs)
+            self.direct = c_launch(hit[0]) if hit is not None else None
             return
         kernel, consts, device = hit
         g = self.grid
+        direct = self.direct
+        if direct is not None:
+            direct[0](g[0], g[1], g[2], _current_stream(device), *direct[1], *args, *consts)
+            return
         kernel.run(g[0], g[1], g[2], _current_stream(device), kernel.function,
                    kernel.packed_metadata, None, None, None, *args, *consts)
+
+
+# Triton 3.6's CudaLauncher: its C ``launch`` takes grid, stream, function, cooperative, pdl,
+# global and profile scratch, packed metadata, launch metadata and the two hooks, then the
+# kernel's parameters.
+_C_LEADING_ARGS = 13
+
+
+def launch_leading_args(kernel, driver=None) -> tuple | None:
+    """What a compiled kernel's C launch takes after grid and stream, where its launcher
+    (``kernel.run``, Triton's ``CudaLauncher``) is laid out as in Triton 3.6 and allocates no
+    global or profile scratch per launch (none of ours do); else None."""
+    try:
+        if driver is None:
+            from triton.backends.nvidia import driver
+        run = kernel.run
+        if getattr(driver, "_BASE_ARGS_FORMAT_LEN", None) != _C_LEADING_ARGS \
+                or run.global_scratch_size or run.profile_scratch_size:
+            return None
+        return (kernel.function, bool(run.launch_cooperative_grid), bool(run.launch_pdl),
+                None, None, kernel.packed_metadata, None, None, None)
+    except (AttributeError, ImportError):
+        return None
+
+
+def c_launch(kernel, driver=None) -> tuple | None:
+    """``(launch, leading)``: the compiled kernel's C launch, which ``kernel.run`` calls after
+    ~10 lines of Python per launch, and its leading arguments (:func:`launch_leading_args`);
+    None where the kernel has tensor descriptors (``launch`` is then a Python function that
+    encodes them) or another layout."""
+    leading = launch_leading_args(kernel, driver)
+    fn = getattr(getattr(kernel, "run", None), "launch", None)
+    if leading is None or not callable(fn) or isinstance(fn, types.FunctionType):
+        return None
+    return fn, leading
 
 
 def _cuda_index(t):

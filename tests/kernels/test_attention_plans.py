@@ -153,6 +153,47 @@ def test_gpu_plans_follow_new_tensors(case, monkeypatch):
     assert all(b.hit is not None for b in launches)  # each ran from its plan after the first
 
 
+def test_an_eager_step_asks_its_forward_plan_for_the_backward(monkeypatch):
+    """An eager training step keeps its backward plans in the forward's, keyed on the output
+    gradient (and the switches): steps with new tensors reuse them, a gradient of other strides
+    and a switch flipped between forward and backward each get one of their own, and every
+    step's gradients match float64."""
+    from gla.kernels.attention import gated_attention
+
+    flash.clear_plans()
+
+    def step(seed, dout_layout=lambda t: t):
+        q, k, v, gate, dout = _inputs(1, 4, 2, 29, 16, True, seed=seed)
+        leaves = [t.requires_grad_() for t in (q, k, v, gate)]
+        out = gated_attention(*leaves[:3], gate=leaves[3], causal=True, impl="triton")
+        out.backward(dout_layout(dout))
+        _check((out.detach(), *(t.grad for t in leaves)), q.detach(), k.detach(), v.detach(),
+               gate.detach(), dout)
+
+    step(0)
+    step(1)
+    assert len(flash._FORWARD_PLANS) == 1 and not flash._BACKWARD_PLANS
+    plan = next(iter(flash._FORWARD_PLANS.values()))
+    assert len(plan.backward_plans) == 1
+    step(2, dout_layout=_bthd)
+    assert len(plan.backward_plans) == 2
+    step(3, dout_layout=_misaligned)
+    assert len(plan.backward_plans) == 3
+    monkeypatch.setattr(flash, "DKDV_SPLIT", 2)  # a switch: a forward plan of its own
+    step(4)
+    assert len(plan.backward_plans) == 3 and len(flash._FORWARD_PLANS) == 2
+    q, k, v, gate, dout = _inputs(1, 4, 2, 29, 16, True, seed=5)
+    leaves = [t.requires_grad_() for t in (q, k, v, gate)]
+    out = gated_attention(*leaves[:3], gate=leaves[3], causal=True, impl="triton")
+    monkeypatch.setattr(flash, "DKDV_SPLIT", 1)  # flipped after the forward
+    out.backward(dout)
+    _check((out.detach(), *(t.grad for t in leaves)), q.detach(), k.detach(), v.detach(),
+           gate.detach(), dout)
+    split_plan = flash._FORWARD_PLANS[next(reversed(flash._FORWARD_PLANS))]
+    assert len(split_plan.backward_plans) == 2
+    assert sorted(p.split for p in split_plan.backward_plans.values()) == [1, 2]
+
+
 def test_validated_signatures_still_refuse_what_differs():
     """``gated_attention`` remembers eager signatures that passed its checks; a call differing in
     anything the checks read (a window, a bias that needs its gradient) is checked again and

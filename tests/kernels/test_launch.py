@@ -162,6 +162,48 @@ def test_triton_launches_block_bypasses_and_restores(fake_launcher):
     assert len(fn.triton_launches) == 2 and len(fn.runs) == 1
 
 
+def test_bound_launch_calls_the_c_launch_where_laid_out_as_triton36(fake_launcher, monkeypatch):
+    """A bound launch's first call goes through the launcher; later ones call the compiled
+    kernel's C launch with Triton 3.6's 13 leading arguments, then the call's arguments and the
+    constexprs, where the launcher is laid out so. A launcher with scratch buffers, a Python
+    ``launch`` (tensor descriptors) or another driver layout keeps ``kernel.run``."""
+    import types
+
+    from gla.kernels import launch
+    lau, fn = fake_launcher
+    c_calls = []
+
+    class CLaunch:  # (not a Python function, as the compiled C launch is not)
+        def __call__(self, *args):
+            c_calls.append(args)
+
+    def compiled(**attrs):
+        run = types.SimpleNamespace(**{**dict(launch=CLaunch(), global_scratch_size=0,
+                                              profile_scratch_size=0,
+                                              launch_cooperative_grid=False, launch_pdl=True),
+                                       **attrs})
+        return types.SimpleNamespace(run=run, function="fn", packed_metadata="meta")
+
+    driver36 = types.SimpleNamespace(_BASE_ARGS_FORMAT_LEN=13)
+    assert launch.c_launch(compiled(), driver36) is not None
+    assert launch.c_launch(compiled(global_scratch_size=64), driver36) is None
+    assert launch.c_launch(compiled(profile_scratch_size=8), driver36) is None
+    assert launch.c_launch(compiled(launch=lambda *a: None), driver36) is None
+    assert launch.c_launch(compiled(), types.SimpleNamespace(_BASE_ARGS_FORMAT_LEN=12)) is None
+    real = launch.launch_leading_args
+    monkeypatch.setattr(launch, "launch_leading_args",
+                        lambda kernel, driver=None: real(kernel, driver36))
+    monkeypatch.setattr(_FakeJIT, "__getitem__", lambda self, grid: (
+        lambda *a, **k: (self.triton_launches.append(a), compiled())[1]))
+    x = torch.zeros(32, dtype=torch.float16)
+    bound = lau.bind((3, 2), dict(BLOCK=16))
+    for n in (48, 48):
+        bound(x, x, n, 0.5)
+    assert len(fn.triton_launches) == 1 and len(c_calls) == 1
+    assert c_calls[0] == (3, 2, 1, 1234, "fn", False, True, None, None, "meta", None, None,
+                          None, x, x, 48, 0.5, 16, 7)
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------

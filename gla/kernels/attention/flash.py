@@ -966,16 +966,32 @@ def clear_plans() -> None:
     _BACKWARD_PLANS.clear()
 
 
-def _planned(plans: dict, key, build):
+def _planned(plans: dict, key, build, bound: int | None = None):
     """The plan under ``key()``, built on a miss and kept under the key as it reads after the
-    build (which may import the Gluon modules, whose switches then join the key)."""
+    build (which may import the Gluon modules, whose switches then join the key). Past ``bound``
+    plans (default ``_PLANS_MAX``) the dict starts over."""
     plan = plans.get(key())
     if plan is None:
         plan = build()
-        if len(plans) >= _PLANS_MAX:
+        if len(plans) >= (_PLANS_MAX if bound is None else bound):
             plans.clear()
         plans[key()] = plan
     return plan
+
+
+def forward_plan(q, k, v, gate=None, bias=None, key_mask=None, scale=None, causal=False,
+                 window=0, chunk=0) -> "_ForwardPlan":
+    """The plan :func:`attention_forward` runs for this call's signature (kept while
+    :data:`PLANS` is on, else made afresh): ``plan(q, k, v, gate, bias, key_mask)`` returns
+    ``(out, lse)``, and ``plan.backward(...)`` the gradients of a call it ran."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[3])
+    args = (q, k, v, gate, bias, key_mask, float(scale), bool(causal), int(window), int(chunk))
+    if not PLANS:
+        return _ForwardPlan(*args)
+    return _planned(_FORWARD_PLANS, lambda: (_switches(), _precision(q.dtype),
+                                             *map(_meta, args[:6]), *args[6:]),
+                    lambda: _ForwardPlan(*args))
 
 
 def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, causal=False,
@@ -986,15 +1002,14 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     if there is a gate: the backward needs nothing else); ``lse`` is fp32 ``[B, Hq, Tq]`` (base
     2, +inf for rows with no visible key).
     """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[3])
-    args = (q, k, v, gate, bias, key_mask, float(scale), bool(causal), int(window), int(chunk))
-    if config is not None or not PLANS:
-        return _ForwardPlan(*args, config=config)(q, k, v, gate, bias, key_mask)
-    plan = _planned(_FORWARD_PLANS, lambda: (_switches(), _precision(q.dtype),
-                                             *map(_meta, args[:6]), *args[6:]),
-                    lambda: _ForwardPlan(*args))
-    return plan(q, k, v, gate, bias, key_mask)
+    if config is not None:
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[3])
+        return _ForwardPlan(q, k, v, gate, bias, key_mask, float(scale), bool(causal),
+                            int(window), int(chunk), config=config)(q, k, v, gate, bias,
+                                                                    key_mask)
+    return forward_plan(q, k, v, gate, bias, key_mask, scale, causal, window,
+                        chunk)(q, k, v, gate, bias, key_mask)
 
 
 class _ForwardPlan:
@@ -1006,6 +1021,8 @@ class _ForwardPlan:
         HK, TK, DV = k.shape[1], k.shape[2], v.shape[3]
         _check_chunk(chunk, causal)
         self.outputs = (B, H, TQ, DV, q.dtype, q.device)
+        self.scalars, self.config = (scale, causal, window, chunk), config
+        self.backward_plans: dict = {}
         self.empty = B * H * TQ * DV == 0
         self.gluon = None
         if self.empty:
@@ -1056,6 +1073,22 @@ class _ForwardPlan:
         if out_k is not out:
             out.copy_(out_k)
         return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, gate, bias, key_mask):
+        """:func:`attention_backward` of a call this plan ran (``q`` ... ``key_mask`` that call's,
+        ``out``, ``lse`` its outputs). Those are what this plan's key describes, so the backward's
+        plan is looked up by what only the backward knows: ``dout``, the switches, the matmul
+        precision and graph capture (a key of one tensor, not nine: this runs on the autograd
+        engine's device thread, where gla's backward Python ran ~2x slower than in the calling
+        thread on the H200 host, ``results/attention-step-host-*.md``)."""
+        tensors = (dout, q, k, v, out, lse, gate, bias, key_mask)
+        if self.config is not None or not PLANS:
+            return _BackwardPlan(*tensors, *self.scalars, config=self.config)(*tensors)
+        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        plan = _planned(self.backward_plans,
+                        lambda: (_switches(), _precision(q.dtype), capturing, _meta(dout)),
+                        lambda: _BackwardPlan(*tensors, *self.scalars), bound=16)
+        return plan(*tensors)
 
 
 def _or(t, dummy):

@@ -528,17 +528,14 @@ class _EncodedLaunch:
         try:
             if driver is None:
                 from triton.backends.nvidia import driver
-            run = kernel.run
-            inner = run.launch
+            base = launch.launch_leading_args(kernel, driver)
+            inner = kernel.run.launch
             cells = dict(zip(inner.__code__.co_freevars,
                              (c.cell_contents for c in inner.__closure__)))
             c_launch, meta = cells["launcher"], list(cells["tensordesc_meta"])
-            laid_out = (getattr(driver, "_BASE_ARGS_FORMAT_LEN", None) == 13
+            laid_out = (base is not None
                         and set(cells["tensordesc_indices"]) == set(range(n_desc))
-                        and len(meta) == n_desc and all(isinstance(m, dict) for m in meta)
-                        and not run.global_scratch_size and not run.profile_scratch_size)
-            base = (kernel.function, bool(run.launch_cooperative_grid), bool(run.launch_pdl),
-                    None, None, kernel.packed_metadata, None, None, None)
+                        and len(meta) == n_desc and all(isinstance(m, dict) for m in meta))
             encode = driver.make_tensordesc_arg
         except (AttributeError, KeyError, TypeError, ImportError):
             return None

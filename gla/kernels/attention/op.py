@@ -338,15 +338,16 @@ torch.library.register_autograd("gla::attention", _backward, setup_context=_setu
 class _TritonAttention(torch.autograd.Function):
     """``gla::attention`` + ``gla::attention_backward`` for impl="triton", minus the custom-op
     dispatch (two Python→dispatcher→Python round trips and the ``register_autograd`` wrapper,
-    tens of µs per training step). Used only in plain eager calls (see :func:`gla.kernels.launch.eager_ok`); the
-    ops remain what torch.compile / AOT autograd / dispatch modes see."""
+    tens of µs per training step). Used only in plain eager calls (see
+    :func:`gla.kernels.launch.eager_ok`); the ops remain what torch.compile / AOT autograd /
+    dispatch modes see. ``plan`` is the call's ``flash.forward_plan``: the backward asks it for
+    its own plan, keyed on the output gradient alone."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gate, bias, key_mask, scale, causal, window, chunk):
-        out, lse = flash.attention_forward(q, k, v, gate, bias, key_mask, scale, causal, window,
-                                           chunk)
+    def forward(ctx, q, k, v, gate, bias, key_mask, plan):
+        out, lse = plan(q, k, v, gate, bias, key_mask)
         ctx.save_for_backward(q, k, v, out, lse, gate, bias, key_mask)
-        ctx.args = (scale, causal, window, chunk)
+        ctx.plan = plan
         ctx.set_materialize_grads(False)
         return out
 
@@ -354,14 +355,10 @@ class _TritonAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable   # a second derivative raises, never silent
     def backward(ctx, dout):
         q, k, v, o, lse, gate, bias, key_mask = ctx.saved_tensors
-        scale, causal, window, chunk = ctx.args
         if dout is None:
             dout = _bthd_like(q, v.shape[-1]).zero_()
-        dq, dk, dv, dgate = flash.attention_backward(
-            dout, q, k, v, o, lse, gate, bias, key_mask, scale, causal, window, chunk)
-        return dq, dk, dv, dgate, None, None, None, None, None, None
-
-
+        dq, dk, dv, dgate = ctx.plan.backward(dout, q, k, v, o, lse, gate, bias, key_mask)
+        return dq, dk, dv, dgate, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,13 +448,11 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return attention_sdpa(q, k, v, gate=gate, bias=bias, key_mask=key_mask, scale=scale,
                               causal=causal, window=window, chunk=chunk)
     if impl == "triton" and eager:
+        plan = flash.forward_plan(q, k, v, gate, bias, key_mask, scale, causal, window, chunk)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or (gate is not None and gate.requires_grad)):
-            return _TritonAttention.apply(q, k, v, gate, bias, key_mask, float(scale),
-                                          bool(causal), int(window), int(chunk))
-        out, _ = flash.attention_forward(q, k, v, gate, bias, key_mask, float(scale),
-                                         bool(causal), int(window), int(chunk))
-        return out
+            return _TritonAttention.apply(q, k, v, gate, bias, key_mask, plan)
+        return plan(q, k, v, gate, bias, key_mask)[0]
     out, _ = torch.ops.gla.attention(q, k, v, gate, bias, key_mask, float(scale),
                                      bool(causal), int(window), int(chunk), impl)
     return out
