@@ -66,6 +66,9 @@ class Report:
     graphs: int = 0
     canonicalized: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # Dynamo's graph breaks while collecting (reason -> count): code past a break runs outside
+    # the graphs gla sees, so nothing there is rewritten
+    graph_breaks: dict[str, int] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -101,6 +104,9 @@ class Report:
             rows = [("kind", "pattern", "where", "reason")]
             rows += [(m.kind, m.pattern, m.location, m.reason) for m in self.near_misses]
             out.append(_table(rows))
+        if self.graph_breaks:
+            out.append("graph breaks (code past them ran outside the graphs gla sees):")
+            out += [f"  {n} x {_break_summary(reason)}" for reason, n in self.graph_breaks.items()]
         return "\n".join(out)
 
     __repr__ = __str__
@@ -115,18 +121,32 @@ def _table(rows: list[tuple]) -> str:
     return "\n".join([fmt(rows[0]), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows[1:]])
 
 
+def _break_summary(reason: str) -> str:
+    """A Dynamo graph-break reason's first line and its hint, if it gives one."""
+    lines = [ln.strip() for ln in reason.strip().splitlines() if ln.strip()]
+    hint = next((ln for ln in lines[1:] if ln.startswith("Hint:")), None)
+    return " ".join(ln for ln in (lines[0] if lines else reason, hint) if ln)
+
+
 _collectors: list[Report] = []
 
 
 @contextlib.contextmanager
 def collect() -> Iterator[Report]:
-    """Gather the reports of every graph compiled inside the block (used by ``gla.explain``)."""
+    """Gather the reports of every graph compiled inside the block (used by ``gla.explain``),
+    and the graph breaks Dynamo counted meanwhile."""
+    from torch._dynamo.utils import counters
+
     report = Report()
+    before = dict(counters["graph_break"])
     _collectors.append(report)
     try:
         yield report
     finally:
         _collectors.remove(report)
+        for reason, n in counters["graph_break"].items():
+            if n > before.get(reason, 0):
+                report.graph_breaks[reason] = n - before.get(reason, 0)
 
 
 def publish(report: Report) -> None:

@@ -188,6 +188,42 @@ def test_graph_breaks_are_fine():
     x, w1, w3 = torch.randn(3, 8), torch.randn(12, 8), torch.randn(12, 8)
     report = gla.explain(f, x, w1, w3, options={"inner": "aot_eager"})
     assert report.graphs == 2 and report.counts["glu"] == 2
+    assert sum(report.graph_breaks.values()) == 1 and "graph breaks" in str(report)
+
+
+# a library's bookkeeping, appended to by each layer it wraps (HF ``kernels``, installed with
+# transformers 5.25, sets a global around each wrapped layer: the same kind of side effect)
+_LAYER_CALLS: list = []
+
+
+def test_report_names_the_break_that_hides_a_checkpointed_layer():
+    """A side effect inside an activation-checkpointed layer makes Dynamo run the whole
+    checkpoint outside any graph: nothing in it is rewritten, and the report says why, with
+    Dynamo's hint. With the hint taken the checkpoint is traced and rewritten, and its gradients
+    match eager."""
+    w1, w3 = torch.randn(12, 8), torch.randn(12, 8)
+
+    def layer(x):
+        _LAYER_CALLS.append("layer")
+        return F.silu(F.linear(x, w1)) * F.linear(x, w3)
+
+    def f(x):
+        return torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+
+    x = torch.randn(3, 8, requires_grad=True)
+    report = gla.explain(f, x, options={"inner": "aot_eager"})
+    assert report.counts["glu"] == 0
+    assert any("side effect" in reason for reason in report.graph_breaks), str(report)
+    assert "skip_fwd_side_effects_in_bwd_under_checkpoint" in str(report)
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        report = gla.explain(f, x, options={"inner": "aot_eager"})
+        assert report.counts["glu"] == 1 and not report.graph_breaks, str(report)
+        torch._dynamo.reset()
+        out = torch.compile(f, backend="gla", options={"inner": "aot_eager"})(x)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+    (expect,) = torch.autograd.grad(f(x).square().sum(), x)
+    assert rel_rms_error(grad, expect) <= 1e-6
+    torch._dynamo.reset()
 
 
 def test_kernel_choice_on_cuda_by_option():
