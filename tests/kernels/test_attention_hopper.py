@@ -284,18 +284,13 @@ def test_preprocess_zeroes_the_gluon_dq_accumulator():
 
 def test_gluon_pays_rule():
     """The measured rule (132 SMs): head dim 128 from 128 rows with at least ~1 program per SM,
-    head dim 64 from 4096 rows; never for decode-length queries; outside a CUDA-graph capture
-    only from B·H·Tq·Tk = 32·2048² on (the Gluon launch's host time)."""
-    def pays(d, t, bh, capturing=True):
-        return flash.gluon_pays(d, t, bh, 132, bh * t * t, capturing)
-    assert pays(128, 512, 32) and pays(128, 128, 128)
-    assert pays(128, 16384, 2)
-    assert not pays(128, 256, 32)  # 64 programs
-    assert not pays(128, 16, 256) and not pays(128, 1, 256)
-    assert not pays(64, 2048, 32)
-    assert pays(64, 4096, 32)
-    assert not pays(128, 1024, 32, capturing=False) and not pays(128, 2047, 32, capturing=False)
-    assert pays(128, 2048, 32, capturing=False) and pays(64, 4096, 32, capturing=False)
+    head dim 64 from 4096 rows; never for decode-length queries."""
+    assert flash.gluon_pays(128, 512, 32, 132) and flash.gluon_pays(128, 128, 128, 132)
+    assert flash.gluon_pays(128, 16384, 2, 132)
+    assert not flash.gluon_pays(128, 256, 32, 132)  # 64 programs
+    assert not flash.gluon_pays(128, 16, 256, 132) and not flash.gluon_pays(128, 1, 256, 132)
+    assert not flash.gluon_pays(64, 2048, 32, 132)
+    assert flash.gluon_pays(64, 4096, 32, 132)
 
 
 def test_gluon_backward_pays_rule():

@@ -881,27 +881,18 @@ def _interp_upcast(*ts):
 GLUON = os.environ.get("GLA_ATTN_GLUON", "1") != "0"
 
 
-def gluon_pays(d: int, tq: int, batch_heads: int, n_sm: int, work: int,
-               capturing: bool) -> bool:
-    """Where the Hopper Gluon forward beat this file's forward on an H200 (bf16, same process):
+def gluon_pays(d: int, tq: int, batch_heads: int, n_sm: int) -> bool:
+    """Where the Hopper Gluon forward beat this file's forward on an H200 (bf16, CUDA-graph
+    replays, same process; ``benchmarks/results/attention-gluon-fwd-nvidia-h200.txt``):
 
-    * GPU time (CUDA-graph replays, ``benchmarks/results/attention-gluon-fwd-nvidia-h200.txt``):
-      head dim 128 1.11-1.32x from 128 query rows on, causal or not, gated or not, GQA; but
+    * head dim 128: 1.11-1.32x from 128 query rows on, causal or not, gated or not, GQA; but
       0.86x with 32 or 64 programs of 128 rows on 132 SMs (1.13-1.32x with 128 programs), and
       0.77-0.85x for 1-16 query rows (decode: this file's forward takes 16-row tiles there);
-      head dim 64 1.02-1.06x from T = 4096 on, 0.96-1.00x at T = 512-2048 (0.86x gated at
-      1024);
-    * host time: its launch (four TMA descriptors) costs more than this file's. In eager
-      training steps at D=128, B·H=32 (``attention-step-ab-*.md``, session 17) the Triton
-      forward was faster at T = 1024 in both runs (0.321 vs 0.341 ms and 0.398 vs 0.471 ungated,
-      0.218 vs 0.409 and 0.631 vs 0.652 gated), not at 2048 (0.378 vs 0.366, 0.575 vs 0.568
-      gated). So outside a CUDA-graph capture it takes calls from ``work`` (B·H·Tq·Tk) =
-      32·2048² on, as the backward's rule does.
+    * head dim 64: 1.02-1.06x from T = 4096 on, 0.96-1.00x at T = 512-2048 (0.86x gated at
+      1024).
     """
     from . import hopper
     if tq < 128 or 4 * _cdiv(tq, hopper.BLOCK_M) * batch_heads < 3 * n_sm:
-        return False
-    if not capturing and work < 32 * 2048 * 2048:
         return False
     return d == 128 or tq >= 4096
 
@@ -998,8 +989,7 @@ def forward_plan(q, k, v, gate=None, bias=None, key_mask=None, scale=None, causa
     args = (q, k, v, gate, bias, key_mask, float(scale), bool(causal), int(window), int(chunk))
     if not PLANS:
         return _ForwardPlan(*args)
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    return _planned(_FORWARD_PLANS, lambda: (_switches(), _precision(q.dtype), capturing,
+    return _planned(_FORWARD_PLANS, lambda: (_switches(), _precision(q.dtype),
                                              *map(_meta, args[:6]), *args[6:]),
                     lambda: _ForwardPlan(*args))
 
@@ -1127,11 +1117,11 @@ def _gluon_forward_plan(q, k, v, gate, bias, key_mask, scale, causal, window, ch
     if not GLUON or INTERPRETED or not q.is_cuda:
         return None, None
     hopper, _ = _gluon_modules()
-    B, H, TQ, _ = q.shape
     if hopper.unsupported_reason(q, k, v, gate, bias, key_mask, causal, window, chunk, scale) \
-            or not gluon_pays(q.shape[3], TQ, B * H, _sm_count(q.device), B * H * TQ * k.shape[2],
-                              torch.cuda.is_current_stream_capturing()):
+            or not gluon_pays(q.shape[3], q.shape[2], q.shape[0] * q.shape[1],
+                              _sm_count(q.device)):
         return None, None
+    B, H, TQ, _ = q.shape
     _, gs, headwise = _extras(q, gate, None, None, TQ, k.shape[2])[:3]
     out = _empty_bthd(B, H, TQ, v.shape[3], q.dtype, q.device)  # (the outputs' layout)
     return hopper.forward_plan(q, k, v, out, gate, gs, headwise, scale, causal), hopper.Declined
