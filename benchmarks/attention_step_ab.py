@@ -25,14 +25,13 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
+from attention_step_host import B, H, training_case
 from host_overhead import _time
 from results_io import require_cuda, write_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-B, H = 2, 16
 CASES = [(128, 1024, False), (128, 1024, True), (128, 2048, True), (64, 2048, True)]
 ROUNDS = 5
 
@@ -64,24 +63,7 @@ def run(out_dir: str, specs: list[str], tag: str | None, rounds: int = ROUNDS,
     versions = _versions(specs)
     lines = []
     for d, t, gated in cases:
-        def mk(last=d):
-            return torch.randn(B, H, t, last, device="cuda", dtype=torch.bfloat16,
-                               requires_grad=True)
-        q, k, v = mk(), mk(), mk()
-        g = mk() if gated else None
-        ins = [q, k, v] + ([g] if gated else [])
-        do = torch.randn_like(q)
-
-        def clear():
-            for x in ins:
-                x.grad = None
-
-        def sdpa_step():
-            clear()
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            if gated:
-                o = o * torch.sigmoid(g)
-            o.backward(do)
+        q, k, v, g, do, clear, sdpa_step = training_case(d, t, gated)
 
         def gla_step(fn, flash, triton_forward):
             def step():

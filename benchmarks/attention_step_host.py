@@ -182,6 +182,29 @@ def _handoff_rows(gla_step, sdpa_step, nop_step, single_thread) -> list[str]:
     return rows
 
 
+def training_case(d: int, t: int, gated: bool):
+    """One case's leaves ``q, k, v, g`` (``g`` None ungated; B=2 H=16 bf16 CUDA), output gradient
+    ``do``, ``clear()`` (the gradients to None) and SDPA's step (+ the sigmoid gate)."""
+    def mk(last=d):
+        return torch.randn(B, H, t, last, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = mk(), mk(), mk()
+    g = mk() if gated else None
+    ins = [q, k, v] + ([g] if gated else [])
+    do = torch.randn_like(q)
+
+    def clear():
+        for x in ins:
+            x.grad = None
+
+    def sdpa_step():
+        clear()
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if gated:
+            o = o * torch.sigmoid(g)
+        o.backward(do)
+    return q, k, v, g, do, clear, sdpa_step
+
+
 def run(out_dir: str) -> str:
     import triton
 
@@ -189,28 +212,11 @@ def run(out_dir: str) -> str:
 
     lines = []
     for d, t, gated in CASES:
-        def mk(last=d):
-            return torch.randn(B, H, t, last, device="cuda", dtype=torch.bfloat16,
-                               requires_grad=True)
-        q, k, v = mk(), mk(), mk()
-        g = mk() if gated else None
-        ins = [q, k, v] + ([g] if gated else [])
-        do = torch.randn_like(q)
-
-        def clear():
-            for x in ins:
-                x.grad = None
+        q, k, v, g, do, clear, sdpa_step = training_case(d, t, gated)
 
         def gla_step():
             clear()
             gated_attention(q, k, v, gate=g, causal=True, impl="triton").backward(do)
-
-        def sdpa_step():
-            clear()
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            if gated:
-                o = o * torch.sigmoid(g)
-            o.backward(do)
 
         def nop_step():
             clear()
