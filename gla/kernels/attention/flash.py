@@ -1078,9 +1078,7 @@ class _ForwardPlan:
         """:func:`attention_backward` of a call this plan ran (``q`` ... ``key_mask`` that call's,
         ``out``, ``lse`` its outputs). Those are what this plan's key describes, so the backward's
         plan is looked up by what only the backward knows: ``dout``, the switches, the matmul
-        precision and graph capture (a key of one tensor, not nine: this runs on the autograd
-        engine's device thread, where gla's backward Python ran ~2x slower than in the calling
-        thread on the H200 host, ``results/attention-step-host-*.md``)."""
+        precision and graph capture: a key of one tensor, not nine."""
         tensors = (dout, q, k, v, out, lse, gate, bias, key_mask)
         if self.config is not None or not PLANS:
             return _BackwardPlan(*tensors, *self.scalars, config=self.config)(*tensors)
