@@ -5,8 +5,9 @@ the same work in the calling thread (one GPU).
     # writes {out_dir}/autograd-thread-cost-<device>[-TAG].md
 
 The autograd engine runs a CUDA node's backward on its device thread; gla's attention backward
-is Python, and on the H200 host its Python ran ~2x slower there than in the calling thread
-(``results/attention-step-host-*.md``). Each row here is one kind of host work, done ``n`` times
+is Python, and a training step whose backward hands off to that thread took ~2x the host time of
+one whose backward stays in the calling thread (``results/attention-step-host-*.md``). This asks
+whether the work itself runs slower there. Each row here is one kind of host work, done ``n`` times
 inside a backward (timed inside it with ``perf_counter``), as µs per repetition, median over
 steps:
 
