@@ -132,12 +132,15 @@ def sdpa_runs_cudnn(q, k, v, *, causal: bool) -> bool:
     """True where ``F.scaled_dot_product_attention`` would run cuDNN's fused kernel for this call
     (plain or causal with Tq = Tk; PyTorch picks cuDNN first on Hopper and newer).
 
-    Measured on an H200 (``benchmarks/results/attention-nvidia-h200.md``, same runs): cuDNN's
-    kernels beat gla's Triton kernel at every length timed, forward 0.83–0.96× and forward+backward
-    0.79–0.89× (gla / cuDNN speed), and SDPA plus a gate that Inductor fuses beats the gate fused
-    into the Triton kernel at D=128 and ties at D=64. Where SDPA would run its FlashAttention-2,
-    memory-efficient or math kernel, gla's kernel is faster (1.25–1.7× FlashAttention-2), and
-    windows, biases and padding masks are gla's alone (block skipping, no dense mask).
+    Why inference takes cuDNN there: when this rule was set (H200, commit 5c30083,
+    ``benchmarks/attention_choice.py``) cuDNN's kernels beat gla's Triton kernel at every length
+    timed, forward 0.83–0.96× and forward+backward 0.79–0.89× (gla / cuDNN speed), and SDPA plus a
+    gate that Inductor fuses beat the gate fused into the Triton kernel at D=128 and tied at D=64.
+    Since then the Hopper Gluon forward runs 1.06–1.22× cuDNN's at D=128 and 0.95–1.03× at D=64
+    (``benchmarks/results/attention-nvidia-h200.md``, session 17); the rule has not been re-timed
+    at model level, so it stands. Where SDPA would run its FlashAttention-2, memory-efficient or
+    math kernel, gla's kernel is faster (1.25–1.7× FlashAttention-2), and windows, biases and
+    padding masks are gla's alone (block skipping, no dense mask).
     """
     from ..kernels.attention import sdpa_backend
 
