@@ -980,15 +980,16 @@ def _planned(plans: dict, key, build, bound: int | None = None):
 
 
 def forward_plan(q, k, v, gate=None, bias=None, key_mask=None, scale=None, causal=False,
-                 window=0, chunk=0) -> "_ForwardPlan":
+                 window=0, chunk=0, config=None) -> "_ForwardPlan":
     """The plan :func:`attention_forward` runs for this call's signature (kept while
-    :data:`PLANS` is on, else made afresh): ``plan(q, k, v, gate, bias, key_mask)`` returns
-    ``(out, lse)``, and ``plan.backward(...)`` the gradients of a call it ran."""
+    :data:`PLANS` is on and no ``config`` is forced, else made afresh):
+    ``plan(q, k, v, gate, bias, key_mask)`` returns ``(out, lse)``, and ``plan.backward(...)``
+    the gradients of a call it ran."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[3])
     args = (q, k, v, gate, bias, key_mask, float(scale), bool(causal), int(window), int(chunk))
-    if not PLANS:
-        return _ForwardPlan(*args)
+    if config is not None or not PLANS:
+        return _ForwardPlan(*args, config=config)
     return _planned(_FORWARD_PLANS, lambda: (_switches(), _precision(q.dtype),
                                              *map(_meta, args[:6]), *args[6:]),
                     lambda: _ForwardPlan(*args))
@@ -1002,14 +1003,8 @@ def attention_forward(q, k, v, gate=None, bias=None, key_mask=None, scale=None, 
     if there is a gate: the backward needs nothing else); ``lse`` is fp32 ``[B, Hq, Tq]`` (base
     2, +inf for rows with no visible key).
     """
-    if config is not None:
-        if scale is None:
-            scale = 1.0 / math.sqrt(q.shape[3])
-        return _ForwardPlan(q, k, v, gate, bias, key_mask, float(scale), bool(causal),
-                            int(window), int(chunk), config=config)(q, k, v, gate, bias,
-                                                                    key_mask)
-    return forward_plan(q, k, v, gate, bias, key_mask, scale, causal, window,
-                        chunk)(q, k, v, gate, bias, key_mask)
+    return forward_plan(q, k, v, gate, bias, key_mask, scale, causal, window, chunk,
+                        config)(q, k, v, gate, bias, key_mask)
 
 
 class _ForwardPlan:
